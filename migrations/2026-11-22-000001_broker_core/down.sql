@@ -1,0 +1,3 @@
+DROP TABLE agent_messages;
+DROP TABLE sessions;
+DROP TABLE projects;

@@ -1,0 +1,130 @@
+//! PostgreSQL access: the connection pool, database creation and migrations, and the queries
+//! the broker runs (`queries`).
+
+pub mod queries;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use diesel::Connection;
+use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+use diesel_async::pooled_connection::deadpool::Pool;
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+/// The migrations under `migrations/`, compiled into the binary.
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+pub type DbPool = Pool<AsyncPgConnection>;
+
+/// Builds the pool. Connections are made lazily, so this succeeds while the database is down;
+/// `timeout` bounds how long a caller waits for one, so an outage turns into a prompt error
+/// rather than a hang.
+pub fn build_pool(database_url: &str, size: usize, timeout: Duration) -> anyhow::Result<DbPool> {
+    let mut config = ManagerConfig::default();
+    // A connection whose server went away reports itself broken and is dropped on return; a
+    // test query on every checkout would add a round trip to each group commit.
+    config.recycling_method = RecyclingMethod::Fast;
+    let manager =
+        AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(database_url, config);
+    Pool::builder(manager)
+        .max_size(size.max(2))
+        .wait_timeout(Some(timeout))
+        .create_timeout(Some(timeout))
+        .recycle_timeout(Some(timeout))
+        .runtime(deadpool::Runtime::Tokio1)
+        .build()
+        .context("building the database pool")
+}
+
+/// Creates the database named in `database_url` if it does not exist, by connecting to the
+/// server's `postgres` database.
+pub async fn ensure_database_exists(database_url: &str) -> anyhow::Result<()> {
+    if AsyncPgConnection::establish(database_url).await.is_ok() {
+        return Ok(());
+    }
+    let (server_url, name) = split_database_name(database_url)
+        .with_context(|| format!("no database name in DATABASE_URL {database_url:?}"))?;
+    let mut conn = AsyncPgConnection::establish(&format!("{server_url}/postgres"))
+        .await
+        .with_context(|| format!("connecting to the PostgreSQL server at {server_url}"))?;
+    let exists: i64 = diesel::dsl::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(&format!(
+        "count(*) FROM pg_database WHERE datname = {}",
+        quote_literal(&name)
+    )))
+    .get_result(&mut conn)
+    .await?;
+    if exists == 0 {
+        log::info!("creating database {name}");
+        diesel::sql_query(format!("CREATE DATABASE {}", quote_identifier(&name)))
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("creating database {name}"))?;
+    }
+    Ok(())
+}
+
+/// Applies pending migrations. Runs on a plain thread with its own blocking connection,
+/// because diesel's migration harness blocks and must not run on an actix worker.
+pub fn run_migrations(database_url: &str) -> anyhow::Result<()> {
+    let url = database_url.to_owned();
+    std::thread::spawn(move || -> anyhow::Result<()> {
+        let mut conn = <AsyncConnectionWrapper<AsyncPgConnection> as Connection>::establish(&url)
+            .with_context(|| format!("connecting to {url}"))?;
+        let applied = conn
+            .run_pending_migrations(MIGRATIONS)
+            .map_err(|e| anyhow::anyhow!("running migrations: {e}"))?;
+        for version in applied {
+            log::info!("applied migration {version}");
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the migration thread panicked"))?
+}
+
+/// `postgres://u@h:p/name?x` → (`postgres://u@h:p`, `name`).
+fn split_database_name(url: &str) -> Option<(String, String)> {
+    let (without_query, _) = url.split_once('?').unwrap_or((url, ""));
+    let scheme_end = without_query.find("://")? + 3;
+    let slash = without_query[scheme_end..].rfind('/')? + scheme_end;
+    let name = &without_query[slash + 1..];
+    if name.is_empty() {
+        return None;
+    }
+    Some((without_query[..slash].to_owned(), name.to_owned()))
+}
+
+fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_the_database_name_off_a_url() {
+        assert_eq!(
+            split_database_name("postgres://postgres@127.0.0.1:5432/agentbus"),
+            Some((
+                "postgres://postgres@127.0.0.1:5432".into(),
+                "agentbus".into()
+            ))
+        );
+        assert_eq!(
+            split_database_name("postgres://u:p@h/db?sslmode=disable"),
+            Some(("postgres://u:p@h".into(), "db".into()))
+        );
+        assert_eq!(split_database_name("postgres://h:5432/"), None);
+        assert_eq!(quote_identifier("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}

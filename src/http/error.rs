@@ -1,0 +1,101 @@
+//! Errors of the REST routes and the WebSocket upgrade, each mapped to an HTTP status and a
+//! JSON body `{"error": "...", "code": "..."}`.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+
+use crate::protocol::{ErrorCode, Rejection};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed or breaks a rule (400).
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    /// No such project or message (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The database could not be reached in time (503); nothing was changed.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    /// A bug or an unexpected database answer (500).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest { code, .. } => code,
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Unavailable(_) => ErrorCode::Unavailable.as_str(),
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<Rejection> for ApiError {
+    fn from(rejection: Rejection) -> Self {
+        match rejection.code {
+            ErrorCode::Unavailable => ApiError::Unavailable(rejection.message),
+            ErrorCode::ProjectNotFound => ApiError::NotFound(rejection.message),
+            code => ApiError::bad_request(code.as_str(), rejection.message),
+        }
+    }
+}
+
+impl From<diesel::result::Error> for ApiError {
+    fn from(e: diesel::result::Error) -> Self {
+        use diesel::result::Error as E;
+        match e {
+            E::DatabaseError(diesel::result::DatabaseErrorKind::ClosedConnection, _)
+            | E::BrokenTransactionManager => ApiError::Unavailable(e.to_string()),
+            E::DatabaseError(diesel::result::DatabaseErrorKind::Unknown, ref info)
+                if info.message().contains("connection") =>
+            {
+                ApiError::Unavailable(e.to_string())
+            }
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<diesel_async::pooled_connection::deadpool::PoolError> for ApiError {
+    fn from(e: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
+        ApiError::Unavailable(e.to_string())
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: String,
+    code: &'a str,
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        if let ApiError::Internal(detail) = self {
+            log::error!("internal error: {detail}");
+        }
+        HttpResponse::build(self.status_code()).json(ErrorBody {
+            error: self.to_string(),
+            code: self.code(),
+        })
+    }
+}

@@ -1,0 +1,76 @@
+//! The HTTP surface: REST routes, the WebSocket upgrade, and how extractor failures become
+//! JSON errors.
+
+mod error;
+mod messages;
+mod projects;
+mod socket;
+
+use std::sync::Arc;
+
+use actix::Addr;
+use actix_web::{web, HttpResponse};
+use uuid::Uuid;
+
+pub use error::ApiError;
+pub use projects::validate_name as validate_project_name;
+
+use crate::actors::persistence::PersistenceActor;
+use crate::actors::registry::ChannelRegistry;
+use crate::config::Settings;
+use crate::db::DbPool;
+
+/// What every route handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: DbPool,
+    pub settings: Arc<Settings>,
+    pub registry: ChannelRegistry,
+    pub persistence: Addr<PersistenceActor>,
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(1024 * 1024)
+            .error_handler(|err, _| {
+                ApiError::bad_request("invalid_json", format!("invalid JSON body: {err}")).into()
+            }),
+    )
+    .app_data(web::QueryConfig::default().error_handler(|err, _| {
+        ApiError::bad_request("invalid_query", format!("invalid query string: {err}")).into()
+    }))
+    .route("/healthz", web::get().to(healthz))
+    .route(
+        "/ws/agent/messages/{project_id}",
+        web::get().to(socket::connect),
+    )
+    .service(
+        web::scope("/api")
+            .route("/projects", web::post().to(projects::create))
+            .route("/projects", web::get().to(projects::list))
+            .route("/projects/{project_id}", web::get().to(projects::show))
+            .route(
+                "/projects/{project_id}/messages",
+                web::get().to(messages::history),
+            )
+            .route(
+                "/projects/{project_id}/messages",
+                web::post().to(messages::publish),
+            ),
+    );
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+/// A project id from the path: malformed is a 400, not a 404.
+fn parse_project_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| {
+        ApiError::bad_request(
+            "invalid_project_id",
+            format!("{raw:?} is not a project id (UUID)"),
+        )
+    })
+}

@@ -1,0 +1,82 @@
+//! `GET /ws/agent/messages/{project_id}`: the WebSocket upgrade. Everything that can be
+//! refused is refused here, with an HTTP error, before the upgrade.
+
+use actix::{Actor, AsyncContext};
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::{projects, ApiError, AppState};
+use crate::actors::session::{Identity, SessionActor, SessionDeps};
+use crate::db::queries;
+use crate::protocol;
+
+/// The agent type of a connection that names none.
+pub const DEFAULT_AGENT_TYPE: &str = "agent";
+
+#[derive(Deserialize)]
+pub struct ConnectParams {
+    agent_id: Option<String>,
+    agent_type: Option<String>,
+}
+
+pub async fn connect(
+    req: HttpRequest,
+    body: web::Payload,
+    path: web::Path<String>,
+    params: web::Query<ConnectParams>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let params = params.into_inner();
+    let agent_id = params.agent_id.ok_or_else(|| {
+        ApiError::bad_request(
+            "missing_field",
+            "the `agent_id` query parameter is required",
+        )
+    })?;
+    protocol::check_agent_id("agent_id", &agent_id)?;
+    let agent_type = params
+        .agent_type
+        .unwrap_or_else(|| DEFAULT_AGENT_TYPE.to_owned());
+    protocol::check_identifier("agent_type", &agent_type, protocol::MAX_TYPE_CHARS)?;
+    let project = projects::load(&state, &path).await?;
+
+    let (response, ws, stream) = actix_ws::handle(&req, body).map_err(|e| {
+        ApiError::bad_request("not_a_websocket", format!("WebSocket upgrade failed: {e}"))
+    })?;
+
+    let session_id = Uuid::new_v4();
+    {
+        let mut conn = state.pool.get().await?;
+        queries::insert_session(&mut conn, session_id, project.id, &agent_id, &agent_type).await?;
+    }
+
+    let max_frame = state.settings.max_frame_bytes;
+    let stream = stream
+        .max_frame_size(max_frame)
+        .aggregate_continuations()
+        .max_continuation_size(max_frame);
+    let deps = SessionDeps {
+        channel: state.registry.get_or_start(project.id, project.head_seq),
+        persistence: state.persistence.clone(),
+        pool: state.pool.clone(),
+        settings: state.settings.clone(),
+    };
+    let identity = Identity {
+        session_id,
+        project_id: project.id,
+        agent_id,
+        agent_type,
+    };
+    log::info!(
+        "session {session_id}: agent {:?} ({}) joined project {}",
+        identity.agent_id,
+        identity.agent_type,
+        project.id
+    );
+    SessionActor::create(move |ctx| {
+        ctx.add_stream(stream);
+        SessionActor::new(identity, deps, ws)
+    });
+    Ok(response)
+}

@@ -1,0 +1,27 @@
+//! # agentbus
+//!
+//! A real-time message broker for teams of AI agents. Agents connect over WebSocket to a
+//! project channel, send broadcasts and direct messages, and every message is committed to
+//! PostgreSQL before anyone, the sender included, is told it exists.
+//!
+//! ## Layout
+//!
+//! - [`config`]: the settings of a running broker (flags and environment).
+//! - [`startup`]: `Application::build` / `run_until_stopped`.
+//! - [`protocol`]: the wire protocol: frames, validation, error and close codes.
+//! - [`actors`]: the message path: `SessionActor` (one per connection), `ChannelActor` (one
+//!   per project: presence and routing), `PersistenceActor` (group commit to PostgreSQL).
+//! - [`http`]: REST routes and the WebSocket upgrade.
+//! - [`db`]: the pool, database creation, migrations and every SQL statement.
+//! - [`models`], [`schema`]: rows and Diesel's view of the tables.
+//!
+//! `docs/PROTOCOL.md` describes the protocol and its guarantees for client authors.
+
+pub mod actors;
+pub mod config;
+pub mod db;
+pub mod http;
+pub mod models;
+pub mod protocol;
+pub mod schema;
+pub mod startup;

@@ -1,0 +1,89 @@
+//! The `agentbus` command: run the broker, apply migrations, manage projects.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use agentbus::config::{Settings, DEFAULT_DATABASE_URL};
+use agentbus::db;
+use agentbus::startup::Application;
+
+#[derive(Parser)]
+#[command(
+    name = "agentbus",
+    version,
+    about = "A durable real-time message bus for AI agents"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker.
+    Serve(Settings),
+    /// Create the database if needed and apply pending migrations.
+    Migrate(DatabaseArgs),
+    /// Manage projects.
+    Project {
+        #[command(subcommand)]
+        command: ProjectCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProjectCommand {
+    /// Create a project and print it as JSON.
+    Create {
+        /// The project's name.
+        name: String,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct DatabaseArgs {
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    database_url: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(settings) => actix_web::rt::System::new().block_on(serve(settings)),
+        Command::Migrate(args) => actix_web::rt::System::new().block_on(async {
+            db::ensure_database_exists(&args.database_url).await?;
+            db::run_migrations(&args.database_url)?;
+            log::info!("migrations are up to date");
+            Ok(())
+        }),
+        Command::Project {
+            command: ProjectCommand::Create { name, db: args },
+        } => actix_web::rt::System::new().block_on(async {
+            db::ensure_database_exists(&args.database_url).await?;
+            db::run_migrations(&args.database_url)?;
+            let name =
+                agentbus::http::validate_project_name(&name).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut conn =
+                <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(
+                    &args.database_url,
+                )
+                .await
+                .context("connecting to the database")?;
+            let project = db::queries::create_project(&mut conn, name).await?;
+            println!("{}", serde_json::to_string_pretty(&project)?);
+            Ok(())
+        }),
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let bind = settings.bind.clone();
+    let app = Application::build(settings).await?;
+    log::info!("agentbus listening on {bind} (port {})", app.port());
+    app.run_until_stopped().await?;
+    Ok(())
+}

@@ -1,0 +1,526 @@
+//! The wire protocol (v1): frames a client sends, frames the broker sends, error codes and
+//! close codes, and the validation shared by the WebSocket and the REST publish route.
+//! `docs/PROTOCOL.md` is the reference for clients; this module is its implementation.
+
+use bytestring::ByteString;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::models::StoredMessage;
+
+/// Longest agent id, in characters (the column is VARCHAR(255)).
+pub const MAX_AGENT_ID_CHARS: usize = 255;
+/// Longest agent type and message type, in characters (VARCHAR(50)).
+pub const MAX_TYPE_CHARS: usize = 50;
+/// Longest correlation id, in characters.
+pub const MAX_CORRELATION_ID_CHARS: usize = 255;
+/// Longest client_msg_id, in characters.
+pub const MAX_CLIENT_MSG_ID_CHARS: usize = 64;
+/// Longest time to live: 30 days.
+pub const MAX_TTL_MS: i64 = 30 * 24 * 3600 * 1000;
+/// The message type of a send that names none (as in the spec's handler).
+pub const DEFAULT_MESSAGE_TYPE: &str = "status";
+/// Priority of a send that names none: 0 critical, 1 high, 2 normal, 3 low.
+pub const DEFAULT_PRIORITY: i16 = 2;
+
+/// WebSocket close codes the broker uses besides the standard ones (1000 normal, 1001 going
+/// away, 1007 invalid UTF-8, 1009 frame too large, 1011 internal error).
+pub mod close_code {
+    /// Another connection with the same agent_id joined the project and took over.
+    pub const REPLACED: u16 = 4001;
+    /// Nothing was heard from the client (no frame, no pong) within the client timeout.
+    pub const HEARTBEAT_TIMEOUT: u16 = 4002;
+    /// The client read too slowly: its outgoing queue reached its bound.
+    pub const SLOW_CONSUMER: u16 = 4008;
+}
+
+/// Machine-readable error codes, sent as `code` in error frames and REST error bodies.
+#[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not valid JSON.
+    InvalidJson,
+    /// The frame is JSON but not a JSON object, or a field has the wrong JSON type.
+    InvalidFrame,
+    /// A required field is absent.
+    MissingField,
+    /// A field is present but its value is not allowed (empty, too long, out of range...).
+    InvalidField,
+    /// `op` names no operation of this protocol version.
+    UnknownOp,
+    /// A binary frame: the protocol is JSON text only.
+    BinaryNotSupported,
+    /// The frame is larger than the broker accepts; the connection is closed (1009).
+    FrameTooLarge,
+    /// Too many of this session's sends are waiting for their commit.
+    Overloaded,
+    /// The database could not be reached: nothing was stored, retry with the same
+    /// client_msg_id.
+    Unavailable,
+    /// The project no longer exists.
+    ProjectNotFound,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::InvalidFrame => "invalid_frame",
+            ErrorCode::MissingField => "missing_field",
+            ErrorCode::InvalidField => "invalid_field",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::BinaryNotSupported => "binary_not_supported",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::ProjectNotFound => "project_not_found",
+        }
+    }
+}
+
+/// Why a frame or request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub code: ErrorCode,
+    pub message: String,
+    /// The offending field, when there is one.
+    pub field: Option<&'static str>,
+}
+
+impl Rejection {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Rejection {
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    fn missing(field: &'static str) -> Self {
+        Rejection {
+            code: ErrorCode::MissingField,
+            message: format!("`{field}` is required"),
+            field: Some(field),
+        }
+    }
+
+    fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        Rejection {
+            code: ErrorCode::InvalidField,
+            message: message.into(),
+            field: Some(field),
+        }
+    }
+}
+
+/// The fields of a send, as they arrive (from a WebSocket frame or a REST body). Everything
+/// is optional here so that validation can say precisely what is wrong.
+#[derive(Deserialize, Debug, Default)]
+pub struct SendFields {
+    /// The operation; absent or `"send"` for a send. Read here rather than through a
+    /// flattened envelope, so a frame is parsed in one pass.
+    pub op: Option<String>,
+    pub agent_type: Option<String>,
+    #[serde(rename = "type")]
+    pub message_type: Option<String>,
+    pub content: Option<String>,
+    pub metadata: Option<serde_json::Value>,
+    pub to: Option<String>,
+    pub priority: Option<i64>,
+    pub ttl_ms: Option<i64>,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+    pub client_msg_id: Option<String>,
+}
+
+/// What a client may ask of the broker in one frame.
+#[derive(Debug)]
+pub enum ClientOp {
+    Send(SendFields),
+}
+
+/// Parses one text frame. On failure the rejection carries the frame's `client_msg_id` when
+/// one can still be read, so the client can tell which send failed.
+pub fn parse_client_frame(text: &str) -> Result<ClientOp, (Rejection, Option<String>)> {
+    match serde_json::from_str::<SendFields>(text) {
+        Ok(frame) => match frame.op.as_deref() {
+            None | Some("send") => Ok(ClientOp::Send(frame)),
+            Some(other) => Err((
+                Rejection::new(
+                    ErrorCode::UnknownOp,
+                    format!("unknown op {other:?}; this broker understands \"send\""),
+                ),
+                frame.client_msg_id,
+            )),
+        },
+        Err(err) => {
+            // Tell "not JSON at all" from "JSON of the wrong shape", and recover the
+            // client_msg_id from a frame whose other fields are wrong.
+            match serde_json::from_str::<serde_json::Value>(text) {
+                Err(_) => Err((
+                    Rejection::new(ErrorCode::InvalidJson, format!("invalid JSON: {err}")),
+                    None,
+                )),
+                Ok(value) => {
+                    let client_msg_id = value
+                        .get("client_msg_id")
+                        .and_then(|v| v.as_str())
+                        .map(str::to_owned);
+                    let message = if value.is_object() {
+                        format!("a field has the wrong type: {err}")
+                    } else {
+                        "a frame must be a JSON object".to_owned()
+                    };
+                    Err((
+                        Rejection::new(ErrorCode::InvalidFrame, message),
+                        client_msg_id,
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// A send that passed validation: every field within its limits.
+#[derive(Debug, Clone)]
+pub struct ValidSend {
+    pub agent_type: Option<String>,
+    pub message_type: String,
+    pub content: String,
+    pub metadata: serde_json::Value,
+    pub to: Option<String>,
+    pub priority: i16,
+    pub ttl_ms: Option<i64>,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<Uuid>,
+    pub client_msg_id: Option<String>,
+}
+
+/// Checks a send's fields against the protocol's rules and the broker's limits. A refused
+/// send gives back its client_msg_id, to be echoed in the error.
+pub fn validate_send(
+    mut fields: SendFields,
+    max_content_bytes: usize,
+) -> Result<ValidSend, (Rejection, Option<String>)> {
+    let client_msg_id = fields.client_msg_id.take();
+    match check_send(fields, client_msg_id.as_deref(), max_content_bytes) {
+        Ok(mut send) => {
+            send.client_msg_id = client_msg_id;
+            Ok(send)
+        }
+        Err(rejection) => Err((rejection, client_msg_id)),
+    }
+}
+
+fn check_send(
+    fields: SendFields,
+    client_msg_id: Option<&str>,
+    max_content_bytes: usize,
+) -> Result<ValidSend, Rejection> {
+    let content = fields
+        .content
+        .ok_or_else(|| Rejection::missing("content"))?;
+    if content.is_empty() {
+        return Err(Rejection::invalid("content", "`content` must not be empty"));
+    }
+    if content.len() > max_content_bytes {
+        return Err(Rejection::invalid(
+            "content",
+            format!(
+                "`content` is {} bytes; at most {max_content_bytes} are accepted",
+                content.len()
+            ),
+        ));
+    }
+    let message_type = match fields.message_type {
+        None => DEFAULT_MESSAGE_TYPE.to_owned(),
+        Some(t) => {
+            check_identifier("type", &t, MAX_TYPE_CHARS)?;
+            t
+        }
+    };
+    if let Some(agent_type) = &fields.agent_type {
+        check_identifier("agent_type", agent_type, MAX_TYPE_CHARS)?;
+    }
+    let metadata = match fields.metadata {
+        None | Some(serde_json::Value::Null) => serde_json::Value::Object(Default::default()),
+        Some(value @ serde_json::Value::Object(_)) => value,
+        Some(_) => {
+            return Err(Rejection::invalid(
+                "metadata",
+                "`metadata` must be a JSON object",
+            ))
+        }
+    };
+    if let Some(to) = &fields.to {
+        check_agent_id("to", to)?;
+    }
+    let priority = match fields.priority {
+        None => DEFAULT_PRIORITY,
+        Some(p @ 0..=3) => p as i16,
+        Some(p) => {
+            return Err(Rejection::invalid(
+                "priority",
+                format!("`priority` must be 0 (critical) to 3 (low), not {p}"),
+            ))
+        }
+    };
+    if let Some(ttl) = fields.ttl_ms {
+        if !(1..=MAX_TTL_MS).contains(&ttl) {
+            return Err(Rejection::invalid(
+                "ttl_ms",
+                format!("`ttl_ms` must be between 1 and {MAX_TTL_MS}"),
+            ));
+        }
+    }
+    if let Some(c) = &fields.correlation_id {
+        check_text("correlation_id", c, MAX_CORRELATION_ID_CHARS)?;
+    }
+    let reply_to = match fields.reply_to {
+        None => None,
+        Some(r) => Some(Uuid::parse_str(&r).map_err(|_| {
+            Rejection::invalid("reply_to", "`reply_to` must be a message id (UUID)")
+        })?),
+    };
+    if let Some(c) = client_msg_id {
+        check_text("client_msg_id", c, MAX_CLIENT_MSG_ID_CHARS)?;
+    }
+    Ok(ValidSend {
+        agent_type: fields.agent_type,
+        message_type,
+        content,
+        metadata,
+        to: fields.to,
+        priority,
+        ttl_ms: fields.ttl_ms,
+        correlation_id: fields.correlation_id,
+        reply_to,
+        client_msg_id: None,
+    })
+}
+
+/// An agent id: 1 to 255 characters, no control characters.
+pub fn check_agent_id(field: &'static str, value: &str) -> Result<(), Rejection> {
+    check_text(field, value, MAX_AGENT_ID_CHARS)
+}
+
+/// Non-empty, at most `max_chars` characters, no control characters (NUL included).
+fn check_text(field: &'static str, value: &str, max_chars: usize) -> Result<(), Rejection> {
+    if value.is_empty() {
+        return Err(Rejection::invalid(
+            field,
+            format!("`{field}` must not be empty"),
+        ));
+    }
+    if value.chars().count() > max_chars {
+        return Err(Rejection::invalid(
+            field,
+            format!("`{field}` is longer than {max_chars} characters"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Rejection::invalid(
+            field,
+            format!("`{field}` must not contain control characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// An identifier (message type, agent type): 1 to `max_chars` of `A-Z a-z 0-9 _ - . :`.
+pub fn check_identifier(
+    field: &'static str,
+    value: &str,
+    max_chars: usize,
+) -> Result<(), Rejection> {
+    if value.is_empty() || value.len() > max_chars {
+        return Err(Rejection::invalid(
+            field,
+            format!("`{field}` must be 1 to {max_chars} characters"),
+        ));
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+    {
+        return Err(Rejection::invalid(
+            field,
+            format!("`{field}` may contain only letters, digits, '_', '-', '.' and ':'"),
+        ));
+    }
+    Ok(())
+}
+
+/// A message as delivered to a recipient: `{"op":"message", ...}`. Serialised once per
+/// message and the same bytes handed to every recipient.
+#[derive(Serialize)]
+struct MessageFrame<'a> {
+    op: &'static str,
+    id: Uuid,
+    seq: i64,
+    project_id: Uuid,
+    sender_agent_id: &'a str,
+    sender_agent_type: &'a str,
+    sender_session_id: Option<Uuid>,
+    to: Option<&'a str>,
+    message_type: &'a str,
+    content: &'a str,
+    metadata: &'a serde_json::Value,
+    priority: i16,
+    correlation_id: Option<&'a str>,
+    reply_to: Option<Uuid>,
+    created_at: DateTime<Utc>,
+    expires_at: Option<DateTime<Utc>>,
+}
+
+pub fn message_frame(msg: &StoredMessage) -> ByteString {
+    to_frame(&MessageFrame {
+        op: "message",
+        id: msg.id,
+        seq: msg.seq,
+        project_id: msg.project_id,
+        sender_agent_id: &msg.sender_agent_id,
+        sender_agent_type: &msg.sender_agent_type,
+        sender_session_id: msg.sender_session_id,
+        to: msg.recipient_agent_id.as_deref(),
+        message_type: &msg.message_type,
+        content: &msg.content,
+        metadata: &msg.metadata,
+        priority: msg.priority,
+        correlation_id: msg.correlation_id.as_deref(),
+        reply_to: msg.reply_to,
+        created_at: msg.created_at,
+        expires_at: msg.expires_at,
+    })
+}
+
+/// Frames the broker sends that are not messages.
+#[derive(Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ServerFrame<'a> {
+    /// First frame of every connection.
+    Welcome {
+        session_id: Uuid,
+        project_id: Uuid,
+        agent_id: &'a str,
+        agent_type: &'a str,
+        /// Seq of the newest message committed in the project when the session joined:
+        /// everything after it is delivered live.
+        head_seq: i64,
+    },
+    /// To the sender, after the message's batch committed.
+    Sent {
+        id: Uuid,
+        seq: i64,
+        client_msg_id: Option<&'a str>,
+        created_at: DateTime<Utc>,
+    },
+    /// A frame was refused; the connection stays open unless a close frame follows.
+    Error {
+        code: ErrorCode,
+        error: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        field: Option<&'a str>,
+        client_msg_id: Option<&'a str>,
+    },
+}
+
+impl ServerFrame<'_> {
+    pub fn encode(&self) -> ByteString {
+        to_frame(self)
+    }
+}
+
+pub fn receipt_frame(msg: &StoredMessage) -> ByteString {
+    ServerFrame::Sent {
+        id: msg.id,
+        seq: msg.seq,
+        client_msg_id: msg.client_msg_id.as_deref(),
+        created_at: msg.created_at,
+    }
+    .encode()
+}
+
+pub fn error_frame(rejection: &Rejection, client_msg_id: Option<&str>) -> ByteString {
+    ServerFrame::Error {
+        code: rejection.code,
+        error: &rejection.message,
+        field: rejection.field,
+        client_msg_id,
+    }
+    .encode()
+}
+
+fn to_frame<T: Serialize>(value: &T) -> ByteString {
+    // Serialising these types cannot fail: every map key is a string and no Serialize impl
+    // of ours returns an error.
+    let text = serde_json::to_string(value).unwrap_or_else(|e| {
+        log::error!("serialising a frame failed: {e}");
+        String::from(r#"{"op":"error","code":"internal","error":"serialisation failed"}"#)
+    });
+    ByteString::from(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spec_shaped_frame_is_a_send() {
+        let op = parse_client_frame(
+            r#"{"agent_type":"coder","type":"status","content":"hi","metadata":{"a":1}}"#,
+        )
+        .expect("valid frame");
+        let ClientOp::Send(fields) = op;
+        let send = validate_send(fields, 1024).expect("valid send");
+        assert_eq!(send.client_msg_id, None);
+        assert_eq!(send.message_type, "status");
+        assert_eq!(send.agent_type.as_deref(), Some("coder"));
+        assert_eq!(send.priority, DEFAULT_PRIORITY);
+        assert_eq!(send.metadata, serde_json::json!({"a": 1}));
+    }
+
+    #[test]
+    fn bad_frames_are_told_apart() {
+        let (r, _) = parse_client_frame("{not json").unwrap_err();
+        assert_eq!(r.code, ErrorCode::InvalidJson);
+        let (r, id) = parse_client_frame(r#"{"content":5,"client_msg_id":"c1"}"#).unwrap_err();
+        assert_eq!(r.code, ErrorCode::InvalidFrame);
+        assert_eq!(id.as_deref(), Some("c1"));
+        let (r, _) = parse_client_frame("[1,2]").unwrap_err();
+        assert_eq!(r.code, ErrorCode::InvalidFrame);
+        let (r, _) = parse_client_frame(r#"{"op":"fly"}"#).unwrap_err();
+        assert_eq!(r.code, ErrorCode::UnknownOp);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let check = |json: &str| {
+            let ClientOp::Send(fields) = parse_client_frame(json).expect("parses");
+            validate_send(fields, 10).unwrap_err().0
+        };
+        assert_eq!(check(r#"{"type":"status"}"#).code, ErrorCode::MissingField);
+        assert_eq!(check(r#"{"content":""}"#).field, Some("content"));
+        assert_eq!(check(r#"{"content":"01234567890"}"#).field, Some("content"));
+        assert_eq!(
+            check(r#"{"content":"x","priority":7}"#).field,
+            Some("priority")
+        );
+        assert_eq!(
+            check(r#"{"content":"x","metadata":[1]}"#).field,
+            Some("metadata")
+        );
+        assert_eq!(check(r#"{"content":"x","type":"a b"}"#).field, Some("type"));
+        assert_eq!(
+            check(r#"{"content":"x","reply_to":"nope"}"#).field,
+            Some("reply_to")
+        );
+        let long = format!(r#"{{"content":"x","client_msg_id":"{}"}}"#, "c".repeat(65));
+        assert_eq!(check(&long).field, Some("client_msg_id"));
+        assert_eq!(
+            check(r#"{"content":"x","to":"a\u0000b"}"#).field,
+            Some("to")
+        );
+    }
+}

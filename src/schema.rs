@@ -1,0 +1,56 @@
+//! Diesel's view of the tables created by `migrations/`.
+
+diesel::table! {
+    projects (id) {
+        id -> Uuid,
+        #[max_length = 255]
+        name -> Varchar,
+        head_seq -> Int8,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    sessions (id) {
+        id -> Uuid,
+        project_id -> Uuid,
+        #[max_length = 255]
+        agent_id -> Varchar,
+        #[max_length = 50]
+        agent_type -> Varchar,
+        connected_at -> Timestamptz,
+        disconnected_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    agent_messages (id) {
+        id -> Uuid,
+        project_id -> Uuid,
+        #[max_length = 255]
+        sender_agent_id -> Varchar,
+        #[max_length = 50]
+        sender_agent_type -> Varchar,
+        sender_session_id -> Nullable<Uuid>,
+        #[max_length = 50]
+        message_type -> Varchar,
+        content -> Text,
+        metadata -> Jsonb,
+        delivered_at -> Nullable<Timestamptz>,
+        read_at -> Nullable<Timestamptz>,
+        created_at -> Timestamptz,
+        seq -> Int8,
+        #[max_length = 255]
+        recipient_agent_id -> Nullable<Varchar>,
+        priority -> Int2,
+        #[max_length = 255]
+        correlation_id -> Nullable<Varchar>,
+        reply_to -> Nullable<Uuid>,
+        expires_at -> Nullable<Timestamptz>,
+        #[max_length = 64]
+        client_msg_id -> Nullable<Varchar>,
+    }
+}
+
+diesel::joinable!(agent_messages -> projects (project_id));
+diesel::joinable!(sessions -> projects (project_id));
