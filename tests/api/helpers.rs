@@ -1,0 +1,333 @@
+//! Test harness: a broker on port 0 against a fresh database, and WebSocket agents that speak
+//! the real protocol.
+
+use std::time::Duration;
+
+use actix_web::dev::ServerHandle;
+use agentbus::config::Settings;
+use agentbus::startup::Application;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use uuid::Uuid;
+
+/// The PostgreSQL server the tests create their databases on.
+pub fn server_url() -> String {
+    std::env::var("AGENTBUS_TEST_SERVER")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// Longest a test waits for something that should happen promptly: it only catches hangs.
+pub const PATIENCE: Duration = Duration::from_secs(15);
+
+pub struct TestApp {
+    pub port: u16,
+    pub database_url: String,
+    db_name: Option<String>,
+    pub http: reqwest::Client,
+    handle: ServerHandle,
+}
+
+impl TestApp {
+    /// A broker with default settings on a fresh database.
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// A broker on a fresh database, with settings adjusted by `tweak`.
+    pub async fn spawn_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
+        let db_name = format!("t_{}", Uuid::new_v4().simple());
+        let database_url = format!("{}/{db_name}", server_url());
+        let mut app = Self::spawn_on(&database_url, tweak).await;
+        app.db_name = Some(db_name);
+        app
+    }
+
+    /// A broker on the given database (created if missing, never dropped by the harness).
+    pub async fn spawn_on(database_url: &str, tweak: impl FnOnce(&mut Settings)) -> TestApp {
+        let mut settings = Settings {
+            bind: "127.0.0.1:0".into(),
+            database_url: database_url.to_owned(),
+            workers: 2,
+            ..Settings::default()
+        };
+        tweak(&mut settings);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                match Application::build(settings).await {
+                    Ok(app) => {
+                        let _ = tx.send(Ok((app.port(), app.handle())));
+                        let _ = app.run_until_stopped().await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(format!("{e:#}")));
+                    }
+                }
+            })
+        });
+        let (port, handle) = rx
+            .await
+            .expect("the broker thread died")
+            .unwrap_or_else(|e| panic!("the broker did not start: {e}"));
+        TestApp {
+            port,
+            database_url: database_url.to_owned(),
+            db_name: None,
+            http: reqwest::Client::new(),
+            handle,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn ws_url(&self, project: Uuid, query: &str) -> String {
+        format!(
+            "ws://127.0.0.1:{}/ws/agent/messages/{project}?{query}",
+            self.port
+        )
+    }
+
+    pub async fn create_project(&self, name: &str) -> Uuid {
+        let response = self
+            .http
+            .post(self.url("/api/projects"))
+            .json(&json!({ "name": name }))
+            .send()
+            .await
+            .expect("POST /api/projects");
+        assert_eq!(response.status(), 201);
+        let body: Value = response.json().await.expect("project JSON");
+        body["id"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("project id")
+    }
+
+    /// Connects an agent and reads its welcome frame.
+    pub async fn connect(&self, project: Uuid, agent_id: &str, agent_type: &str) -> Agent {
+        Agent::connect(&self.ws_url(
+            project,
+            &format!("agent_id={agent_id}&agent_type={agent_type}"),
+        ))
+        .await
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let response = self.http.get(self.url(path)).send().await.expect("GET");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("JSON body"))
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = self
+            .http
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("POST");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("JSON body"))
+    }
+
+    /// A direct connection to the broker's database, to check what was stored.
+    pub async fn db(&self) -> AsyncPgConnection {
+        AsyncPgConnection::establish(&self.database_url)
+            .await
+            .expect("connect to the test database")
+    }
+
+    pub fn stop(&self) {
+        // The stop command is sent at once; its completion is not awaited here.
+        drop(self.handle.stop(false));
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(name) = self.db_name.take() {
+            // Best effort: a failed test's database is cleaned up too.
+            let _ = std::thread::spawn(move || drop_database(&name)).join();
+        }
+    }
+}
+
+fn drop_database(name: &str) {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    rt.block_on(async {
+        if let Ok(mut conn) =
+            AsyncPgConnection::establish(&format!("{}/postgres", server_url())).await
+        {
+            let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                .execute(&mut conn)
+                .await;
+        }
+    });
+}
+
+/// A WebSocket client speaking protocol v1.
+pub struct Agent {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub welcome: Value,
+}
+
+impl Agent {
+    pub async fn connect(url: &str) -> Agent {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("WebSocket connect");
+        let mut agent = Agent {
+            ws,
+            welcome: Value::Null,
+        };
+        agent.welcome = agent.expect_op("welcome").await;
+        agent
+    }
+
+    /// Connects without reading anything.
+    pub async fn connect_raw(
+        url: &str,
+    ) -> Result<WebSocketStream<MaybeTlsStream<TcpStream>>, tungstenite::Error> {
+        tokio_tungstenite::connect_async(url)
+            .await
+            .map(|(ws, _)| ws)
+    }
+
+    pub fn session_id(&self) -> Uuid {
+        self.welcome["session_id"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("session_id")
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.send_text(&frame.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws
+            .send(Message::text(text))
+            .await
+            .expect("send a frame");
+    }
+
+    pub async fn send_message(&mut self, message: Message) {
+        self.ws.send(message).await.expect("send a frame");
+    }
+
+    /// Sends and waits for the `sent` receipt, passing over deliveries of others' messages
+    /// (failing on anything else).
+    pub async fn send_ok(&mut self, frame: Value) -> Value {
+        self.send(frame).await;
+        loop {
+            let next = self.next_json().await;
+            match next["op"].as_str() {
+                Some("sent") => return next,
+                Some("message") => continue,
+                _ => panic!("expected a sent frame, got {next}"),
+            }
+        }
+    }
+
+    /// The next text frame, as JSON (pings and pongs are skipped).
+    pub async fn next_json(&mut self) -> Value {
+        match self.next_event().await {
+            Event::Json(v) => v,
+            Event::Closed(code) => panic!("connection closed ({code:?}) while waiting for a frame"),
+        }
+    }
+
+    pub async fn next_event(&mut self) -> Event {
+        loop {
+            let next = tokio::time::timeout(PATIENCE, self.ws.next())
+                .await
+                .expect("no frame within the patience bound");
+            match next {
+                Some(Ok(Message::Text(text))) => {
+                    return Event::Json(
+                        serde_json::from_str(&text).expect("the broker sent invalid JSON"),
+                    )
+                }
+                Some(Ok(Message::Close(frame))) => return Event::Closed(frame.map(|f| f.code)),
+                Some(Ok(Message::Binary(_))) => panic!("the broker sent a binary frame"),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Event::Closed(None),
+            }
+        }
+    }
+
+    /// The next frame, which must have this `op`.
+    pub async fn expect_op(&mut self, op: &str) -> Value {
+        let frame = self.next_json().await;
+        assert_eq!(frame["op"], op, "expected a {op} frame, got {frame}");
+        frame
+    }
+
+    /// The next frame, which must be an error with this code.
+    pub async fn expect_error(&mut self, code: &str) -> Value {
+        let frame = self.expect_op("error").await;
+        assert_eq!(frame["code"], code, "unexpected error {frame}");
+        frame
+    }
+
+    /// Waits for the broker to close the connection and returns its close code.
+    pub async fn expect_close(&mut self) -> Option<CloseCode> {
+        loop {
+            match self.next_event().await {
+                Event::Closed(code) => return code,
+                Event::Json(_) => continue,
+            }
+        }
+    }
+
+    /// The next WebSocket message of any kind, unparsed.
+    pub async fn raw_next(&mut self) -> Option<Result<Message, tungstenite::Error>> {
+        self.ws.next().await
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+}
+
+pub enum Event {
+    Json(Value),
+    Closed(Option<CloseCode>),
+}
+
+/// A spec-shaped send frame.
+pub fn status(content: &str) -> Value {
+    json!({"agent_type": "coder", "type": "status", "content": content, "metadata": {}})
+}
+
+/// Polls `check` until it returns `Some`, failing after `PATIENCE`.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
