@@ -69,6 +69,11 @@ pub struct Settings {
     #[arg(long, env = "AGENTBUS_MAX_PENDING_SENDS", default_value_t = 4_096)]
     pub max_pending_sends: usize,
 
+    /// Manual-ack sessions: most messages delivered and not yet acknowledged. Beyond that the
+    /// session stops taking live traffic and catches up from the store as acks come back.
+    #[arg(long, env = "AGENTBUS_MAX_IN_FLIGHT", default_value_t = 256)]
+    pub max_in_flight: usize,
+
     /// HTTP worker threads (0: one per core).
     #[arg(long, env = "AGENTBUS_WORKERS", default_value_t = 0)]
     pub workers: usize,
@@ -89,6 +94,7 @@ impl Default for Settings {
             outbox_max_frames: 4_096,
             outbox_max_bytes: 16 * 1024 * 1024,
             max_pending_sends: 4_096,
+            max_in_flight: 256,
             workers: 0,
         }
     }

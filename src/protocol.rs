@@ -114,13 +114,24 @@ impl Rejection {
     }
 }
 
-/// The fields of a send, as they arrive (from a WebSocket frame or a REST body). Everything
-/// is optional here so that validation can say precisely what is wrong.
+/// Most seqs one `ack` frame may carry.
+pub const MAX_ACK_SEQS: usize = 10_000;
+/// Most message ids one `read` frame may carry.
+pub const MAX_READ_IDS: usize = 1_000;
+
+/// A client frame as it arrives: the fields of every operation, all optional, so a frame is
+/// parsed in one pass and validation can say precisely what is wrong. A REST publish body has
+/// the same send fields.
 #[derive(Deserialize, Debug, Default)]
 pub struct SendFields {
-    /// The operation; absent or `"send"` for a send. Read here rather than through a
-    /// flattened envelope, so a frame is parsed in one pass.
+    /// The operation: absent or `"send"`, `"ack"`, `"read"`.
     pub op: Option<String>,
+    /// `ack`: these seqs are done.
+    pub seqs: Option<Vec<i64>>,
+    /// `ack`: every message owed up to this seq is done.
+    pub up_to: Option<i64>,
+    /// `read`: these messages were read.
+    pub ids: Option<Vec<String>>,
     pub agent_type: Option<String>,
     #[serde(rename = "type")]
     pub message_type: Option<String>,
@@ -135,9 +146,69 @@ pub struct SendFields {
 }
 
 /// What a client may ask of the broker in one frame.
+// Built once per frame and consumed at once: boxing the send would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum ClientOp {
     Send(SendFields),
+    /// Manual acknowledgement: these seqs, and/or everything up to `up_to`, are done.
+    Ack {
+        seqs: Vec<i64>,
+        up_to: Option<i64>,
+    },
+    /// Read receipts.
+    Read {
+        ids: Vec<Uuid>,
+    },
+}
+
+/// How a session's deliveries count as done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckMode {
+    /// Done once written to the socket (at-most-once beyond that point).
+    Auto,
+    /// Done once the client acknowledges it (at-least-once).
+    Manual,
+}
+
+fn parse_ack(frame: SendFields) -> Result<ClientOp, Rejection> {
+    let seqs = frame.seqs.unwrap_or_default();
+    if seqs.is_empty() && frame.up_to.is_none() {
+        return Err(Rejection::new(
+            ErrorCode::MissingField,
+            "an ack needs `seqs` (a list of seqs) and/or `up_to` (a seq)",
+        ));
+    }
+    if seqs.len() > MAX_ACK_SEQS {
+        return Err(Rejection::invalid(
+            "seqs",
+            format!("at most {MAX_ACK_SEQS} seqs per ack"),
+        ));
+    }
+    if seqs.iter().chain(frame.up_to.iter()).any(|&s| s < 1) {
+        return Err(Rejection::invalid("seqs", "seqs start at 1"));
+    }
+    Ok(ClientOp::Ack {
+        seqs,
+        up_to: frame.up_to,
+    })
+}
+
+fn parse_read(frame: SendFields) -> Result<ClientOp, Rejection> {
+    let raw = frame.ids.ok_or_else(|| Rejection::missing("ids"))?;
+    if raw.is_empty() || raw.len() > MAX_READ_IDS {
+        return Err(Rejection::invalid(
+            "ids",
+            format!("`ids` must list 1 to {MAX_READ_IDS} message ids"),
+        ));
+    }
+    let ids = raw
+        .iter()
+        .map(|id| Uuid::parse_str(id))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| Rejection::invalid("ids", "`ids` must be message ids (UUIDs)"))?;
+    Ok(ClientOp::Read { ids })
 }
 
 /// Parses one text frame. On failure the rejection carries the frame's `client_msg_id` when
@@ -146,10 +217,12 @@ pub fn parse_client_frame(text: &str) -> Result<ClientOp, (Rejection, Option<Str
     match serde_json::from_str::<SendFields>(text) {
         Ok(frame) => match frame.op.as_deref() {
             None | Some("send") => Ok(ClientOp::Send(frame)),
+            Some("ack") => parse_ack(frame).map_err(|r| (r, None)),
+            Some("read") => parse_read(frame).map_err(|r| (r, None)),
             Some(other) => Err((
                 Rejection::new(
                     ErrorCode::UnknownOp,
-                    format!("unknown op {other:?}; this broker understands \"send\""),
+                    format!("unknown op {other:?}; this broker understands send, ack and read"),
                 ),
                 frame.client_msg_id,
             )),
@@ -224,6 +297,12 @@ fn check_send(
     if content.is_empty() {
         return Err(Rejection::invalid("content", "`content` must not be empty"));
     }
+    if content.contains('\0') {
+        return Err(Rejection::invalid(
+            "content",
+            "`content` must not contain NUL characters (PostgreSQL text cannot store them)",
+        ));
+    }
     if content.len() > max_content_bytes {
         return Err(Rejection::invalid(
             "content",
@@ -245,7 +324,15 @@ fn check_send(
     }
     let metadata = match fields.metadata {
         None | Some(serde_json::Value::Null) => serde_json::Value::Object(Default::default()),
-        Some(value @ serde_json::Value::Object(_)) => value,
+        Some(value @ serde_json::Value::Object(_)) => {
+            if contains_nul(&value) {
+                return Err(Rejection::invalid(
+                    "metadata",
+                    "`metadata` must not contain NUL characters (PostgreSQL jsonb cannot store them)",
+                ));
+            }
+            value
+        }
         Some(_) => {
             return Err(Rejection::invalid(
                 "metadata",
@@ -298,6 +385,18 @@ fn check_send(
         reply_to,
         client_msg_id: None,
     })
+}
+
+/// Whether a JSON value has a NUL character in any string or key.
+fn contains_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(contains_nul),
+        serde_json::Value::Object(map) => {
+            map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v))
+        }
+        _ => false,
+    }
 }
 
 /// An agent id: 1 to 255 characters, no control characters.
@@ -408,6 +507,13 @@ pub enum ServerFrame<'a> {
         /// Seq of the newest message committed in the project when the session joined:
         /// everything after it is delivered live.
         head_seq: i64,
+        ack: AckMode,
+        /// The agent's ack floor when it connected.
+        ack_floor: i64,
+        /// How many owed messages are replayed before live delivery starts.
+        replay: i64,
+        /// The same, per priority: `[critical, high, normal, low]`.
+        replay_by_priority: [i64; 4],
     },
     /// To the sender, after the message's batch committed.
     Sent {
@@ -472,7 +578,9 @@ mod tests {
             r#"{"agent_type":"coder","type":"status","content":"hi","metadata":{"a":1}}"#,
         )
         .expect("valid frame");
-        let ClientOp::Send(fields) = op;
+        let ClientOp::Send(fields) = op else {
+            panic!("a send")
+        };
         let send = validate_send(fields, 1024).expect("valid send");
         assert_eq!(send.client_msg_id, None);
         assert_eq!(send.message_type, "status");
@@ -495,9 +603,61 @@ mod tests {
     }
 
     #[test]
+    fn acks_and_reads_are_parsed() {
+        match parse_client_frame(r#"{"op":"ack","seqs":[3,1],"up_to":7}"#) {
+            Ok(ClientOp::Ack { seqs, up_to }) => assert_eq!((seqs, up_to), (vec![3, 1], Some(7))),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            parse_client_frame(r#"{"op":"ack"}"#).unwrap_err().0.code,
+            ErrorCode::MissingField
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"op":"ack","seqs":[0]}"#)
+                .unwrap_err()
+                .0
+                .code,
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"op":"read","ids":["x"]}"#)
+                .unwrap_err()
+                .0
+                .code,
+            ErrorCode::InvalidField
+        );
+        let id = Uuid::new_v4();
+        match parse_client_frame(&format!(r#"{{"op":"read","ids":["{id}"]}}"#)) {
+            Ok(ClientOp::Read { ids }) => assert_eq!(ids, vec![id]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn nul_characters_are_refused_before_they_reach_the_database() {
+        let check = |json: &str| {
+            let Ok(ClientOp::Send(fields)) = parse_client_frame(json) else {
+                panic!("parses")
+            };
+            validate_send(fields, 100).unwrap_err().0
+        };
+        assert_eq!(check(r#"{"content":"a\u0000b"}"#).field, Some("content"));
+        assert_eq!(
+            check(r#"{"content":"x","metadata":{"k":["\u0000"]}}"#).field,
+            Some("metadata")
+        );
+        assert_eq!(
+            check(r#"{"content":"x","metadata":{"\u0000":1}}"#).field,
+            Some("metadata")
+        );
+    }
+
+    #[test]
     fn validation_names_the_field() {
         let check = |json: &str| {
-            let ClientOp::Send(fields) = parse_client_frame(json).expect("parses");
+            let Ok(ClientOp::Send(fields)) = parse_client_frame(json) else {
+                panic!("parses")
+            };
             validate_send(fields, 10).unwrap_err().0
         };
         assert_eq!(check(r#"{"type":"status"}"#).code, ErrorCode::MissingField);

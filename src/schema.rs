@@ -52,5 +52,22 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    members (project_id, agent_id) {
+        project_id -> Uuid,
+        #[max_length = 255]
+        agent_id -> Varchar,
+        #[max_length = 50]
+        agent_type -> Varchar,
+        ack_floor -> Int8,
+        acked_above -> Array<Int8>,
+        joined_seq -> Nullable<Int8>,
+        current_session_id -> Nullable<Uuid>,
+        last_seen_at -> Nullable<Timestamptz>,
+        created_at -> Timestamptz,
+    }
+}
+
 diesel::joinable!(agent_messages -> projects (project_id));
 diesel::joinable!(sessions -> projects (project_id));
+diesel::joinable!(members -> projects (project_id));

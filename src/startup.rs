@@ -10,6 +10,7 @@ use actix_web::dev::{Server, ServerHandle};
 use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 
+use crate::actors::cursor::CursorActor;
 use crate::actors::persistence::PersistenceActor;
 use crate::actors::registry::ChannelRegistry;
 use crate::config::Settings;
@@ -46,6 +47,11 @@ impl Application {
             })
         };
 
+        let cursors = {
+            let pool = pool.clone();
+            CursorActor::start_in_arbiter(&broker_arbiter.handle(), move |_| CursorActor::new(pool))
+        };
+
         let listener = TcpListener::bind(&settings.bind)
             .with_context(|| format!("binding {}", settings.bind))?;
         let port = listener.local_addr()?.port();
@@ -58,6 +64,7 @@ impl Application {
             settings: Arc::new(settings),
             registry,
             persistence,
+            cursors,
         };
         let server = HttpServer::new(move || {
             App::new()

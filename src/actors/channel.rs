@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use actix::prelude::*;
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::persistence::{Reply, Settlement};
@@ -40,26 +41,43 @@ impl ChannelActor {
 
     /// Delivers one committed message and settles its send. The message is serialised once;
     /// every recipient gets the same bytes.
-    fn route(&mut self, message: StoredMessage, duplicate: bool, reply: Reply) {
-        if !duplicate {
-            self.head_seq = self.head_seq.max(message.seq);
-            let frame = protocol::message_frame(&message);
-            match &message.recipient_agent_id {
-                Some(to) => {
-                    if let Some(member) = self.members.get(to) {
-                        member.addr.do_send(Deliver(frame));
-                    }
+    fn route(&mut self, message: StoredMessage, duplicate: bool, reply: Reply, now: DateTime<Utc>) {
+        // A seq at or below the head was committed before this channel started, or before a
+        // session joined: sessions read it from the store.
+        if !duplicate && message.seq > self.head_seq {
+            self.head_seq = message.seq;
+            let expired = message.expires_at.is_some_and(|at| at <= now);
+            if !expired {
+                self.deliver(&message);
+            }
+        }
+        reply.settle(Settlement::Stored(message));
+    }
+
+    /// Hands a message to its connected recipients: the agent it is addressed to, or every
+    /// agent but its sender.
+    fn deliver(&self, message: &StoredMessage) {
+        let seq = message.seq;
+        match &message.recipient_agent_id {
+            Some(to) => {
+                if let Some(member) = self.members.get(to) {
+                    let frame = protocol::message_frame(message);
+                    member.addr.do_send(Deliver { frame, seq });
                 }
-                None => {
-                    for (agent_id, member) in &self.members {
-                        if *agent_id != message.sender_agent_id {
-                            member.addr.do_send(Deliver(frame.clone()));
-                        }
+            }
+            None => {
+                let mut frame = None;
+                for (agent_id, member) in &self.members {
+                    if *agent_id != message.sender_agent_id {
+                        let frame = frame.get_or_insert_with(|| protocol::message_frame(message));
+                        member.addr.do_send(Deliver {
+                            frame: frame.clone(),
+                            seq,
+                        });
                     }
                 }
             }
         }
-        reply.settle(Settlement::Stored(message));
     }
 }
 
@@ -151,8 +169,27 @@ impl Handler<Committed> for ChannelActor {
     type Result = ();
 
     fn handle(&mut self, committed: Committed, _ctx: &mut Self::Context) {
+        let now = Utc::now();
         for item in committed.items {
-            self.route(item.message, item.duplicate, item.reply);
+            self.route(item.message, item.duplicate, item.reply, now);
         }
+    }
+}
+
+/// Which agents are connected now, with their session ids.
+#[derive(Message)]
+#[rtype(result = "HashMap<String, Uuid>")]
+pub struct Presence;
+
+impl Handler<Presence> for ChannelActor {
+    type Result = MessageResult<Presence>;
+
+    fn handle(&mut self, _: Presence, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(
+            self.members
+                .iter()
+                .map(|(agent_id, member)| (agent_id.clone(), member.session_id))
+                .collect(),
+        )
     }
 }

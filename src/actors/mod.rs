@@ -11,6 +11,7 @@
 //! A message reaches nobody, not even its sender's receipt, before its batch committed.
 
 pub mod channel;
+pub mod cursor;
 pub mod persistence;
 pub mod registry;
 pub mod session;

@@ -177,7 +177,8 @@ impl PersistenceActor {
         created_at: DateTime<Utc>,
     ) {
         let mut resolved: Vec<Option<StoredMessage>> = Vec::with_capacity(batch.len());
-        let mut per_project: HashMap<Uuid, (i64, Vec<CommittedItem>)> = HashMap::new();
+        // Per project: the head just before this batch (the first new seq - 1) and the items.
+        let mut per_project: HashMap<Uuid, (Option<i64>, Vec<CommittedItem>)> = HashMap::new();
         for ((message, reply), outcome) in batch.into_iter().zip(replies).zip(outcomes) {
             let (settled, client_msg_id) = match outcome {
                 Outcome::Stored(seq) => (Some((message.into_stored(seq, created_at), false)), None),
@@ -200,8 +201,8 @@ impl PersistenceActor {
                 continue;
             };
             let entry = per_project.entry(stored.project_id).or_default();
-            if !duplicate {
-                entry.0 = entry.0.max(stored.seq);
+            if !duplicate && entry.0.is_none() {
+                entry.0 = Some(stored.seq - 1);
             }
             // Only a message with a client_msg_id can be the original of a later retry.
             resolved.push(stored.client_msg_id.is_some().then(|| stored.clone()));
@@ -211,10 +212,12 @@ impl PersistenceActor {
                 reply,
             });
         }
-        for (project_id, (head_seq, items)) in per_project {
-            if head_seq > 0 {
+        for (project_id, (head_before, items)) in per_project {
+            if let Some(head_before) = head_before {
+                // A channel started here starts before this batch, so that a session joining
+                // it now receives the batch live rather than missing it.
                 self.registry
-                    .get_or_start(project_id, head_seq)
+                    .get_or_start(project_id, head_before)
                     .do_send(Committed { items });
             } else if let Some(channel) = self.registry.get(project_id) {
                 channel.do_send(Committed { items });

@@ -2,7 +2,7 @@
 //! forwards sends to the persistence actor, keeps the connection alive with pings, and writes
 //! everything the broker has for the client to the socket, in order, through a bounded outbox.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,14 +13,18 @@ use bytestring::ByteString;
 use uuid::Uuid;
 
 use super::channel::{ChannelActor, Join, Leave};
+use super::cursor::{CursorActor, MarkRead, ReportProgress};
 use super::persistence::{Persist, PersistenceActor, Reply};
 use crate::config::Settings;
+use crate::db::cursors::{self, MemberCursor, OwedQuery, Progress};
 use crate::db::{queries, DbPool};
-use crate::models::NewMessage;
-use crate::protocol::{self, close_code, ClientOp, ErrorCode, Rejection, ServerFrame};
+use crate::models::{NewMessage, StoredMessage};
+use crate::protocol::{self, close_code, AckMode, ClientOp, ErrorCode, Rejection, ServerFrame};
 
 /// Most frames handed to the socket in one write step.
 const WRITE_BATCH: usize = 64;
+/// Most messages read from the store in one page (replay and catch-up).
+const STORE_PAGE: usize = 256;
 /// How long a closing session waits for its close frame to be written before it stops anyway
 /// (a dead peer never drains its socket).
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -34,19 +38,37 @@ pub struct Identity {
     pub agent_type: String,
 }
 
+/// How the session delivers, chosen at connect time.
+#[derive(Debug, Clone)]
+pub struct DeliveryOptions {
+    pub ack: AckMode,
+    /// Replay from this seq instead of the agent's ack floor (`?since=`).
+    pub since: Option<i64>,
+    /// The member's stored cursor when it connected.
+    pub cursor: MemberCursor,
+}
+
 /// What the session needs from the rest of the broker.
 #[derive(Clone)]
 pub struct SessionDeps {
     pub channel: Addr<ChannelActor>,
     pub persistence: Addr<PersistenceActor>,
+    pub cursors: Addr<CursorActor>,
     pub pool: DbPool,
     pub settings: Arc<Settings>,
 }
 
 /// A frame waiting to be written to the socket.
 enum Outgoing {
+    /// A delivered message: once written it counts as done in auto mode.
+    Message {
+        frame: ByteString,
+        seq: i64,
+    },
     Text(ByteString),
-    Ping,
+    /// A ping carrying its sequence number: the pong that answers it proves the client's
+    /// WebSocket received every frame written before it.
+    Ping(u64),
     Pong(Bytes),
     Close(CloseReason),
 }
@@ -70,10 +92,56 @@ pub struct SessionActor {
     pending_sends: usize,
     /// Set once a close frame is queued: nothing more is accepted or sent.
     closing: bool,
+    /// Auto mode: messages written to the socket whose receipt the client has not confirmed
+    /// yet, in write order. They become done when a pong answers a ping written after them;
+    /// if the connection dies first, they are delivered again on the next connection.
+    unconfirmed: VecDeque<i64>,
+    /// Pings written and not answered yet: (ping number, how many of `unconfirmed` were
+    /// written before it).
+    pings: VecDeque<(u64, usize)>,
+    /// Number of the next ping, and whether one is queued but not written yet.
+    next_ping: u64,
+    ping_queued: bool,
+    delivery: DeliveryOptions,
+    /// Where messages come from right now: `Some` while owed messages are read from the
+    /// store (the replay at connect, or a catch-up after live traffic had to be skipped),
+    /// `None` while live messages from the channel are delivered as they come.
+    store: Option<StoreRange>,
+    /// A store page is being read.
+    loading: bool,
+    /// The highest live seq skipped while delivering from the store: the store must be read
+    /// up to it before live delivery resumes.
+    missed_upto: i64,
+    /// The highest seq queued for this client (replayed or live).
+    queued_upto: i64,
+    /// Manual mode: messages queued or written but not acknowledged yet.
+    in_flight: BTreeSet<i64>,
+}
+
+/// What a write step put on the socket, for bookkeeping once it completes.
+enum Written {
+    Message(i64),
+    Ping(u64),
+}
+
+/// A range of owed messages being read from the store, page by page.
+struct StoreRange {
+    /// Seqs in `(after, upto]`.
+    after: i64,
+    upto: i64,
+    /// Priority then seq (the replay at connect), or seq only (catch-up).
+    by_priority: bool,
+    /// Where the next page starts (keyset).
+    resume: (i16, i64),
 }
 
 impl SessionActor {
-    pub fn new(identity: Identity, deps: SessionDeps, ws: actix_ws::Session) -> Self {
+    pub fn new(
+        identity: Identity,
+        deps: SessionDeps,
+        delivery: DeliveryOptions,
+        ws: actix_ws::Session,
+    ) -> Self {
         SessionActor {
             identity,
             deps,
@@ -84,35 +152,245 @@ impl SessionActor {
             writing: false,
             pending_sends: 0,
             closing: false,
+            unconfirmed: VecDeque::new(),
+            pings: VecDeque::new(),
+            next_ping: 0,
+            ping_queued: false,
+            delivery,
+            store: None,
+            loading: false,
+            missed_upto: 0,
+            queued_upto: 0,
+            in_flight: BTreeSet::new(),
         }
+    }
+
+    /// The store query for a range, with room for `limit` messages.
+    fn owed_query(&self, range: &StoreRange, limit: usize) -> OwedQuery {
+        let replay_all = self.delivery.since.is_some();
+        OwedQuery {
+            project_id: self.identity.project_id,
+            agent_id: self.identity.agent_id.clone(),
+            after: range.after,
+            upto: range.upto,
+            // `since` replays the whole visible history from that seq, acknowledged or not.
+            broadcasts_after: if replay_all {
+                -1
+            } else {
+                self.delivery.cursor.broadcasts_after()
+            },
+            acked: if replay_all {
+                Vec::new()
+            } else {
+                self.delivery.cursor.acked_above.clone()
+            },
+            by_priority: range.by_priority,
+            resume: range.resume,
+            limit: limit as i64,
+        }
+    }
+
+    /// How many more messages may be queued for the client now.
+    fn room(&self) -> usize {
+        let settings = &self.deps.settings;
+        let outbox_room = (settings.outbox_max_frames / 2).saturating_sub(self.outbox.len());
+        match self.delivery.ack {
+            // Messages written but not yet confirmed by a pong count too: a client that
+            // never answers must not make the broker remember ever more of them.
+            AckMode::Auto => outbox_room.saturating_sub(self.unconfirmed.len()),
+            AckMode::Manual => {
+                outbox_room.min(settings.max_in_flight.saturating_sub(self.in_flight.len()))
+            }
+        }
+    }
+
+    /// Reads the next page of the store range if there is room for it.
+    fn fetch_more(&mut self, ctx: &mut Context<Self>) {
+        if self.loading || self.closing {
+            return;
+        }
+        let Some(range) = &self.store else { return };
+        let limit = self.room().min(STORE_PAGE);
+        if limit == 0 {
+            return;
+        }
+        self.loading = true;
+        let query = self.owed_query(range, limit);
+        let pool = self.deps.pool.clone();
+        let read = async move {
+            let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+            cursors::owed_page(&mut conn, &query)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        ctx.spawn(read.into_actor(self).map(move |page, act, ctx| {
+            act.loading = false;
+            match page {
+                Ok(page) => act.on_store_page(page, limit, ctx),
+                Err(e) => {
+                    log::warn!(
+                        "session {}: reading owed messages failed: {e}",
+                        act.identity.session_id
+                    );
+                    act.close(ctx, 1011, "the store is unavailable; reconnect to resume");
+                }
+            }
+        }));
+    }
+
+    fn on_store_page(&mut self, page: Vec<StoredMessage>, limit: usize, ctx: &mut Context<Self>) {
+        let exhausted = page.len() < limit;
+        let Some(range) = self.store.as_mut() else {
+            return;
+        };
+        if let Some(last) = page.last() {
+            range.resume = (last.priority, last.seq);
+        }
+        let range_upto = range.upto;
+        for message in &page {
+            self.queue_message(protocol::message_frame(message), message.seq, ctx);
+        }
+        if exhausted {
+            // Live messages skipped meanwhile are read next, in seq order; then live.
+            self.store = (self.missed_upto > range_upto).then_some(StoreRange {
+                after: range_upto,
+                upto: self.missed_upto,
+                by_priority: false,
+                resume: (0, range_upto),
+            });
+            self.queued_upto = self.queued_upto.max(range_upto);
+        }
+        self.fetch_more(ctx);
+    }
+
+    /// Queues a message for the client and tracks it until it is done.
+    fn queue_message(&mut self, frame: ByteString, seq: i64, ctx: &mut Context<Self>) {
+        if self.delivery.ack == AckMode::Manual {
+            self.in_flight.insert(seq);
+        }
+        self.queued_upto = self.queued_upto.max(seq);
+        self.push(Outgoing::Message { frame, seq }, ctx);
+    }
+
+    /// A live message from the channel.
+    fn on_live(&mut self, frame: ByteString, seq: i64, ctx: &mut Context<Self>) {
+        if self.closing {
+            return;
+        }
+        if let Some(range) = self.store.as_mut() {
+            // Delivering from the store: this one is read from there in its turn.
+            if range.by_priority {
+                self.missed_upto = self.missed_upto.max(seq);
+            } else {
+                range.upto = range.upto.max(seq);
+            }
+            return;
+        }
+        if seq <= self.queued_upto {
+            // Already replayed from the store.
+            return;
+        }
+        if self.room() == 0 {
+            if self.delivery.ack == AckMode::Manual {
+                // The window is full: stop taking live traffic and catch up from the store as
+                // acknowledgements come back.
+                self.store = Some(StoreRange {
+                    after: self.queued_upto,
+                    upto: seq,
+                    by_priority: false,
+                    resume: (0, self.queued_upto),
+                });
+                return;
+            }
+            // Auto mode: only what was written counts as done, so the client recovers the rest
+            // when it reconnects.
+            return self.slow_consumer(ctx);
+        }
+        self.queue_message(frame, seq, ctx);
+    }
+
+    /// Greets the client, then replays what it is owed up to the channel's head.
+    fn welcome(&mut self, range: StoreRange, counts: [i64; 4], ctx: &mut Context<Self>) {
+        let welcome = ServerFrame::Welcome {
+            session_id: self.identity.session_id,
+            project_id: self.identity.project_id,
+            agent_id: &self.identity.agent_id,
+            agent_type: &self.identity.agent_type,
+            head_seq: range.upto,
+            ack: self.delivery.ack,
+            ack_floor: self.delivery.cursor.ack_floor,
+            replay: counts.iter().sum(),
+            replay_by_priority: counts,
+        }
+        .encode();
+        self.push_text(welcome, ctx);
+        self.queued_upto = range.after;
+        self.missed_upto = range.upto;
+        self.store = Some(range);
+        self.fetch_more(ctx);
+    }
+
+    fn slow_consumer(&mut self, ctx: &mut Context<Self>) {
+        log::warn!(
+            "session {}: slow consumer ({} frames, {} bytes queued); disconnecting",
+            self.identity.session_id,
+            self.outbox.len(),
+            self.outbox_bytes
+        );
+        self.outbox.clear();
+        self.outbox_bytes = 0;
+        self.close(
+            ctx,
+            close_code::SLOW_CONSUMER,
+            "slow consumer: outgoing queue full",
+        );
+    }
+
+    fn report(&self, progress: Progress) {
+        if !progress.is_empty() {
+            self.deps.cursors.do_send(ReportProgress {
+                project_id: self.identity.project_id,
+                agent_id: self.identity.agent_id.clone(),
+                progress,
+            });
+        }
+    }
+
+    fn on_ack(&mut self, seqs: Vec<i64>, up_to: Option<i64>, ctx: &mut Context<Self>) {
+        // Nothing beyond what this session was given can be acknowledged: the messages after
+        // it may not even have reached the client yet.
+        let up_to = up_to.map(|n| n.min(self.queued_upto));
+        for seq in &seqs {
+            self.in_flight.remove(seq);
+        }
+        if let Some(n) = up_to {
+            self.in_flight.retain(|&seq| seq > n);
+        }
+        self.report(Progress { done: seqs, up_to });
+        self.fetch_more(ctx);
     }
 
     /// Queues a text frame for the client.
     fn push_text(&mut self, frame: ByteString, ctx: &mut Context<Self>) {
+        self.push(Outgoing::Text(frame), ctx);
+    }
+
+    fn push(&mut self, item: Outgoing, ctx: &mut Context<Self>) {
         if self.closing {
             return;
         }
+        let len = match &item {
+            Outgoing::Message { frame, .. } | Outgoing::Text(frame) => frame.len(),
+            _ => 0,
+        };
         let settings = &self.deps.settings;
         if self.outbox.len() >= settings.outbox_max_frames
-            || self.outbox_bytes + frame.len() > settings.outbox_max_bytes
+            || self.outbox_bytes + len > settings.outbox_max_bytes
         {
-            log::warn!(
-                "session {}: slow consumer ({} frames, {} bytes queued); disconnecting",
-                self.identity.session_id,
-                self.outbox.len(),
-                self.outbox_bytes
-            );
-            self.outbox.clear();
-            self.outbox_bytes = 0;
-            self.close(
-                ctx,
-                close_code::SLOW_CONSUMER,
-                "slow consumer: outgoing queue full",
-            );
-            return;
+            return self.slow_consumer(ctx);
         }
-        self.outbox_bytes += frame.len();
-        self.outbox.push_back(Outgoing::Text(frame));
+        self.outbox_bytes += len;
+        self.outbox.push_back(item);
         self.pump(ctx);
     }
 
@@ -150,7 +428,7 @@ impl SessionActor {
             let Some(item) = self.outbox.pop_front() else {
                 break;
             };
-            if let Outgoing::Text(text) = &item {
+            if let Outgoing::Text(text) | Outgoing::Message { frame: text, .. } = &item {
                 self.outbox_bytes -= text.len();
             }
             let last = matches!(item, Outgoing::Close(_));
@@ -160,28 +438,101 @@ impl SessionActor {
             }
         }
         let mut ws = self.ws.clone();
+        let auto = self.delivery.ack == AckMode::Auto;
         let write = async move {
+            let mut written = Vec::new();
             for item in step {
                 match item {
+                    Outgoing::Message { frame, seq } => {
+                        ws.text(frame).await?;
+                        if auto {
+                            written.push(Written::Message(seq));
+                        }
+                    }
                     Outgoing::Text(text) => ws.text(text).await?,
-                    Outgoing::Ping => ws.ping(b"").await?,
+                    Outgoing::Ping(id) => {
+                        ws.ping(&id.to_be_bytes()).await?;
+                        written.push(Written::Ping(id));
+                    }
                     Outgoing::Pong(payload) => ws.pong(&payload).await?,
                     Outgoing::Close(reason) => {
                         ws.close(Some(reason)).await?;
-                        return Ok(true);
+                        return Ok((written, true));
                     }
                 }
             }
-            Ok::<bool, actix_ws::Closed>(false)
+            Ok::<_, actix_ws::Closed>((written, false))
         };
         ctx.spawn(write.into_actor(self).map(|result, act, ctx| {
             act.writing = false;
             match result {
-                Ok(false) => act.pump(ctx),
-                // Closed by us, or the connection is gone.
-                Ok(true) | Err(_) => ctx.stop(),
+                Ok((written, closed)) => {
+                    act.on_written(written, ctx);
+                    if closed {
+                        ctx.stop();
+                    } else {
+                        act.pump(ctx);
+                        act.fetch_more(ctx);
+                    }
+                }
+                // The connection is gone.
+                Err(_) => ctx.stop(),
             }
         }));
+    }
+
+    /// Queues a numbered ping (unless one is already waiting to be written).
+    fn ping(&mut self, ctx: &mut Context<Self>) {
+        if !self.ping_queued {
+            self.ping_queued = true;
+            self.next_ping += 1;
+            self.push_control(Outgoing::Ping(self.next_ping), ctx);
+        }
+    }
+
+    /// Bookkeeping after a write step: auto-mode messages wait for the client to confirm
+    /// receipt, which the next ping asks for.
+    fn on_written(&mut self, written: Vec<Written>, ctx: &mut Context<Self>) {
+        let mut wrote_messages = false;
+        for item in written {
+            match item {
+                Written::Message(seq) => {
+                    self.unconfirmed.push_back(seq);
+                    wrote_messages = true;
+                }
+                Written::Ping(id) => {
+                    self.ping_queued = false;
+                    self.pings.push_back((id, self.unconfirmed.len()));
+                }
+            }
+        }
+        if wrote_messages {
+            self.ping(ctx);
+        }
+    }
+
+    /// A pong: every message written before the ping it answers has reached the client.
+    fn on_pong(&mut self, payload: &[u8]) {
+        let Ok(bytes) = <[u8; 8]>::try_from(payload) else {
+            return;
+        };
+        let answered = u64::from_be_bytes(bytes);
+        let mut confirmed = 0;
+        while let Some(&(id, count)) = self.pings.front() {
+            if id > answered {
+                break;
+            }
+            confirmed = confirmed.max(count);
+            self.pings.pop_front();
+        }
+        if confirmed == 0 {
+            return;
+        }
+        let done: Vec<i64> = self.unconfirmed.drain(..confirmed).collect();
+        for ping in &mut self.pings {
+            ping.1 -= confirmed;
+        }
+        self.report(Progress { done, up_to: None });
     }
 
     fn heartbeat(&mut self, ctx: &mut Context<Self>) {
@@ -193,7 +544,7 @@ impl SessionActor {
             );
             self.close(ctx, close_code::HEARTBEAT_TIMEOUT, "heartbeat timeout");
         } else {
-            self.push_control(Outgoing::Ping, ctx);
+            self.ping(ctx);
         }
     }
 
@@ -248,6 +599,12 @@ impl SessionActor {
                     reply: Reply::Session(ctx.address()),
                 });
             }
+            ClientOp::Ack { seqs, up_to } => self.on_ack(seqs, up_to, ctx),
+            ClientOp::Read { ids } => self.deps.cursors.do_send(MarkRead {
+                project_id: self.identity.project_id,
+                agent_id: self.identity.agent_id.clone(),
+                ids,
+            }),
         }
     }
 
@@ -274,24 +631,38 @@ impl Actor for SessionActor {
             agent_type: self.identity.agent_type.clone(),
             addr: ctx.address(),
         };
-        // Wait for the channel before handling anything else, so the welcome is the first
-        // frame and no delivery can precede it.
-        ctx.wait(self.deps.channel.send(join).into_actor(self).map(
-            |joined, act, ctx| match joined {
-                Ok(head_seq) => {
-                    let welcome = ServerFrame::Welcome {
-                        session_id: act.identity.session_id,
-                        project_id: act.identity.project_id,
-                        agent_id: &act.identity.agent_id,
-                        agent_type: &act.identity.agent_type,
-                        head_seq,
+        // Wait for the channel, then count what is owed, before handling anything else: the
+        // welcome is the first frame, and live messages that arrive meanwhile wait in the
+        // mailbox, to be skipped and read from the store after the replay.
+        ctx.wait(
+            self.deps
+                .channel
+                .send(join)
+                .into_actor(self)
+                .then(|joined, act, _ctx| {
+                    let range = joined.ok().map(|head_seq| StoreRange {
+                        after: act.delivery.since.unwrap_or(act.delivery.cursor.ack_floor),
+                        upto: head_seq,
+                        by_priority: true,
+                        resume: (-1, 0),
+                    });
+                    let query = range.as_ref().map(|range| act.owed_query(range, 0));
+                    let pool = act.deps.pool.clone();
+                    async move {
+                        let mut conn = pool.get().await.ok()?;
+                        cursors::owed_counts(&mut conn, &query?).await.ok()
                     }
-                    .encode();
-                    act.push_text(welcome, ctx);
-                }
-                Err(_) => act.close(ctx, 1011, "the project channel is not running"),
-            },
-        ));
+                    .into_actor(act)
+                    .map(move |counts, act, ctx| match (range, counts) {
+                        (Some(range), Some(counts)) => act.welcome(range, counts, ctx),
+                        _ => act.close(
+                            ctx,
+                            1011,
+                            "the broker could not load this agent's queue; reconnect",
+                        ),
+                    })
+                }),
+        );
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
@@ -301,11 +672,16 @@ impl Actor for SessionActor {
         });
         let pool = self.deps.pool.clone();
         let session_id = self.identity.session_id;
+        let (project_id, agent_id) = (self.identity.project_id, self.identity.agent_id.clone());
         actix::spawn(async move {
             let marked = match pool.get().await {
-                Ok(mut conn) => queries::mark_session_disconnected(&mut conn, session_id)
-                    .await
-                    .map_err(|e| e.to_string()),
+                Ok(mut conn) => {
+                    let session = queries::mark_session_disconnected(&mut conn, session_id).await;
+                    let member =
+                        cursors::mark_disconnected(&mut conn, project_id, &agent_id, session_id)
+                            .await;
+                    session.and(member).map_err(|e| e.to_string())
+                }
                 Err(e) => Err(e.to_string()),
             };
             if let Err(e) = marked {
@@ -332,7 +708,7 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for SessionActor {
                 self.reject(&rejection, None, ctx);
             }
             Ok(AggregatedMessage::Ping(payload)) => self.push_control(Outgoing::Pong(payload), ctx),
-            Ok(AggregatedMessage::Pong(_)) => {}
+            Ok(AggregatedMessage::Pong(payload)) => self.on_pong(&payload),
             Ok(AggregatedMessage::Close(reason)) => {
                 log::debug!(
                     "session {}: client closed ({reason:?})",
@@ -367,16 +743,20 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for SessionActor {
     }
 }
 
-/// A committed message for this client.
+/// A committed message for this client, live from its channel.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Deliver(pub ByteString);
+pub struct Deliver {
+    /// The message frame, serialised once for all its recipients.
+    pub frame: ByteString,
+    pub seq: i64,
+}
 
 impl Handler<Deliver> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, deliver: Deliver, ctx: &mut Self::Context) {
-        self.push_text(deliver.0, ctx);
+        self.on_live(deliver.frame, deliver.seq, ctx);
     }
 }
 

@@ -165,6 +165,7 @@ pub async fn commit_batch(
         }
         if !cols.id.is_empty() {
             cols.insert(conn, created_at).await?;
+            cols.ensure_recipients(conn).await?;
         }
         Ok(plan)
     })
@@ -268,6 +269,24 @@ impl<'a> Columns<'a> {
             msg.ttl_ms
                 .map(|ttl| created_at + chrono::Duration::milliseconds(ttl)),
         );
+    }
+
+    /// The recipients of this batch's direct messages become members, owed those messages.
+    async fn ensure_recipients(&self, conn: &mut AsyncPgConnection) -> QueryResult<()> {
+        let (mut projects, mut agents, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
+        for ((project, to), seq) in self
+            .project_id
+            .iter()
+            .zip(&self.recipient_agent_id)
+            .zip(&self.seq)
+        {
+            if let Some(to) = to {
+                projects.push(*project);
+                agents.push(*to);
+                seqs.push(*seq);
+            }
+        }
+        crate::db::cursors::ensure_recipients(conn, &projects, &agents, &seqs).await
     }
 
     async fn insert(

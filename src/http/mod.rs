@@ -1,6 +1,8 @@
 //! The HTTP surface: REST routes, the WebSocket upgrade, and how extractor failures become
 //! JSON errors.
 
+mod agents;
+mod console;
 mod error;
 mod messages;
 mod projects;
@@ -15,6 +17,7 @@ use uuid::Uuid;
 pub use error::ApiError;
 pub use projects::validate_name as validate_project_name;
 
+use crate::actors::cursor::CursorActor;
 use crate::actors::persistence::PersistenceActor;
 use crate::actors::registry::ChannelRegistry;
 use crate::config::Settings;
@@ -27,6 +30,7 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub registry: ChannelRegistry,
     pub persistence: Addr<PersistenceActor>,
+    pub cursors: Addr<CursorActor>,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -41,6 +45,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         ApiError::bad_request("invalid_query", format!("invalid query string: {err}")).into()
     }))
     .route("/healthz", web::get().to(healthz))
+    .configure(console::routes)
     .route(
         "/ws/agent/messages/{project_id}",
         web::get().to(socket::connect),
@@ -57,8 +62,27 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(
                 "/projects/{project_id}/messages",
                 web::post().to(messages::publish),
+            )
+            .route(
+                "/projects/{project_id}/messages/{message_id}/read",
+                web::post().to(agents::read),
+            )
+            .route("/projects/{project_id}/agents", web::get().to(agents::list))
+            .route(
+                "/projects/{project_id}/agents/{agent_id}/inbox",
+                web::get().to(agents::inbox),
+            )
+            .route(
+                "/projects/{project_id}/agents/{agent_id}/ack",
+                web::post().to(agents::ack),
             ),
-    );
+    )
+    .default_service(web::to(not_found));
+}
+
+/// Unknown paths and methods get a JSON error like every other route.
+async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound("no such route".into()))
 }
 
 async fn healthz() -> HttpResponse {

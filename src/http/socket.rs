@@ -7,9 +7,9 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::{projects, ApiError, AppState};
-use crate::actors::session::{Identity, SessionActor, SessionDeps};
-use crate::db::queries;
-use crate::protocol;
+use crate::actors::session::{DeliveryOptions, Identity, SessionActor, SessionDeps};
+use crate::db::{cursors, queries};
+use crate::protocol::{self, AckMode};
 
 /// The agent type of a connection that names none.
 pub const DEFAULT_AGENT_TYPE: &str = "agent";
@@ -18,6 +18,10 @@ pub const DEFAULT_AGENT_TYPE: &str = "agent";
 pub struct ConnectParams {
     agent_id: Option<String>,
     agent_type: Option<String>,
+    /// `auto` (default) or `manual`.
+    ack: Option<AckMode>,
+    /// Replay the visible history after this seq instead of what is owed.
+    since: Option<i64>,
 }
 
 pub async fn connect(
@@ -39,6 +43,12 @@ pub async fn connect(
         .agent_type
         .unwrap_or_else(|| DEFAULT_AGENT_TYPE.to_owned());
     protocol::check_identifier("agent_type", &agent_type, protocol::MAX_TYPE_CHARS)?;
+    if params.since.is_some_and(|s| s < 0) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "`since` must not be negative",
+        ));
+    }
     let project = projects::load(&state, &path).await?;
 
     let (response, ws, stream) = actix_ws::handle(&req, body).map_err(|e| {
@@ -46,10 +56,21 @@ pub async fn connect(
     })?;
 
     let session_id = Uuid::new_v4();
-    {
+    let cursor = {
         let mut conn = state.pool.get().await?;
         queries::insert_session(&mut conn, session_id, project.id, &agent_id, &agent_type).await?;
-    }
+        // A new member starts at the head read above; the replay covers anything committed
+        // between that read and the moment the session joins its channel.
+        cursors::join_member(
+            &mut conn,
+            project.id,
+            &agent_id,
+            &agent_type,
+            session_id,
+            project.head_seq,
+        )
+        .await?
+    };
 
     let max_frame = state.settings.max_frame_bytes;
     let stream = stream
@@ -59,6 +80,7 @@ pub async fn connect(
     let deps = SessionDeps {
         channel: state.registry.get_or_start(project.id, project.head_seq),
         persistence: state.persistence.clone(),
+        cursors: state.cursors.clone(),
         pool: state.pool.clone(),
         settings: state.settings.clone(),
     };
@@ -74,9 +96,14 @@ pub async fn connect(
         identity.agent_type,
         project.id
     );
+    let delivery = DeliveryOptions {
+        ack: params.ack.unwrap_or(AckMode::Auto),
+        since: params.since,
+        cursor,
+    };
     SessionActor::create(move |ctx| {
         ctx.add_stream(stream);
-        SessionActor::new(identity, deps, ws)
+        SessionActor::new(identity, deps, delivery, ws)
     });
     Ok(response)
 }

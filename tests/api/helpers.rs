@@ -7,9 +7,11 @@ use actix_web::dev::ServerHandle;
 use agentbus::config::Settings;
 use agentbus::startup::Application;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -178,9 +180,12 @@ fn drop_database(name: &str) {
     });
 }
 
-/// A WebSocket client speaking protocol v1.
+/// A WebSocket client speaking protocol v1. Like a real client it reads its socket all the
+/// time (in a background task), so pings are answered promptly; frames wait in a queue
+/// until the test looks at them.
 pub struct Agent {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    sink: SplitSink<WebSocketStream<MaybeTlsStream<TcpStream>>, Message>,
+    frames: mpsc::UnboundedReceiver<Result<Message, tungstenite::Error>>,
     pub welcome: Value,
 }
 
@@ -189,15 +194,25 @@ impl Agent {
         let (ws, _) = tokio_tungstenite::connect_async(url)
             .await
             .expect("WebSocket connect");
+        let (sink, mut stream) = ws.split();
+        let (tx, frames) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(frame) = stream.next().await {
+                if tx.send(frame).is_err() {
+                    break;
+                }
+            }
+        });
         let mut agent = Agent {
-            ws,
+            sink,
+            frames,
             welcome: Value::Null,
         };
         agent.welcome = agent.expect_op("welcome").await;
         agent
     }
 
-    /// Connects without reading anything.
+    /// Connects without reading anything (a peer that never reads, never answers pings).
     pub async fn connect_raw(
         url: &str,
     ) -> Result<WebSocketStream<MaybeTlsStream<TcpStream>>, tungstenite::Error> {
@@ -218,14 +233,14 @@ impl Agent {
     }
 
     pub async fn send_text(&mut self, text: &str) {
-        self.ws
+        self.sink
             .send(Message::text(text))
             .await
             .expect("send a frame");
     }
 
     pub async fn send_message(&mut self, message: Message) {
-        self.ws.send(message).await.expect("send a frame");
+        self.sink.send(message).await.expect("send a frame");
     }
 
     /// Sends and waits for the `sent` receipt, passing over deliveries of others' messages
@@ -252,7 +267,7 @@ impl Agent {
 
     pub async fn next_event(&mut self) -> Event {
         loop {
-            let next = tokio::time::timeout(PATIENCE, self.ws.next())
+            let next = tokio::time::timeout(PATIENCE, self.frames.recv())
                 .await
                 .expect("no frame within the patience bound");
             match next {
@@ -295,11 +310,11 @@ impl Agent {
 
     /// The next WebSocket message of any kind, unparsed.
     pub async fn raw_next(&mut self) -> Option<Result<Message, tungstenite::Error>> {
-        self.ws.next().await
+        self.frames.recv().await
     }
 
     pub async fn close(mut self) {
-        let _ = self.ws.close(None).await;
+        let _ = self.sink.close().await;
     }
 }
 

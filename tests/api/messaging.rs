@@ -110,8 +110,16 @@ async fn the_receipt_and_the_stored_row_agree_on_every_column() {
         row.expires_at,
         Some(created_at + chrono::Duration::milliseconds(60000))
     );
-    assert_eq!(row.delivered_at, None);
     assert_eq!(row.read_at, None);
+    // b's socket confirmed receipt of its direct message: delivered_at is set.
+    let id = row.id;
+    let delivered_at = crate::helpers::eventually("delivered_at of the direct message", || async {
+        let mut conn = app.db().await;
+        let rows = queries::all_messages(&mut conn, project).await.ok()?;
+        rows.into_iter().find(|r| r.id == id)?.delivered_at
+    })
+    .await;
+    assert!(delivered_at >= row.created_at);
     assert_eq!(rows[0].recipient_agent_id, None);
     assert_eq!(rows[0].metadata, json!({}));
 }

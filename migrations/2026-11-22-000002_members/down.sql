@@ -1,0 +1,2 @@
+DROP INDEX idx_agent_messages_recipient;
+DROP TABLE members;

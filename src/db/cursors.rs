@@ -1,0 +1,346 @@
+//! Membership, delivery cursors and what each agent is owed.
+//!
+//! What an agent is owed: every message of its project with seq above its ack floor that is
+//! visible to it (a broadcast it did not send, from its first connection on, or a direct
+//! message to it), that has not expired and that it has not acknowledged. The SQL below is
+//! the single definition of that rule; the channel applies the same rule to live traffic.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Nullable, SmallInt, Text, Uuid as SqlUuid};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::models::StoredMessage;
+
+/// The owed-message condition, over `agent_messages a`, with `$1` the project, `$4` the agent,
+/// `$5` the joined seq (broadcasts at or below it are not owed) and `$6` the acknowledged
+/// seqs above the floor.
+const OWED: &str = "a.project_id = $1 \
+    AND (a.recipient_agent_id = $4 \
+         OR (a.recipient_agent_id IS NULL AND a.sender_agent_id <> $4 AND a.seq > $5)) \
+    AND (a.expires_at IS NULL OR a.expires_at > now()) \
+    AND NOT (a.seq = ANY($6))";
+
+/// A member's delivery state as stored.
+#[derive(QueryableByName, Debug, Clone)]
+pub struct MemberCursor {
+    #[diesel(sql_type = BigInt)]
+    pub ack_floor: i64,
+    #[diesel(sql_type = Array<BigInt>)]
+    pub acked_above: Vec<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub joined_seq: Option<i64>,
+}
+
+impl MemberCursor {
+    /// The joined seq as the owed condition uses it: no broadcast is owed before the first
+    /// connection.
+    pub fn broadcasts_after(&self) -> i64 {
+        self.joined_seq.unwrap_or(i64::MAX)
+    }
+}
+
+/// Records a connection: creates the member (starting at `head_seq` for broadcasts) or
+/// refreshes its type and makes `session_id` the connection whose progress counts.
+pub async fn join_member(
+    conn: &mut AsyncPgConnection,
+    project_id: Uuid,
+    agent_id: &str,
+    agent_type: &str,
+    session_id: Uuid,
+    head_seq: i64,
+) -> QueryResult<MemberCursor> {
+    diesel::sql_query(
+        "INSERT INTO members (project_id, agent_id, agent_type, ack_floor, joined_seq, \
+                              current_session_id, last_seen_at) \
+         VALUES ($1, $2, $3, $4, $4, $5, now()) \
+         ON CONFLICT (project_id, agent_id) DO UPDATE SET \
+           agent_type = EXCLUDED.agent_type, \
+           joined_seq = COALESCE(members.joined_seq, EXCLUDED.joined_seq), \
+           current_session_id = EXCLUDED.current_session_id, \
+           last_seen_at = now() \
+         RETURNING ack_floor, acked_above, joined_seq",
+    )
+    .bind::<SqlUuid, _>(project_id)
+    .bind::<Text, _>(agent_id)
+    .bind::<Text, _>(agent_type)
+    .bind::<BigInt, _>(head_seq)
+    .bind::<SqlUuid, _>(session_id)
+    .get_result(conn)
+    .await
+}
+
+pub async fn find_member(
+    conn: &mut AsyncPgConnection,
+    project_id: Uuid,
+    agent_id: &str,
+) -> QueryResult<Option<MemberCursor>> {
+    diesel::sql_query(
+        "SELECT ack_floor, acked_above, joined_seq FROM members \
+         WHERE project_id = $1 AND agent_id = $2",
+    )
+    .bind::<SqlUuid, _>(project_id)
+    .bind::<Text, _>(agent_id)
+    .get_result(conn)
+    .await
+    .optional()
+}
+
+/// Makes the recipients of direct messages members, so the messages are owed to them from
+/// the first one on. Runs inside the batch transaction.
+pub async fn ensure_recipients(
+    conn: &mut AsyncPgConnection,
+    projects: &[Uuid],
+    agents: &[&str],
+    seqs: &[i64],
+) -> QueryResult<()> {
+    if agents.is_empty() {
+        return Ok(());
+    }
+    diesel::sql_query(
+        "INSERT INTO members (project_id, agent_id, agent_type, ack_floor) \
+         SELECT DISTINCT ON (p, a) p, a, 'unknown', s - 1 \
+         FROM unnest($1::uuid[], $2::text[], $3::int8[]) AS t(p, a, s) \
+         ORDER BY p, a, s \
+         ON CONFLICT (project_id, agent_id) DO NOTHING",
+    )
+    .bind::<Array<SqlUuid>, _>(projects)
+    .bind::<Array<Text>, _>(agents)
+    .bind::<Array<BigInt>, _>(seqs)
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// Which owed messages to read, and in which order.
+#[derive(Debug, Clone)]
+pub struct OwedQuery {
+    pub project_id: Uuid,
+    pub agent_id: String,
+    /// Only seqs in `(after, upto]`.
+    pub after: i64,
+    pub upto: i64,
+    pub broadcasts_after: i64,
+    pub acked: Vec<i64>,
+    /// Priority first (0 critical first), then seq; otherwise seq only.
+    pub by_priority: bool,
+    /// Keyset: continue after this (priority, seq) (seq alone when not by priority).
+    pub resume: (i16, i64),
+    pub limit: i64,
+}
+
+/// One page of owed messages.
+pub async fn owed_page(
+    conn: &mut AsyncPgConnection,
+    q: &OwedQuery,
+) -> QueryResult<Vec<StoredMessage>> {
+    let order = if q.by_priority {
+        "AND (a.priority, a.seq) > ($7, $8) ORDER BY a.priority, a.seq"
+    } else {
+        "AND a.seq > $8 AND $7 = $7 ORDER BY a.seq"
+    };
+    diesel::sql_query(format!(
+        "SELECT a.* FROM agent_messages a WHERE a.seq > $2 AND a.seq <= $3 AND {OWED} {order} LIMIT $9"
+    ))
+    .bind::<SqlUuid, _>(q.project_id)
+    .bind::<BigInt, _>(q.after)
+    .bind::<BigInt, _>(q.upto)
+    .bind::<Text, _>(&q.agent_id)
+    .bind::<BigInt, _>(q.broadcasts_after)
+    .bind::<Array<BigInt>, _>(&q.acked)
+    .bind::<SmallInt, _>(q.resume.0)
+    .bind::<BigInt, _>(q.resume.1)
+    .bind::<BigInt, _>(q.limit)
+    .load(conn)
+    .await
+}
+
+#[derive(QueryableByName)]
+struct PriorityCount {
+    #[diesel(sql_type = SmallInt)]
+    priority: i16,
+    #[diesel(sql_type = BigInt)]
+    count: i64,
+}
+
+/// How many messages are owed in `(after, upto]`, per priority (index 0 = critical).
+pub async fn owed_counts(conn: &mut AsyncPgConnection, q: &OwedQuery) -> QueryResult<[i64; 4]> {
+    let rows: Vec<PriorityCount> = diesel::sql_query(format!(
+        "SELECT a.priority, count(*) AS count FROM agent_messages a \
+         WHERE a.seq > $2 AND a.seq <= $3 AND {OWED} GROUP BY a.priority"
+    ))
+    .bind::<SqlUuid, _>(q.project_id)
+    .bind::<BigInt, _>(q.after)
+    .bind::<BigInt, _>(q.upto)
+    .bind::<Text, _>(&q.agent_id)
+    .bind::<BigInt, _>(q.broadcasts_after)
+    .bind::<Array<BigInt>, _>(&q.acked)
+    .load(conn)
+    .await?;
+    let mut counts = [0; 4];
+    for row in rows {
+        if let Some(slot) = counts.get_mut(row.priority as usize) {
+            *slot = row.count;
+        }
+    }
+    Ok(counts)
+}
+
+/// Progress of one member: seqs it is done with, and optionally "everything owed up to N".
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub done: Vec<i64>,
+    pub up_to: Option<i64>,
+}
+
+impl Progress {
+    pub fn merge(&mut self, other: Progress) {
+        self.done.extend(other.done);
+        self.up_to = self.up_to.max(other.up_to);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.done.is_empty() && self.up_to.is_none()
+    }
+}
+
+/// Applies progress to a member's cursor: adds the done seqs, then moves the floor up to just
+/// below the first message still owed (or to the project's head), keeping only the done seqs
+/// above it. The update only ever adds knowledge (the floor never goes down, done seqs are
+/// never forgotten), so reports may arrive late or from a connection that was since replaced.
+/// Done messages get their `delivered_at` if they had none. Returns the new floor, or `None`
+/// when the agent is not a member.
+pub async fn apply_progress(
+    conn: &mut AsyncPgConnection,
+    project_id: Uuid,
+    agent_id: &str,
+    progress: &Progress,
+) -> QueryResult<Option<i64>> {
+    #[derive(QueryableByName)]
+    struct Floor {
+        #[diesel(sql_type = BigInt)]
+        ack_floor: i64,
+    }
+    let floor: Option<Floor> = diesel::sql_query(
+        "WITH m AS ( \
+           SELECT ack_floor, acked_above, joined_seq FROM members \
+           WHERE project_id = $1 AND agent_id = $2 \
+           FOR UPDATE), \
+         base AS ( \
+           SELECT GREATEST(m.ack_floor, LEAST(COALESCE($3, 0), p.head_seq)) AS floor, \
+                  m.acked_above || $4::int8[] AS acked, \
+                  COALESCE(m.joined_seq, 9223372036854775807) AS joined, p.head_seq \
+           FROM m, projects p WHERE p.id = $1), \
+         nxt AS ( \
+           SELECT base.*, (SELECT min(a.seq) FROM agent_messages a \
+              WHERE a.project_id = $1 AND a.seq > base.floor AND a.seq <= base.head_seq \
+                AND (a.recipient_agent_id = $2 \
+                     OR (a.recipient_agent_id IS NULL AND a.sender_agent_id <> $2 AND a.seq > base.joined)) \
+                AND (a.expires_at IS NULL OR a.expires_at > now()) \
+                AND NOT (a.seq = ANY(base.acked))) AS first_owed \
+           FROM base) \
+         UPDATE members SET \
+           ack_floor = COALESCE(nxt.first_owed - 1, nxt.head_seq), \
+           acked_above = ARRAY(SELECT DISTINCT x FROM unnest(nxt.acked) AS x \
+                               WHERE x > COALESCE(nxt.first_owed - 1, nxt.head_seq) ORDER BY x), \
+           last_seen_at = now() \
+         FROM nxt WHERE members.project_id = $1 AND members.agent_id = $2 \
+         RETURNING members.ack_floor",
+    )
+    .bind::<SqlUuid, _>(project_id)
+    .bind::<Text, _>(agent_id)
+    .bind::<Nullable<BigInt>, _>(progress.up_to)
+    .bind::<Array<BigInt>, _>(&progress.done)
+    .get_result(conn)
+    .await
+    .optional()?;
+    if floor.is_some() && !progress.done.is_empty() {
+        diesel::sql_query(
+            "UPDATE agent_messages SET delivered_at = now() \
+             WHERE project_id = $1 AND seq = ANY($3) AND delivered_at IS NULL \
+               AND (recipient_agent_id = $2 OR (recipient_agent_id IS NULL AND sender_agent_id <> $2))",
+        )
+        .bind::<SqlUuid, _>(project_id)
+        .bind::<Text, _>(agent_id)
+        .bind::<Array<BigInt>, _>(&progress.done)
+        .execute(conn)
+        .await?;
+    }
+    Ok(floor.map(|f| f.ack_floor))
+}
+
+/// Records that `agent_id` read these messages: sets `read_at` of each one it may read (a
+/// direct message to it, or a broadcast by someone else) that has none yet.
+pub async fn mark_read(
+    conn: &mut AsyncPgConnection,
+    project_id: Uuid,
+    agent_id: &str,
+    ids: &[Uuid],
+) -> QueryResult<usize> {
+    diesel::sql_query(
+        "UPDATE agent_messages SET read_at = now() \
+         WHERE project_id = $1 AND id = ANY($3) AND read_at IS NULL \
+           AND (recipient_agent_id = $2 OR (recipient_agent_id IS NULL AND sender_agent_id <> $2))",
+    )
+    .bind::<SqlUuid, _>(project_id)
+    .bind::<Text, _>(agent_id)
+    .bind::<Array<SqlUuid>, _>(ids)
+    .execute(conn)
+    .await
+}
+
+pub async fn mark_disconnected(
+    conn: &mut AsyncPgConnection,
+    project_id: Uuid,
+    agent_id: &str,
+    session_id: Uuid,
+) -> QueryResult<()> {
+    diesel::sql_query(
+        "UPDATE members SET last_seen_at = now() \
+         WHERE project_id = $1 AND agent_id = $2 AND current_session_id = $3",
+    )
+    .bind::<SqlUuid, _>(project_id)
+    .bind::<Text, _>(agent_id)
+    .bind::<SqlUuid, _>(session_id)
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// A member as the agents listing shows it (presence is added by the caller).
+#[derive(QueryableByName, Serialize, Debug, Clone)]
+pub struct MemberRow {
+    #[diesel(sql_type = Text)]
+    pub agent_id: String,
+    #[diesel(sql_type = Text)]
+    pub agent_type: String,
+    #[diesel(sql_type = BigInt)]
+    pub ack_floor: i64,
+    #[diesel(sql_type = Nullable<diesel::sql_types::Timestamptz>)]
+    pub last_seen_at: Option<DateTime<Utc>>,
+    /// Messages owed: the queue depth.
+    #[diesel(sql_type = BigInt)]
+    pub queue_depth: i64,
+}
+
+pub async fn list_members(
+    conn: &mut AsyncPgConnection,
+    project_id: Uuid,
+) -> QueryResult<Vec<MemberRow>> {
+    diesel::sql_query(
+        "SELECT m.agent_id, m.agent_type, m.ack_floor, m.last_seen_at, \
+           (SELECT count(*) FROM agent_messages a \
+            WHERE a.project_id = m.project_id AND a.seq > m.ack_floor \
+              AND (a.recipient_agent_id = m.agent_id \
+                   OR (a.recipient_agent_id IS NULL AND a.sender_agent_id <> m.agent_id \
+                       AND a.seq > COALESCE(m.joined_seq, 9223372036854775807))) \
+              AND (a.expires_at IS NULL OR a.expires_at > now()) \
+              AND NOT (a.seq = ANY(m.acked_above))) AS queue_depth \
+         FROM members m WHERE m.project_id = $1 ORDER BY m.agent_id",
+    )
+    .bind::<SqlUuid, _>(project_id)
+    .load(conn)
+    .await
+}
