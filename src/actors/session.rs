@@ -195,13 +195,20 @@ impl SessionActor {
         let settings = &self.deps.settings;
         let outbox_room = (settings.outbox_max_frames / 2).saturating_sub(self.outbox.len());
         match self.delivery.ack {
-            // Messages written but not yet confirmed by a pong count too: a client that
-            // never answers must not make the broker remember ever more of them.
-            AckMode::Auto => outbox_room.saturating_sub(self.unconfirmed.len()),
+            AckMode::Auto => outbox_room.min(
+                self.unconfirmed_cap()
+                    .saturating_sub(self.unconfirmed.len()),
+            ),
             AckMode::Manual => {
                 outbox_room.min(settings.max_in_flight.saturating_sub(self.in_flight.len()))
             }
         }
+    }
+
+    /// Auto mode: most messages written and not yet confirmed by a pong. Each costs only its
+    /// seq, so the bound is generous: it only stops a client that never answers pings.
+    fn unconfirmed_cap(&self) -> usize {
+        self.deps.settings.outbox_max_frames.saturating_mul(16)
     }
 
     /// Reads the next page of the store range if there is room for it.
@@ -290,7 +297,13 @@ impl SessionActor {
             // Already replayed from the store.
             return;
         }
-        if self.room() == 0 {
+        let full = match self.delivery.ack {
+            AckMode::Manual => self.in_flight.len() >= self.deps.settings.max_in_flight,
+            // A client that never confirms receipt must not make the broker remember ever
+            // more messages for it; a full outbox is caught when the frame is queued.
+            AckMode::Auto => self.unconfirmed.len() >= self.unconfirmed_cap(),
+        };
+        if full {
             if self.delivery.ack == AckMode::Manual {
                 // The window is full: stop taking live traffic and catch up from the store as
                 // acknowledgements come back.

@@ -2,9 +2,12 @@
 //! PostgreSQL database and talks to it over real sockets.
 
 mod bad_input;
+#[cfg(feature = "browser-tests")]
+mod console;
 mod helpers;
 mod history;
 mod messaging;
+mod offline;
 mod outage;
 mod pg_cluster;
 mod sessions;

@@ -1,0 +1,404 @@
+//! Offline agents lose nothing: replay on connect, ack modes, TTL, read receipts, inboxes.
+
+use std::collections::HashSet;
+
+use serde_json::{json, Value};
+
+use crate::helpers::{eventually, status, Agent, TestApp};
+
+fn seq(frame: &Value) -> i64 {
+    frame["seq"].as_i64().expect("seq")
+}
+
+/// Receives `n` message frames (failing on anything else).
+async fn messages(agent: &mut Agent, n: usize) -> Vec<Value> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        out.push(agent.expect_op("message").await);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_returning_agent_gets_what_it_missed_by_priority_then_live_with_no_gap() {
+    let app = TestApp::spawn().await;
+    let project = app.create_project("offline").await;
+    let mut a = app.connect(project, "a", "coordinator").await;
+    let b = app.connect(project, "b", "coder").await;
+    let mut c = app.connect(project, "c", "coder").await;
+    b.close().await;
+    eventually("b to be offline", || async {
+        let (_, body) = app
+            .get_json(&format!("/api/projects/{project}/agents"))
+            .await;
+        let b = body["agents"]
+            .as_array()?
+            .iter()
+            .find(|m| m["agent_id"] == "b")?
+            .clone();
+        (b["online"] == false).then_some(())
+    })
+    .await;
+
+    // 50 messages while b is away: broadcasts and direct ones (to b and to c), every
+    // priority, a few that expire at once.
+    let mut owed: Vec<(i64, i64)> = Vec::new(); // (priority, seq)
+    for n in 0..50i64 {
+        let priority = (n * 7) % 4;
+        let mut frame = json!({"type": "status", "content": format!("m{n}"), "priority": priority});
+        let to_b = n % 3 == 0;
+        let to_c = !to_b && n % 10 == 1;
+        if to_b {
+            frame["to"] = json!("b");
+        } else if to_c {
+            frame["to"] = json!("c");
+        }
+        let expires = n % 9 == 4;
+        if expires {
+            frame["ttl_ms"] = json!(1);
+        }
+        let receipt = a.send_ok(frame).await;
+        if !to_c && !expires {
+            owed.push((priority, seq(&receipt)));
+        }
+    }
+    owed.sort();
+    let head = 50;
+
+    // b comes back while a keeps talking.
+    let mut b = app.connect(project, "b", "coder").await;
+    assert_eq!(b.welcome["head_seq"].as_i64(), Some(head));
+    let by_priority: Vec<i64> = (0..4)
+        .map(|p| owed.iter().filter(|(q, _)| *q == p).count() as i64)
+        .collect();
+    let sender = tokio::spawn(async move {
+        let mut seqs = Vec::new();
+        for n in 0..20 {
+            seqs.push(seq(&a.send_ok(status(&format!("live {n}"))).await));
+        }
+        seqs
+    });
+
+    let announced = b.welcome["replay"].as_u64().unwrap_or(0) as usize;
+    let replayed = messages(&mut b, announced).await;
+    let got: Vec<(i64, i64)> = replayed
+        .iter()
+        .map(|m| (m["priority"].as_i64().unwrap_or(-1), seq(m)))
+        .collect();
+    assert_eq!(
+        got, owed,
+        "the backlog arrives priority first, then by seq, each once: {replayed:?}"
+    );
+    assert_eq!(b.welcome["replay"].as_i64(), Some(owed.len() as i64));
+    assert_eq!(b.welcome["replay_by_priority"], json!(by_priority));
+
+    let live_seqs = sender.await.expect("sender");
+    let live = messages(&mut b, live_seqs.len()).await;
+    assert_eq!(
+        live.iter().map(seq).collect::<Vec<_>>(),
+        live_seqs,
+        "then live, in seq order, no gap"
+    );
+
+    // Nothing else is owed: a new message is the very next frame.
+    c.send_ok(status("after")).await;
+    assert_eq!(b.expect_op("message").await["content"], "after");
+    let (_, agents) = app
+        .get_json(&format!("/api/projects/{project}/agents"))
+        .await;
+    let b_row = agents["agents"]
+        .as_array()
+        .and_then(|a| a.iter().find(|m| m["agent_id"] == "b"))
+        .cloned();
+    let b_row = b_row.expect("b is listed");
+    assert_eq!(b_row["online"], true);
+    assert_eq!(b_row["agent_type"], "coder");
+}
+
+#[tokio::test]
+async fn a_direct_message_waits_for_an_agent_that_never_connected() {
+    let app = TestApp::spawn().await;
+    let project = app.create_project("newcomer").await;
+    let mut a = app.connect(project, "a", "coordinator").await;
+    a.send_ok(status("before anyone knew newbie")).await;
+    let direct = a
+        .send_ok(json!({"type": "task_assignment", "content": "welcome aboard", "to": "newbie"}))
+        .await;
+    a.send_ok(status("a broadcast before newbie arrives")).await;
+
+    let (_, inbox) = app
+        .get_json(&format!("/api/projects/{project}/agents/newbie/inbox"))
+        .await;
+    assert_eq!(inbox["messages"].as_array().map(Vec::len), Some(1));
+
+    let mut newbie = app.connect(project, "newbie", "coder").await;
+    assert_eq!(
+        newbie.welcome["replay"], 1,
+        "only the direct message: broadcasts start at the head"
+    );
+    let got = newbie.expect_op("message").await;
+    assert_eq!(got["id"], direct["id"]);
+    a.send_ok(status("hello newbie")).await;
+    assert_eq!(newbie.expect_op("message").await["content"], "hello newbie");
+}
+
+#[tokio::test]
+async fn manual_ack_redelivers_what_was_not_acknowledged_and_respects_the_window() {
+    let app = TestApp::spawn_with(|s| s.max_in_flight = 3).await;
+    let project = app.create_project("manual").await;
+    let manual = |app: &TestApp| app.ws_url(project, "agent_id=b&agent_type=coder&ack=manual");
+    let b = Agent::connect(&manual(&app)).await;
+    assert_eq!(b.welcome["ack"], "manual");
+    b.close().await;
+    let mut a = app.connect(project, "a", "coder").await;
+    for n in 1..=5 {
+        a.send_ok(status(&format!("m{n}"))).await;
+    }
+
+    // Delivered, never acknowledged: delivered again on the next connection.
+    let mut b = Agent::connect(&manual(&app)).await;
+    assert_eq!(b.welcome["replay"], 5);
+    let first: Vec<i64> = messages(&mut b, 3).await.iter().map(seq).collect();
+    assert_eq!(first, [1, 2, 3]);
+    // The window is full: the next frame is the answer to this bad ack, not a 4th message.
+    b.send(json!({"op": "ack"})).await;
+    b.expect_error("missing_field").await;
+    b.send(json!({"op": "ack", "seqs": [2]})).await;
+    assert_eq!(seq(&b.expect_op("message").await), 4);
+    b.close().await;
+
+    let mut b = Agent::connect(&manual(&app)).await;
+    assert_eq!(b.welcome["replay"], 4, "all but the acknowledged seq 2");
+    let got: Vec<i64> = messages(&mut b, 3).await.iter().map(seq).collect();
+    assert_eq!(got, [1, 3, 4]);
+    // Out of order, then a range.
+    b.send(json!({"op": "ack", "seqs": [4, 1]})).await;
+    assert_eq!(seq(&b.expect_op("message").await), 5);
+    b.send(json!({"op": "ack", "up_to": 5})).await;
+    // Recorded: the floor reaches 5.
+    eventually("b's ack floor to reach 5", || async {
+        let (_, body) = app
+            .get_json(&format!("/api/projects/{project}/agents"))
+            .await;
+        let row = body["agents"]
+            .as_array()?
+            .iter()
+            .find(|m| m["agent_id"] == "b")?
+            .clone();
+        (row["ack_floor"] == 5 && row["queue_depth"] == 0).then_some(())
+    })
+    .await;
+    b.close().await;
+    let mut b = Agent::connect(&manual(&app)).await;
+    assert_eq!(b.welcome["replay"], 0);
+    assert_eq!(b.welcome["ack_floor"], 5);
+    a.send_ok(status("m6")).await;
+    assert_eq!(seq(&b.expect_op("message").await), 6);
+}
+
+#[tokio::test]
+async fn since_replays_the_visible_history() {
+    let app = TestApp::spawn().await;
+    let project = app.create_project("since").await;
+    let mut a = app.connect(project, "a", "coder").await;
+    let mut b = app.connect(project, "b", "coder").await;
+    for n in 1..=4 {
+        a.send_ok(status(&format!("m{n}"))).await;
+    }
+    a.send_ok(json!({"content": "for c only", "to": "c"})).await;
+    messages(&mut b, 4).await;
+    b.close().await;
+
+    let mut b = Agent::connect(&app.ws_url(project, "agent_id=b&since=0")).await;
+    assert_eq!(
+        b.welcome["replay"], 4,
+        "everything visible to b, already delivered or not"
+    );
+    let got: Vec<i64> = messages(&mut b, 4).await.iter().map(seq).collect();
+    assert_eq!(got, [1, 2, 3, 4]);
+    let mut b2 = Agent::connect(&app.ws_url(project, "agent_id=b&since=2")).await;
+    assert_eq!(b2.welcome["replay"], 2);
+    assert_eq!(seq(&b2.expect_op("message").await), 3);
+}
+
+#[tokio::test]
+async fn expired_messages_are_never_delivered() {
+    let app = TestApp::spawn().await;
+    let project = app.create_project("ttl").await;
+    let mut a = app.connect(project, "a", "coder").await;
+    let mut b = app.connect(project, "b", "coder").await;
+    // Expires before the channel routes it.
+    a.send_ok(json!({"content": "too late", "ttl_ms": 1})).await;
+    a.send_ok(json!({"content": "in time", "ttl_ms": 600_000}))
+        .await;
+    let got = b.expect_op("message").await;
+    assert_eq!(got["content"], "in time");
+    assert!(got["expires_at"].is_string());
+
+    // Nor replayed: z never connected; its expired direct message is not owed to it.
+    a.send_ok(json!({"content": "expired for z", "ttl_ms": 1, "to": "z"}))
+        .await;
+    a.send_ok(json!({"content": "alive for z", "to": "z"}))
+        .await;
+    let (_, body) = app
+        .get_json(&format!("/api/projects/{project}/agents/z/inbox"))
+        .await;
+    let contents: Vec<&str> = body["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["content"].as_str())
+        .collect();
+    assert_eq!(contents, ["alive for z"]);
+    let z = app.connect(project, "z", "coder").await;
+    assert_eq!(z.welcome["replay"], 1);
+}
+
+#[tokio::test]
+async fn read_receipts_and_rest_inboxes_follow_the_websocket_rules() {
+    let app = TestApp::spawn().await;
+    let project = app.create_project("inbox").await;
+    let mut a = app.connect(project, "a", "coder").await;
+    let b = app.connect(project, "b", "coder").await;
+    b.close().await;
+    let mut ids = Vec::new();
+    for (n, priority) in [(1, 3), (2, 0), (3, 2)] {
+        let r = a
+            .send_ok(json!({"content": format!("m{n}"), "priority": priority, "to": "b"}))
+            .await;
+        ids.push(r["id"].as_str().expect("id").to_owned());
+    }
+    a.send_ok(json!({"content": "for c", "to": "c"})).await;
+
+    let inbox = format!("/api/projects/{project}/agents/b/inbox");
+    let (code, body) = app.get_json(&inbox).await;
+    assert_eq!(code, 200);
+    let seqs: Vec<i64> = body["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(seq)
+        .collect();
+    assert_eq!(seqs, [2, 3, 1], "priority order, as a socket would replay");
+
+    let ack = format!("/api/projects/{project}/agents/b/ack");
+    let (code, body) = app.post_json(&ack, &json!({"seqs": [2]})).await;
+    assert_eq!(code, 200);
+    assert_eq!(body["ack_floor"], 0, "seq 1 is still owed");
+    let (_, body) = app.get_json(&inbox).await;
+    assert_eq!(
+        body["messages"]
+            .as_array()
+            .map(|m| m.iter().map(seq).collect::<Vec<_>>()),
+        Some(vec![3, 1])
+    );
+    let (_, body) = app.post_json(&ack, &json!({"up_to": 3})).await;
+    assert_eq!(
+        body["ack_floor"], 4,
+        "seq 4 is c's: not owed to b, so the floor passes it"
+    );
+    let (_, body) = app.get_json(&inbox).await;
+    assert_eq!(body["messages"], json!([]));
+    let (code, _) = app.post_json(&ack, &json!({})).await;
+    assert_eq!(code, 400);
+    let (code, _) = app
+        .post_json(
+            &format!("/api/projects/{project}/agents/nobody/ack"),
+            &json!({"up_to": 1}),
+        )
+        .await;
+    assert_eq!(code, 404);
+
+    // Read receipts: over the socket, and over REST; only the recipient's count.
+    let mut b = app.connect(project, "b", "coder").await;
+    b.send(json!({"op": "read", "ids": [ids[0]]})).await;
+    let (code, body) = app
+        .post_json(
+            &format!("/api/projects/{project}/messages/{}/read", ids[1]),
+            &json!({"agent_id": "b"}),
+        )
+        .await;
+    assert_eq!((code, body["marked"].as_bool()), (200, Some(true)));
+    let (_, body) = app
+        .post_json(
+            &format!("/api/projects/{project}/messages/{}/read", ids[2]),
+            &json!({"agent_id": "c"}),
+        )
+        .await;
+    assert_eq!(
+        body["marked"], false,
+        "c is not the recipient of b's message"
+    );
+    eventually("read_at to be recorded", || async {
+        let (_, body) = app
+            .get_json(&format!("/api/projects/{project}/messages?limit=10"))
+            .await;
+        let m = body["messages"].as_array()?.clone();
+        let read: Vec<bool> = m.iter().map(|m| m["read_at"].is_string()).collect();
+        (read == [true, true, false, false]).then_some(())
+    })
+    .await;
+    b.send_ok(status("still fine")).await;
+}
+
+#[tokio::test]
+async fn a_consumer_that_stops_reading_slows_nobody_and_recovers_everything() {
+    const TOTAL: usize = 10_000;
+    let app = TestApp::spawn_with(|s| {
+        s.outbox_max_frames = 512;
+        s.client_timeout_ms = 120_000;
+    })
+    .await;
+    let project = app.create_project("slow").await;
+    let mut fast = app.connect(project, "fast", "coder").await;
+    // Connected, welcomed, then never read again.
+    let slow = Agent::connect_raw(&app.ws_url(project, "agent_id=slow"))
+        .await
+        .expect("connect");
+    let mut a = app.connect(project, "a", "coder").await;
+
+    let sender = tokio::spawn(async move {
+        let payload = "x".repeat(200);
+        // Pipelined in windows of 500 sends, well under the pending-send bound.
+        for window in 0..TOTAL / 500 {
+            for n in 0..500 {
+                a.send(json!({"content": format!("{} {payload}", window * 500 + n)}))
+                    .await;
+            }
+            for _ in 0..500 {
+                a.expect_op("sent").await;
+            }
+        }
+    });
+    let mut seen = HashSet::new();
+    while seen.len() < TOTAL {
+        let m = fast.expect_op("message").await;
+        assert!(seen.insert(seq(&m)), "no duplicate");
+    }
+    sender.await.expect("sender");
+
+    // The slow consumer was cut off: what the broker keeps for it is bounded.
+    eventually("the slow consumer to be disconnected", || async {
+        let (_, body) = app
+            .get_json(&format!("/api/projects/{project}/agents"))
+            .await;
+        let row = body["agents"]
+            .as_array()?
+            .iter()
+            .find(|m| m["agent_id"] == "slow")?
+            .clone();
+        (row["online"] == false).then_some(())
+    })
+    .await;
+    drop(slow);
+    // It never confirmed receiving anything (it never read, so never answered a ping): all
+    // of it is owed, and it gets all of it when it comes back.
+    let mut slow = app.connect(project, "slow", "agent").await;
+    assert_eq!(slow.welcome["replay"].as_i64(), Some(TOTAL as i64));
+    let mut got = HashSet::new();
+    while got.len() < TOTAL {
+        let m = slow.expect_op("message").await;
+        assert!(got.insert(seq(&m)), "no duplicate in the replay");
+    }
+    assert_eq!(got, seen);
+}
