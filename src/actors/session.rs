@@ -218,7 +218,15 @@ impl SessionActor {
         }
         let Some(range) = &self.store else { return };
         let limit = self.room().min(STORE_PAGE);
-        if limit == 0 {
+        // Wait for room for a worthwhile page (a quarter of the window) rather than reading
+        // the store once per acknowledgement, unless the client has nothing left to read.
+        let worthwhile = match self.delivery.ack {
+            AckMode::Manual => (self.deps.settings.max_in_flight / 4).clamp(1, STORE_PAGE),
+            AckMode::Auto => 1,
+        };
+        if limit == 0
+            || (limit < worthwhile && !(self.in_flight.is_empty() && self.outbox.is_empty()))
+        {
             return;
         }
         self.loading = true;

@@ -402,3 +402,32 @@ async fn a_consumer_that_stops_reading_slows_nobody_and_recovers_everything() {
     }
     assert_eq!(got, seen);
 }
+
+#[tokio::test]
+async fn a_manual_consumer_that_falls_behind_drains_from_the_store() {
+    const TOTAL: i64 = 2_000;
+    let app = TestApp::spawn_with(|s| s.max_in_flight = 50).await;
+    let project = app.create_project("drain").await;
+    let mut b = Agent::connect(&app.ws_url(project, "agent_id=b&ack=manual")).await;
+    let mut a = app.connect(project, "a", "coder").await;
+    for window in 0..TOTAL / 500 {
+        for n in 0..500 {
+            a.send(json!({"content": format!("{}", window * 500 + n)}))
+                .await;
+        }
+        for _ in 0..500 {
+            a.expect_op("sent").await;
+        }
+    }
+    // Everything is committed; b has at most its window in flight and the rest waits in the
+    // store. Acknowledging as it goes, it gets every message once, in seq order.
+    let mut expected = 1;
+    while expected <= TOTAL {
+        let m = b.expect_op("message").await;
+        assert_eq!(seq(&m), expected);
+        b.send(json!({"op": "ack", "seqs": [expected]})).await;
+        expected += 1;
+    }
+    a.send_ok(status("live again")).await;
+    assert_eq!(b.expect_op("message").await["content"], "live again");
+}

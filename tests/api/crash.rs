@@ -1,0 +1,159 @@
+//! The broker killed with SIGKILL loses nothing it acknowledged, and cursors survive.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::helpers::{eventually, server_url, status, Agent, TestApp, PATIENCE};
+
+/// The `agentbus` binary running `serve` on a free port.
+struct BrokerProcess {
+    child: Child,
+    port: u16,
+}
+
+impl BrokerProcess {
+    fn start(database_url: &str) -> BrokerProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_agentbus"))
+            .args(["serve", "--bind", "127.0.0.1:0", "--workers", "2"])
+            .env("DATABASE_URL", database_url)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the agentbus binary");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Read the port from the start-up line, then keep draining the log so the broker
+        // never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(port) = line
+                    .split("(port ")
+                    .nth(1)
+                    .and_then(|r| r.trim_end_matches(')').parse::<u16>().ok())
+                {
+                    let _ = tx.send(port);
+                }
+            }
+        });
+        let port = rx
+            .recv_timeout(PATIENCE)
+            .expect("the broker did not report its port");
+        BrokerProcess { child, port }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reap");
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn seq(frame: &Value) -> i64 {
+    frame["seq"].as_i64().expect("seq")
+}
+
+#[tokio::test]
+async fn nothing_acknowledged_is_lost_to_sigkill_and_cursors_survive() {
+    let database_url = format!("{}/t_{}", server_url(), Uuid::new_v4().simple());
+    // The harness app only creates (and finally drops) the database; the brokers under test
+    // are separate processes on it.
+    let app = TestApp::spawn_on(&database_url, |_| {}).await;
+    let project = app.create_project("crash").await;
+    app.stop();
+
+    let broker = BrokerProcess::start(&database_url);
+    let ws = |port: u16, query: &str| {
+        format!("ws://127.0.0.1:{port}/ws/agent/messages/{project}?{query}")
+    };
+    let b = Agent::connect(&ws(broker.port, "agent_id=b&ack=manual")).await;
+    b.close().await;
+    let mut a = Agent::connect(&ws(broker.port, "agent_id=a")).await;
+    for n in 1..=30 {
+        let frame = if n % 4 == 0 {
+            json!({"content": format!("m{n}"), "to": "b"})
+        } else {
+            status(&format!("m{n}"))
+        };
+        a.send_ok(frame).await;
+    }
+    // b takes the first ten and acknowledges them.
+    let mut b = Agent::connect(&ws(broker.port, "agent_id=b&ack=manual")).await;
+    for expected in 1..=10 {
+        assert_eq!(seq(&b.expect_op("message").await), expected);
+    }
+    b.send(json!({"op": "ack", "up_to": 10})).await;
+    let http = reqwest::Client::new();
+    let agents_url = format!(
+        "http://127.0.0.1:{}/api/projects/{project}/agents",
+        broker.port
+    );
+    eventually("b's floor to be recorded", || async {
+        let body: Value = http.get(&agents_url).send().await.ok()?.json().await.ok()?;
+        let row = body["agents"]
+            .as_array()?
+            .iter()
+            .find(|m| m["agent_id"] == "b")?
+            .clone();
+        (row["ack_floor"] == 10).then_some(())
+    })
+    .await;
+    b.close().await;
+
+    // 200 more, pipelined, and the broker dies as soon as the last receipt is in.
+    for n in 0..200 {
+        a.send(json!({"content": format!("burst {n}"), "client_msg_id": format!("burst-{n}")}))
+            .await;
+    }
+    let mut receipts = Vec::new();
+    while receipts.len() < 200 {
+        let frame = a.expect_op("sent").await;
+        receipts.push((frame["id"].as_str().expect("id").to_owned(), seq(&frame)));
+    }
+    broker.kill();
+
+    let broker = BrokerProcess::start(&database_url);
+    // Every acknowledged message is there, with its seq.
+    let history: Value = http
+        .get(format!(
+            "http://127.0.0.1:{}/api/projects/{project}/messages?after_seq=30&limit=1000",
+            broker.port
+        ))
+        .send()
+        .await
+        .expect("history")
+        .json()
+        .await
+        .expect("JSON");
+    let stored: Vec<(String, i64)> = history["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| (m["id"].as_str().unwrap_or_default().to_owned(), seq(m)))
+        .collect();
+    assert_eq!(stored, receipts);
+
+    // b's cursor survived: it gets exactly what it had not acknowledged.
+    let mut b = Agent::connect(&ws(broker.port, "agent_id=b&ack=manual")).await;
+    assert_eq!(b.welcome["ack_floor"], 10);
+    assert_eq!(b.welcome["replay"], 220);
+    let mut expected = 11;
+    while expected <= 230 {
+        let m = tokio::time::timeout(Duration::from_secs(30), b.expect_op("message"))
+            .await
+            .expect("replay");
+        assert_eq!(seq(&m), expected);
+        b.send(json!({"op": "ack", "seqs": [expected]})).await;
+        expected += 1;
+    }
+}
