@@ -4,6 +4,7 @@
 mod bad_input;
 #[cfg(feature = "browser-tests")]
 mod console;
+mod crash;
 mod helpers;
 mod history;
 mod messaging;
