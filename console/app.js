@@ -79,7 +79,7 @@
   function formatTime(iso) {
     if (!iso) return '';
     const d = new Date(iso);
-    const time = d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit', second: '2-digit' });
+    const time = d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit', second: '2-digit', hourCycle: 'h23' });
     if (d.toDateString() === new Date().toDateString()) return time;
     return `${d.toLocaleDateString([], { month: 'short', day: 'numeric' })} ${time}`;
   }
@@ -147,7 +147,8 @@
 
   const state = {
     projects: [],
-    projectId: null,
+    /** undefined until the first route, so that it always opens something (null: the list). */
+    projectId: undefined,
     project: null,
     view: 'messages',
     /** Bumped when the project changes: answers for an older project are dropped. */
@@ -285,6 +286,9 @@
     renderTitle();
     if (!state.project) fetchProject(state.projectGen);
     $('agents').replaceChildren();
+    $('dead-rows').replaceChildren();
+    deadLettersKey = '';
+    $('stats-body').replaceChildren();
     reloadLog();
     refreshAgents();
   }
@@ -370,8 +374,14 @@
         setStatus('error', 'no such project');
         return;
       }
+      // Nothing loaded: polling from cursor 0 would start at the oldest page, so the retry
+      // is another load of the latest page.
       state.failures += 1;
       setStatus('error', `cannot load messages: ${err.message}`);
+      state.timers.poll = setTimeout(() => {
+        if (gen === state.logGen) reloadLog();
+      }, pollDelay());
+      return;
     }
     updateLogEdges();
     schedulePoll(gen);
@@ -654,8 +664,9 @@
       h('span', { class: 'arrow', 'aria-label': 'to' }, '→'),
       renderRecipient(msg),
       h('span', { class: 'waiting-tag', hidden: true }, 'awaiting reply'),
-      h('span', { class: 'seq' }, `#${msg.seq}`),
-      h('time', { datetime: msg.created_at, title: formatFull(msg.created_at) }, formatTime(msg.created_at)));
+      h('span', { class: 'when' },
+        h('span', { class: 'seq' }, `#${msg.seq}`),
+        h('time', { datetime: msg.created_at, title: formatFull(msg.created_at) }, formatTime(msg.created_at))));
     row.append(head, renderContent(msg.content));
     if (expectsReply(msg)) row.classList.add('expects-reply');
     return row;
@@ -692,9 +703,22 @@
       const fresh = renderDetails(rowMessage.get(row));
       if (details) details.replaceWith(fresh);
       else row.append(fresh);
+      if (row.closest('#rows')) revealRow(row);
     } else if (details) {
       details.remove();
     }
+  }
+
+  /**
+   * Scrolls an opened row's details into view without losing its head off the top. A reader
+   * who opens a row to read it is no longer following the bottom unless it all fits.
+   */
+  function revealRow(row) {
+    const log = $('log');
+    const view = log.getBoundingClientRect();
+    const box = row.getBoundingClientRect();
+    if (box.bottom > view.bottom) log.scrollTop += Math.min(box.bottom - view.bottom, box.top - view.top);
+    state.stick = atBottom();
   }
 
   function renderDetails(msg) {
@@ -716,6 +740,15 @@
     if (msg.client_msg_id) add('client msg id', h('code', {}, msg.client_msg_id));
     add('created', formatFull(msg.created_at));
     if (msg.expires_at) add('expires', formatFull(msg.expires_at));
+    if (msg.reply_deadline) add('reply due', formatFull(msg.reply_deadline));
+    if (msg.replied_at) add('replied', formatFull(msg.replied_at), msg.late ? h('span', { class: 'late' }, ' late') : null);
+    const outcome = [
+      msg.success === true && 'succeeded',
+      msg.success === false && 'failed',
+      msg.error && `error: ${typeof msg.error === 'string' ? msg.error : JSON.stringify(msg.error)}`,
+      msg.duration_ms != null && `${msg.duration_ms} ms`,
+    ].filter(Boolean);
+    if (outcome.length) add('outcome', outcome.join(' · '));
     add('delivered', msg.delivered_at ? formatFull(msg.delivered_at) : h('span', { class: 'muted' }, 'not recorded'));
     add('read', msg.read_at ? formatFull(msg.read_at) : h('span', { class: 'muted' }, 'not recorded'));
     return h('div', { class: 'details' },
@@ -760,11 +793,13 @@
 
   function expectsReply(msg) {
     const flag = msg.metadata && msg.metadata.expects_reply;
-    return msg.message_type === 'request' || flag === true || flag === 'true';
+    return msg.expects_reply === true || msg.message_type === 'request' || flag === true || flag === 'true';
   }
 
   function isAnswered(msg) {
-    if (state.repliesTo.has(msg.id)) return true;
+    // replied_at is the broker's own record (when it has one); the rest is inferred from
+    // what the log holds, and catches replies that arrived after this row was loaded.
+    if (msg.replied_at || state.repliesTo.has(msg.id)) return true;
     const related = msg.correlation_id ? state.byCorrelation.get(msg.correlation_id) : null;
     return Boolean(related && related.some((other) => other.seq > msg.seq
       && other.sender_agent_id !== msg.sender_agent_id
@@ -867,7 +902,19 @@
     if (f.correlation_id && messages.some((m) => m.correlation_id !== f.correlation_id)) {
       notes.push('Filtering by correlation id is not available on this broker yet.');
     }
+    if (f.thread && !looksLikeThread(f.thread, messages)) {
+      notes.push('Threads are not available on this broker yet: showing all messages.');
+    }
     note($('filter-note'), notes.join(' '));
+  }
+
+  /** Whether every message is the root, replies within the set, or shares the root's correlation. */
+  function looksLikeThread(rootId, messages) {
+    const ids = new Set([rootId, ...messages.map((m) => m.id)]);
+    const root = messages.find((m) => m.id === rootId);
+    const correlation = root && root.correlation_id;
+    return messages.every((m) => m.id === rootId || ids.has(m.reply_to)
+      || (correlation && m.correlation_id === correlation));
   }
 
   // ---------------------------------------------------------------------------------------
@@ -1065,6 +1112,9 @@
         showView('messages');
         setReplyTarget(msg);
         break;
+      case 'retry':
+        retryDeadLetter(button, msg);
+        break;
       default:
         break;
     }
@@ -1213,24 +1263,50 @@
       const body = await api(projectPath('/dead-letters'));
       if (gen !== state.projectGen) return;
       const letters = body.dead_letters || [];
-      note($('dead-note'), letters.length ? '' : 'No dead letters.');
-      // Rows that are open stay open across refreshes.
+      const noteEl = $('dead-note');
+      if (!letters.length) note(noteEl, 'No dead letters.');
+      else if (noteEl.textContent === 'No dead letters.' || /not available/.test(noteEl.textContent)) note(noteEl, '');
+      // Unchanged: leave the rows alone, so focus and open rows stay as the reader left them.
+      const key = JSON.stringify(letters);
+      if (key === deadLettersKey && $('dead-rows').childElementCount === letters.length) return;
+      deadLettersKey = key;
       const open = new Set([...$('dead-rows').querySelectorAll('li.msg[aria-expanded="true"]')].map((r) => r.dataset.id));
-      $('dead-rows').replaceChildren(...letters.map((letter) => {
-        const row = renderMessage(letter.message || {});
-        rowMessage.set(row, letter.message || {});
-        row.tabIndex = 0;
-        row.querySelector('.msg-head').append(
-          h('span', { class: 'dead-reason' }, letter.reason || 'dead'),
-          h('span', { class: 'muted', title: formatFull(letter.dead_at) }, `dead ${formatAgo(letter.dead_at)}`));
-        if (open.has(row.dataset.id)) toggleRow(row);
-        return row;
-      }));
+      $('dead-rows').replaceChildren(...letters.map((letter) => renderDeadLetter(letter, open)));
     } catch (err) {
       if (gen !== state.projectGen) return;
       $('dead-rows').replaceChildren();
       note($('dead-note'), isMissingEndpoint(err) ? 'Dead letters are not available yet on this broker.' : `Cannot load dead letters: ${err.message}`);
     }
+  }
+
+  let deadLettersKey = '';
+
+  function renderDeadLetter(letter, open) {
+    const msg = letter.message || {};
+    const row = renderMessage(msg);
+    rowMessage.set(row, msg);
+    row.tabIndex = 0;
+    row.querySelector('.msg-head').append(
+      h('span', { class: 'dead-reason' }, String(letter.reason || 'dead').replace(/_/g, ' ')),
+      h('span', { class: 'muted', title: formatFull(letter.dead_at) }, `dead since ${formatTime(letter.dead_at)}`),
+      letter.retried_as
+        ? h('span', { class: 'muted' }, 'retried')
+        : h('button', { type: 'button', class: 'quiet small', 'data-action': 'retry' }, 'Retry'));
+    if (open.has(row.dataset.id)) toggleRow(row);
+    return row;
+  }
+
+  /** Sends a dead letter again (the broker makes a new message naming the original). */
+  async function retryDeadLetter(button, msg) {
+    button.disabled = true;
+    try {
+      const stored = await api(projectPath(`/dead-letters/${encodeURIComponent(msg.id)}/retry`), { method: 'POST' });
+      note($('dead-note'), `Sent again as message #${stored && stored.seq != null ? stored.seq : '?'}.`);
+      pollNow();
+    } catch (err) {
+      note($('dead-note'), isMissingEndpoint(err) ? 'Retrying is not available on this broker.' : `Not retried: ${err.message}`);
+    }
+    refreshAux(state.projectGen);
   }
 
   async function refreshStats(gen) {

@@ -18,6 +18,7 @@
 //! `docs/PROTOCOL.md` describes the protocol and its guarantees for client authors.
 
 pub mod actors;
+pub mod bench;
 pub mod config;
 pub mod db;
 pub mod http;
@@ -25,3 +26,4 @@ pub mod models;
 pub mod protocol;
 pub mod schema;
 pub mod startup;
+pub mod stats;

@@ -29,6 +29,8 @@ enum Command {
         #[command(subcommand)]
         command: ProjectCommand,
     },
+    /// Measure a broker over real WebSockets and verify every message (docs/PERFORMANCE.md).
+    Bench(agentbus::bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -53,6 +55,7 @@ fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Bench(args) => agentbus::bench::run(args),
         Command::Serve(settings) => actix_web::rt::System::new().block_on(serve(settings)),
         Command::Migrate(args) => actix_web::rt::System::new().block_on(async {
             db::ensure_database_exists(&args.database_url).await?;

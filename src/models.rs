@@ -43,6 +43,21 @@ pub struct StoredMessage {
     pub expires_at: Option<DateTime<Utc>>,
     pub delivered_at: Option<DateTime<Utc>>,
     pub read_at: Option<DateTime<Utc>>,
+    /// Addressed to every agent of this type.
+    #[serde(rename = "to_type")]
+    pub recipient_agent_type: Option<String>,
+    /// A request: its sender waits for a reply until `reply_deadline`.
+    pub expects_reply: bool,
+    pub reply_deadline: Option<DateTime<Utc>>,
+    pub replied_at: Option<DateTime<Utc>>,
+    /// For a reply: the seq of the request it answers.
+    pub in_reply_to_seq: Option<i64>,
+    pub success: Option<bool>,
+    pub error: Option<String>,
+    /// For a reply: milliseconds from the request's commit to this reply's commit.
+    pub duration_ms: Option<i64>,
+    /// A reply committed after its request's deadline.
+    pub late: bool,
 }
 
 /// A validated send that has not been committed yet. The broker gives it its id up front so a
@@ -66,9 +81,65 @@ pub struct NewMessage {
     pub client_msg_id: Option<String>,
     /// Time to live, counted from the commit.
     pub ttl_ms: Option<i64>,
+    pub recipient_agent_type: Option<String>,
+    /// A request waiting this long for its reply.
+    pub reply_timeout_ms: Option<i64>,
+    pub success: Option<bool>,
+    pub error: Option<String>,
+    /// Filled in at commit for a reply to a pending request.
+    pub reply: Option<ReplyLink>,
+    /// Set on the broker's own timeout response to this request: it is stored only if the
+    /// request is still unanswered when the batch commits.
+    pub timeout_of: Option<Uuid>,
+}
+
+/// How a reply relates to the request it answers (resolved at commit).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplyLink {
+    pub in_reply_to_seq: i64,
+    pub duration_ms: i64,
+    pub late: bool,
 }
 
 impl NewMessage {
+    /// A validated send from `sender`, as the broker will store it. Requests without a
+    /// correlation id are correlated by their own id.
+    pub fn from_send(
+        send: crate::protocol::ValidSend,
+        project_id: Uuid,
+        sender_agent_id: String,
+        sender_agent_type: String,
+        sender_session_id: Option<Uuid>,
+    ) -> NewMessage {
+        let id = Uuid::new_v4();
+        let correlation_id = match (send.correlation_id, send.reply_timeout_ms) {
+            (None, Some(_)) => Some(id.to_string()),
+            (given, _) => given,
+        };
+        NewMessage {
+            id,
+            project_id,
+            sender_agent_id,
+            sender_agent_type: send.agent_type.unwrap_or(sender_agent_type),
+            sender_session_id,
+            recipient_agent_id: send.to,
+            message_type: send.message_type,
+            content: send.content,
+            metadata: send.metadata,
+            priority: send.priority,
+            correlation_id,
+            reply_to: send.reply_to,
+            client_msg_id: send.client_msg_id,
+            ttl_ms: send.ttl_ms,
+            recipient_agent_type: send.to_type,
+            reply_timeout_ms: send.reply_timeout_ms,
+            success: send.success,
+            error: send.error,
+            reply: None,
+            timeout_of: None,
+        }
+    }
+
     /// The stored form of this message once its batch committed with `seq` at `created_at`.
     pub fn into_stored(self, seq: i64, created_at: DateTime<Utc>) -> StoredMessage {
         StoredMessage {
@@ -92,6 +163,17 @@ impl NewMessage {
             created_at,
             delivered_at: None,
             read_at: None,
+            recipient_agent_type: self.recipient_agent_type,
+            expects_reply: self.reply_timeout_ms.is_some(),
+            reply_deadline: self
+                .reply_timeout_ms
+                .map(|ms| created_at + chrono::Duration::milliseconds(ms)),
+            replied_at: None,
+            in_reply_to_seq: self.reply.as_ref().map(|r| r.in_reply_to_seq),
+            success: self.success,
+            error: self.error,
+            duration_ms: self.reply.as_ref().map(|r| r.duration_ms),
+            late: self.reply.as_ref().is_some_and(|r| r.late),
         }
     }
 }

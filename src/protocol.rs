@@ -60,6 +60,9 @@ pub enum ErrorCode {
     Unavailable,
     /// The project no longer exists.
     ProjectNotFound,
+    /// Stored, but the agent (`to`) has never connected, or no agent of the type (`to_type`)
+    /// is a member: nobody may ever read it. A request in that case is dead-lettered.
+    NoRecipient,
 }
 
 impl ErrorCode {
@@ -75,6 +78,7 @@ impl ErrorCode {
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::ProjectNotFound => "project_not_found",
+            ErrorCode::NoRecipient => "no_recipient",
         }
     }
 }
@@ -132,6 +136,17 @@ pub struct SendFields {
     pub up_to: Option<i64>,
     /// `read`: these messages were read.
     pub ids: Option<Vec<String>>,
+    /// `hello`: what the agent can do, and a word about it.
+    pub capabilities: Option<Vec<String>>,
+    pub description: Option<String>,
+    /// A send to every agent of this type.
+    pub to_type: Option<String>,
+    /// A request: the sender waits for a reply (see `timeout_ms`).
+    pub expects_reply: Option<bool>,
+    pub timeout_ms: Option<i64>,
+    /// A reply's outcome.
+    pub success: Option<bool>,
+    pub error: Option<String>,
     pub agent_type: Option<String>,
     #[serde(rename = "type")]
     pub message_type: Option<String>,
@@ -160,16 +175,65 @@ pub enum ClientOp {
     Read {
         ids: Vec<Uuid>,
     },
+    /// What the agent can do, declared after connecting.
+    Hello {
+        capabilities: Vec<String>,
+        description: Option<String>,
+    },
+}
+
+/// Most capabilities one agent may declare.
+pub const MAX_CAPABILITIES: usize = 64;
+/// Longest agent description, in characters.
+pub const MAX_DESCRIPTION_CHARS: usize = 1_000;
+/// Longest reply error text, in characters.
+pub const MAX_ERROR_CHARS: usize = 4_096;
+/// A request's timeout when it names none (as in the agent protocol's sendAndWait examples).
+pub const DEFAULT_REPLY_TIMEOUT_MS: i64 = 30_000;
+/// Longest a request may wait for its reply: one day.
+pub const MAX_REPLY_TIMEOUT_MS: i64 = 24 * 3600 * 1000;
+
+/// Checks a list of declared capabilities (identifiers, at most [`MAX_CAPABILITIES`]).
+pub fn check_capabilities(capabilities: &[String]) -> Result<(), Rejection> {
+    if capabilities.len() > MAX_CAPABILITIES {
+        return Err(Rejection::invalid(
+            "capabilities",
+            format!("at most {MAX_CAPABILITIES} capabilities"),
+        ));
+    }
+    for capability in capabilities {
+        check_identifier("capabilities", capability, MAX_TYPE_CHARS)?;
+    }
+    Ok(())
 }
 
 /// How a session's deliveries count as done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AckMode {
-    /// Done once written to the socket (at-most-once beyond that point).
+    /// Done once the client's WebSocket has received it (at-most-once beyond that point).
     Auto,
     /// Done once the client acknowledges it (at-least-once).
     Manual,
+}
+
+fn parse_hello(frame: SendFields) -> Result<ClientOp, Rejection> {
+    let capabilities = frame.capabilities.unwrap_or_default();
+    check_capabilities(&capabilities)?;
+    if let Some(d) = &frame.description {
+        if d.chars().count() > MAX_DESCRIPTION_CHARS || d.contains('\0') {
+            return Err(Rejection::invalid(
+                "description",
+                format!(
+                    "`description` must be at most {MAX_DESCRIPTION_CHARS} characters, without NUL"
+                ),
+            ));
+        }
+    }
+    Ok(ClientOp::Hello {
+        capabilities,
+        description: frame.description,
+    })
 }
 
 fn parse_ack(frame: SendFields) -> Result<ClientOp, Rejection> {
@@ -219,10 +283,13 @@ pub fn parse_client_frame(text: &str) -> Result<ClientOp, (Rejection, Option<Str
             None | Some("send") => Ok(ClientOp::Send(frame)),
             Some("ack") => parse_ack(frame).map_err(|r| (r, None)),
             Some("read") => parse_read(frame).map_err(|r| (r, None)),
+            Some("hello") => parse_hello(frame).map_err(|r| (r, None)),
             Some(other) => Err((
                 Rejection::new(
                     ErrorCode::UnknownOp,
-                    format!("unknown op {other:?}; this broker understands send, ack and read"),
+                    format!(
+                        "unknown op {other:?}; this broker understands send, ack, read and hello"
+                    ),
                 ),
                 frame.client_msg_id,
             )),
@@ -268,6 +335,11 @@ pub struct ValidSend {
     pub correlation_id: Option<String>,
     pub reply_to: Option<Uuid>,
     pub client_msg_id: Option<String>,
+    pub to_type: Option<String>,
+    /// `Some(timeout)` for a request.
+    pub reply_timeout_ms: Option<i64>,
+    pub success: Option<bool>,
+    pub error: Option<String>,
 }
 
 /// Checks a send's fields against the protocol's rules and the broker's limits. A refused
@@ -343,6 +415,42 @@ fn check_send(
     if let Some(to) = &fields.to {
         check_agent_id("to", to)?;
     }
+    if let Some(to_type) = &fields.to_type {
+        if fields.to.is_some() {
+            return Err(Rejection::invalid(
+                "to_type",
+                "give `to` (an agent) or `to_type` (a type), not both",
+            ));
+        }
+        check_identifier("to_type", to_type, MAX_TYPE_CHARS)?;
+    }
+    let reply_timeout_ms = match (fields.expects_reply, fields.timeout_ms) {
+        (Some(true), timeout) => {
+            let timeout = timeout.unwrap_or(DEFAULT_REPLY_TIMEOUT_MS);
+            if !(1..=MAX_REPLY_TIMEOUT_MS).contains(&timeout) {
+                return Err(Rejection::invalid(
+                    "timeout_ms",
+                    format!("`timeout_ms` must be between 1 and {MAX_REPLY_TIMEOUT_MS}"),
+                ));
+            }
+            Some(timeout)
+        }
+        (_, Some(_)) => {
+            return Err(Rejection::invalid(
+                "timeout_ms",
+                "`timeout_ms` is for requests: add \"expects_reply\": true",
+            ))
+        }
+        (_, None) => None,
+    };
+    if let Some(e) = &fields.error {
+        if e.chars().count() > MAX_ERROR_CHARS || e.contains('\0') {
+            return Err(Rejection::invalid(
+                "error",
+                format!("`error` must be at most {MAX_ERROR_CHARS} characters, without NUL"),
+            ));
+        }
+    }
     let priority = match fields.priority {
         None => DEFAULT_PRIORITY,
         Some(p @ 0..=3) => p as i16,
@@ -384,6 +492,10 @@ fn check_send(
         correlation_id: fields.correlation_id,
         reply_to,
         client_msg_id: None,
+        to_type: fields.to_type,
+        reply_timeout_ms,
+        success: fields.success,
+        error: fields.error,
     })
 }
 
@@ -471,6 +583,22 @@ struct MessageFrame<'a> {
     reply_to: Option<Uuid>,
     created_at: DateTime<Utc>,
     expires_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    to_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    expects_reply: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reply_deadline: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    in_reply_to_seq: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    success: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration_ms: Option<i64>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    late: bool,
 }
 
 pub fn message_frame(msg: &StoredMessage) -> ByteString {
@@ -491,6 +619,14 @@ pub fn message_frame(msg: &StoredMessage) -> ByteString {
         reply_to: msg.reply_to,
         created_at: msg.created_at,
         expires_at: msg.expires_at,
+        to_type: msg.recipient_agent_type.as_deref(),
+        expects_reply: msg.expects_reply,
+        reply_deadline: msg.reply_deadline,
+        in_reply_to_seq: msg.in_reply_to_seq,
+        success: msg.success,
+        error: msg.error.as_deref(),
+        duration_ms: msg.duration_ms,
+        late: msg.late,
     })
 }
 

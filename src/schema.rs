@@ -49,6 +49,16 @@ diesel::table! {
         expires_at -> Nullable<Timestamptz>,
         #[max_length = 64]
         client_msg_id -> Nullable<Varchar>,
+        #[max_length = 50]
+        recipient_agent_type -> Nullable<Varchar>,
+        expects_reply -> Bool,
+        reply_deadline -> Nullable<Timestamptz>,
+        replied_at -> Nullable<Timestamptz>,
+        in_reply_to_seq -> Nullable<Int8>,
+        success -> Nullable<Bool>,
+        error -> Nullable<Text>,
+        duration_ms -> Nullable<Int8>,
+        late -> Bool,
     }
 }
 
@@ -65,9 +75,24 @@ diesel::table! {
         current_session_id -> Nullable<Uuid>,
         last_seen_at -> Nullable<Timestamptz>,
         created_at -> Timestamptz,
+        capabilities -> Array<Text>,
+        description -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    dead_letters (message_id) {
+        message_id -> Uuid,
+        project_id -> Uuid,
+        #[max_length = 32]
+        reason -> Varchar,
+        dead_at -> Timestamptz,
+        retried_as -> Nullable<Uuid>,
     }
 }
 
 diesel::joinable!(agent_messages -> projects (project_id));
 diesel::joinable!(sessions -> projects (project_id));
 diesel::joinable!(members -> projects (project_id));
+diesel::joinable!(dead_letters -> agent_messages (message_id));
+diesel::allow_tables_to_appear_in_same_query!(agent_messages, dead_letters);

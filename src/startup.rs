@@ -11,11 +11,13 @@ use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 
 use crate::actors::cursor::CursorActor;
+use crate::actors::deadlines::{AttachPersistence, DeadlineActor};
 use crate::actors::persistence::PersistenceActor;
 use crate::actors::registry::ChannelRegistry;
 use crate::config::Settings;
 use crate::db;
 use crate::http::{self, AppState};
+use crate::stats::Stats;
 
 pub struct Application {
     port: u16,
@@ -37,16 +39,21 @@ impl Application {
         )?;
 
         let broker_arbiter = Arbiter::new();
-        let registry = ChannelRegistry::new(broker_arbiter.handle());
-        let persistence = {
+        let stats = Stats::default();
+        let registry = ChannelRegistry::new(broker_arbiter.handle(), stats.clone());
+        let deadlines = {
             let pool = pool.clone();
-            let registry = registry.clone();
+            DeadlineActor::start_in_arbiter(&broker_arbiter.handle(), move |_| DeadlineActor::new(pool))
+        };
+        let persistence = {
+            let (pool, registry, deadlines, stats) =
+                (pool.clone(), registry.clone(), deadlines.clone(), stats.clone());
             let batch_max_rows = settings.batch_max_rows;
             PersistenceActor::start_in_arbiter(&broker_arbiter.handle(), move |_| {
-                PersistenceActor::new(pool, registry, batch_max_rows)
+                PersistenceActor::new(pool, registry, deadlines, stats, batch_max_rows)
             })
         };
-
+        deadlines.do_send(AttachPersistence(persistence.clone()));
         let cursors = {
             let pool = pool.clone();
             CursorActor::start_in_arbiter(&broker_arbiter.handle(), move |_| CursorActor::new(pool))
@@ -65,6 +72,7 @@ impl Application {
             registry,
             persistence,
             cursors,
+            stats,
         };
         let server = HttpServer::new(move || {
             App::new()

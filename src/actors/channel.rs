@@ -5,18 +5,19 @@ use std::collections::HashMap;
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::persistence::{Reply, Settlement};
 use super::session::{Deliver, Replaced, SessionActor};
 use crate::models::StoredMessage;
 use crate::protocol;
+use crate::stats::Stats;
 
 /// A connected session, as its channel sees it.
 struct Member {
     session_id: Uuid,
-    /// Recorded for routing by agent type and for presence listings.
-    #[allow(dead_code)]
+    /// For messages addressed to a type.
     agent_type: String,
     addr: Addr<SessionActor>,
 }
@@ -28,20 +29,31 @@ pub struct ChannelActor {
     head_seq: i64,
     /// Connected sessions by agent_id: at most one per agent (a new one takes over).
     members: HashMap<String, Member>,
+    /// REST callers waiting for the first reply to a request (sendAndWait), by request id.
+    reply_waiters: HashMap<Uuid, oneshot::Sender<StoredMessage>>,
+    stats: Stats,
 }
 
 impl ChannelActor {
-    pub fn new(project_id: Uuid, head_seq: i64) -> Self {
+    pub fn new(project_id: Uuid, head_seq: i64, stats: Stats) -> Self {
         ChannelActor {
             project_id,
             head_seq,
             members: HashMap::new(),
+            reply_waiters: HashMap::new(),
+            stats,
         }
     }
 
     /// Delivers one committed message and settles its send. The message is serialised once;
     /// every recipient gets the same bytes.
-    fn route(&mut self, message: StoredMessage, duplicate: bool, reply: Reply, now: DateTime<Utc>) {
+    fn route(&mut self, item: CommittedItem, now: DateTime<Utc>) {
+        let CommittedItem {
+            message,
+            duplicate,
+            no_recipient,
+            reply,
+        } = item;
         // A seq at or below the head was committed before this channel started, or before a
         // session joined: sessions read it from the store.
         if !duplicate && message.seq > self.head_seq {
@@ -50,34 +62,46 @@ impl ChannelActor {
             if !expired {
                 self.deliver(&message);
             }
+            if let Some(waiter) = message.reply_to.and_then(|id| self.reply_waiters.remove(&id)) {
+                let _ = waiter.send(message.clone());
+            }
         }
-        reply.settle(Settlement::Stored(message));
+        reply.settle(Settlement::Stored {
+            message,
+            no_recipient,
+        });
     }
 
-    /// Hands a message to its connected recipients: the agent it is addressed to, or every
-    /// agent but its sender.
+    /// Hands a message to its connected recipients: the agent it is addressed to, every
+    /// agent of the type it is addressed to, or every agent; never its sender (unless it
+    /// addressed itself by name). The frame is serialised once, for all of them.
     fn deliver(&self, message: &StoredMessage) {
         let seq = message.seq;
-        match &message.recipient_agent_id {
-            Some(to) => {
-                if let Some(member) = self.members.get(to) {
-                    let frame = protocol::message_frame(message);
-                    member.addr.do_send(Deliver { frame, seq });
-                }
+        if let Some(to) = &message.recipient_agent_id {
+            if let Some(member) = self.members.get(to) {
+                let frame = protocol::message_frame(message);
+                member.addr.do_send(Deliver { frame, seq });
+                self.stats.record_deliveries(self.project_id, 1);
             }
-            None => {
-                let mut frame = None;
-                for (agent_id, member) in &self.members {
-                    if *agent_id != message.sender_agent_id {
-                        let frame = frame.get_or_insert_with(|| protocol::message_frame(message));
-                        member.addr.do_send(Deliver {
-                            frame: frame.clone(),
-                            seq,
-                        });
-                    }
-                }
+            return;
+        }
+        let mut frame = None;
+        let mut count = 0;
+        for (agent_id, member) in &self.members {
+            let addressed = match &message.recipient_agent_type {
+                Some(agent_type) => member.agent_type == *agent_type,
+                None => true,
+            };
+            if addressed && *agent_id != message.sender_agent_id {
+                let frame = frame.get_or_insert_with(|| protocol::message_frame(message));
+                member.addr.do_send(Deliver {
+                    frame: frame.clone(),
+                    seq,
+                });
+                count += 1;
             }
         }
+        self.stats.record_deliveries(self.project_id, count);
     }
 }
 
@@ -162,6 +186,8 @@ pub struct CommittedItem {
     pub message: StoredMessage,
     /// A retry of a message stored earlier: only its sender is told (again).
     pub duplicate: bool,
+    /// Nobody can receive it: the sender is warned.
+    pub no_recipient: bool,
     pub reply: Reply,
 }
 
@@ -171,8 +197,26 @@ impl Handler<Committed> for ChannelActor {
     fn handle(&mut self, committed: Committed, _ctx: &mut Self::Context) {
         let now = Utc::now();
         for item in committed.items {
-            self.route(item.message, item.duplicate, item.reply, now);
+            self.route(item, now);
         }
+    }
+}
+
+/// A REST caller waits for the first reply to a request it is about to send.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AwaitReply {
+    pub request_id: Uuid,
+    pub tx: oneshot::Sender<StoredMessage>,
+}
+
+impl Handler<AwaitReply> for ChannelActor {
+    type Result = ();
+
+    fn handle(&mut self, wait: AwaitReply, _ctx: &mut Self::Context) {
+        // Waiters whose caller gave up are dropped as new ones arrive.
+        self.reply_waiters.retain(|_, tx| !tx.is_closed());
+        self.reply_waiters.insert(wait.request_id, wait.tx);
     }
 }
 

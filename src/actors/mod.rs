@@ -12,6 +12,7 @@
 
 pub mod channel;
 pub mod cursor;
+pub mod deadlines;
 pub mod persistence;
 pub mod registry;
 pub mod session;

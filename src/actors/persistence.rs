@@ -16,8 +16,10 @@ use uuid::Uuid;
 
 use super::channel::{Committed, CommittedItem};
 use super::registry::ChannelRegistry;
-use super::session::{SessionActor, Settled};
-use crate::db::queries::{self, Outcome};
+use super::deadlines::{DeadlineActor, TrackRequest};
+use super::session::{Notify, SessionActor, Settled};
+use crate::stats::Stats;
+use crate::db::batch::{self, Outcome};
 use crate::db::DbPool;
 use crate::models::{NewMessage, StoredMessage};
 use crate::protocol::{self, ErrorCode, Rejection};
@@ -29,6 +31,8 @@ pub enum Reply {
     Session(Addr<SessionActor>),
     /// A REST publish waiting for the commit.
     Http(oneshot::Sender<Settlement>),
+    /// The broker itself (its timeout responses): nobody to tell.
+    Broker,
 }
 
 /// What became of a send.
@@ -37,7 +41,11 @@ pub enum Reply {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Settlement {
-    Stored(StoredMessage),
+    Stored {
+        message: StoredMessage,
+        /// Stored, but nobody can receive it (the sender is warned with `no_recipient`).
+        no_recipient: bool,
+    },
     Failed {
         rejection: Rejection,
         client_msg_id: Option<String>,
@@ -47,21 +55,48 @@ pub enum Settlement {
 impl Reply {
     pub fn settle(self, settlement: Settlement) {
         match self {
-            Reply::Session(addr) => {
-                let frame = match &settlement {
-                    Settlement::Stored(message) => protocol::receipt_frame(message),
-                    Settlement::Failed {
-                        rejection,
-                        client_msg_id,
-                    } => protocol::error_frame(rejection, client_msg_id.as_deref()),
-                };
-                addr.do_send(Settled(frame));
-            }
+            Reply::Session(addr) => match &settlement {
+                Settlement::Stored {
+                    message,
+                    no_recipient,
+                } => {
+                    addr.do_send(Settled(protocol::receipt_frame(message)));
+                    if *no_recipient {
+                        let warning = Rejection::new(
+                            ErrorCode::NoRecipient,
+                            no_recipient_text(message),
+                        );
+                        addr.do_send(Notify(protocol::error_frame(
+                            &warning,
+                            message.client_msg_id.as_deref(),
+                        )));
+                    }
+                }
+                Settlement::Failed {
+                    rejection,
+                    client_msg_id,
+                } => addr.do_send(Settled(protocol::error_frame(rejection, client_msg_id.as_deref()))),
+            },
+            Reply::Broker => {}
             Reply::Http(tx) => {
                 // The HTTP caller may have gone away; there is nobody left to tell.
                 let _ = tx.send(settlement);
             }
         }
+    }
+}
+
+/// Why a stored message can reach nobody, in words.
+pub fn no_recipient_text(message: &StoredMessage) -> String {
+    let whom = match (&message.recipient_agent_id, &message.recipient_agent_type) {
+        (Some(agent), _) => format!("agent {agent:?} has never connected to this project"),
+        (None, Some(agent_type)) => format!("no agent of type {agent_type:?} is a member of this project"),
+        (None, None) => "no other agent is a member of this project".to_owned(),
+    };
+    if message.expects_reply {
+        format!("stored, but {whom}: the request was dead-lettered")
+    } else {
+        format!("stored, but {whom}")
     }
 }
 
@@ -85,11 +120,22 @@ pub struct PersistenceActor {
     /// Messages at the head of `queue` that must be written one per transaction: they were in
     /// a batch the database refused, and each must succeed or fail on its own.
     isolate: usize,
+    /// Where committed requests go to have their timeout armed.
+    deadlines: Addr<DeadlineActor>,
+    stats: Stats,
 }
 
 impl PersistenceActor {
-    pub fn new(pool: DbPool, registry: ChannelRegistry, batch_max_rows: usize) -> Self {
+    pub fn new(
+        pool: DbPool,
+        registry: ChannelRegistry,
+        deadlines: Addr<DeadlineActor>,
+        stats: Stats,
+        batch_max_rows: usize,
+    ) -> Self {
         PersistenceActor {
+            deadlines,
+            stats,
             pool,
             registry,
             queue: VecDeque::new(),
@@ -111,7 +157,7 @@ impl PersistenceActor {
         } else {
             self.queue.len().min(self.batch_max_rows)
         };
-        let (batch, replies): (Vec<NewMessage>, Vec<Reply>) = self
+        let (mut batch, replies): (Vec<NewMessage>, Vec<Reply>) = self
             .queue
             .drain(..size)
             .map(|p| (p.message, p.reply))
@@ -121,7 +167,7 @@ impl PersistenceActor {
         let write = async move {
             let created_at = commit_timestamp();
             let result = match pool.get().await {
-                Ok(mut conn) => queries::commit_batch(&mut conn, &batch, created_at)
+                Ok(mut conn) => batch::commit_batch(&mut conn, &mut batch, created_at)
                     .await
                     .map_err(WriteError::Database),
                 Err(e) => Err(WriteError::Pool(e.to_string())),
@@ -133,6 +179,7 @@ impl PersistenceActor {
                 .into_actor(self)
                 .map(move |(batch, created_at, result), act, ctx| {
                     act.writing = false;
+                    act.stats.record_batch(batch.len(), started.elapsed(), result.is_ok());
                     log::debug!(
                         "batch of {} written in {:?}",
                         batch.len(),
@@ -168,6 +215,16 @@ impl PersistenceActor {
         );
     }
 
+    fn track_request(&self, request: &StoredMessage) {
+        if let Some(deadline) = request.reply_deadline {
+            self.deadlines.do_send(TrackRequest {
+                request_id: request.id,
+                project_id: request.project_id,
+                deadline,
+            });
+        }
+    }
+
     /// Hands a committed batch to the channels, grouped by project, in seq order.
     fn dispatch(
         &mut self,
@@ -181,25 +238,33 @@ impl PersistenceActor {
         let mut per_project: HashMap<Uuid, (Option<i64>, Vec<CommittedItem>)> = HashMap::new();
         for ((message, reply), outcome) in batch.into_iter().zip(replies).zip(outcomes) {
             let (settled, client_msg_id) = match outcome {
-                Outcome::Stored(seq) => (Some((message.into_stored(seq, created_at), false)), None),
-                Outcome::Duplicate(existing) => (Some((*existing, true)), message.client_msg_id),
+                Outcome::Stored { seq, no_recipient } => {
+                    let stored = message.into_stored(seq, created_at);
+                    if stored.expects_reply && !no_recipient {
+                        self.track_request(&stored);
+                    }
+                    (Some((stored, false, no_recipient)), None)
+                }
+                Outcome::Duplicate(existing) => (Some((*existing, true, false)), message.client_msg_id),
                 Outcome::SameAs(first) => (
-                    resolved.get(first).cloned().flatten().map(|m| (m, true)),
+                    resolved.get(first).cloned().flatten().map(|m| (m, true, false)),
                     message.client_msg_id,
                 ),
                 Outcome::ProjectMissing => (None, message.client_msg_id),
+                Outcome::Skipped => {
+                    resolved.push(None);
+                    continue;
+                }
             };
-            let Some((stored, duplicate)) = settled else {
+            let Some((stored, duplicate, no_recipient)) = settled else {
                 resolved.push(None);
                 reply.settle(Settlement::Failed {
-                    rejection: Rejection::new(
-                        ErrorCode::ProjectNotFound,
-                        "the project no longer exists",
-                    ),
+                    rejection: Rejection::new(ErrorCode::ProjectNotFound, "the project no longer exists"),
                     client_msg_id,
                 });
                 continue;
             };
+            self.stats.record_commit(&stored, duplicate);
             let entry = per_project.entry(stored.project_id).or_default();
             if !duplicate && entry.0.is_none() {
                 entry.0 = Some(stored.seq - 1);
@@ -209,6 +274,7 @@ impl PersistenceActor {
             entry.1.push(CommittedItem {
                 message: stored,
                 duplicate,
+                no_recipient,
                 reply,
             });
         }
@@ -224,7 +290,10 @@ impl PersistenceActor {
             } else {
                 // Only retries, and nobody connected to the project: settle them here.
                 for item in items {
-                    item.reply.settle(Settlement::Stored(item.message));
+                    item.reply.settle(Settlement::Stored {
+                        message: item.message,
+                        no_recipient: false,
+                    });
                 }
             }
         }

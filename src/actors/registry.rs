@@ -7,6 +7,7 @@ use actix::{Actor, Addr, ArbiterHandle};
 use uuid::Uuid;
 
 use super::channel::ChannelActor;
+use crate::stats::Stats;
 
 /// The running channels, one per project that has seen a connection or a message since the
 /// broker started. Consulted once per connection and once per project per committed batch,
@@ -16,13 +17,15 @@ pub struct ChannelRegistry {
     channels: Arc<Mutex<HashMap<Uuid, Addr<ChannelActor>>>>,
     /// Where channels run: one arbiter (thread) for all of them, apart from the HTTP workers.
     arbiter: ArbiterHandle,
+    stats: Stats,
 }
 
 impl ChannelRegistry {
-    pub fn new(arbiter: ArbiterHandle) -> Self {
+    pub fn new(arbiter: ArbiterHandle, stats: Stats) -> Self {
         ChannelRegistry {
             channels: Arc::default(),
             arbiter,
+            stats,
         }
     }
 
@@ -37,8 +40,9 @@ impl ChannelRegistry {
         channels
             .entry(project_id)
             .or_insert_with(|| {
+                let stats = self.stats.clone();
                 ChannelActor::start_in_arbiter(&self.arbiter, move |_| {
-                    ChannelActor::new(project_id, head_seq)
+                    ChannelActor::new(project_id, head_seq, stats)
                 })
             })
             .clone()

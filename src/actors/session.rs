@@ -171,6 +171,7 @@ impl SessionActor {
         OwedQuery {
             project_id: self.identity.project_id,
             agent_id: self.identity.agent_id.clone(),
+            agent_type: self.identity.agent_type.clone(),
             after: range.after,
             upto: range.upto,
             // `since` replays the whole visible history from that seq, acknowledged or not.
@@ -596,24 +597,13 @@ impl SessionActor {
                     return self.reject(&rejection, send.client_msg_id.as_deref(), ctx);
                 }
                 let identity = &self.identity;
-                let message = NewMessage {
-                    id: Uuid::new_v4(),
-                    project_id: identity.project_id,
-                    sender_agent_id: identity.agent_id.clone(),
-                    sender_agent_type: send
-                        .agent_type
-                        .unwrap_or_else(|| identity.agent_type.clone()),
-                    sender_session_id: Some(identity.session_id),
-                    recipient_agent_id: send.to,
-                    message_type: send.message_type,
-                    content: send.content,
-                    metadata: send.metadata,
-                    priority: send.priority,
-                    correlation_id: send.correlation_id,
-                    reply_to: send.reply_to,
-                    client_msg_id: send.client_msg_id,
-                    ttl_ms: send.ttl_ms,
-                };
+                let message = NewMessage::from_send(
+                    send,
+                    identity.project_id,
+                    identity.agent_id.clone(),
+                    identity.agent_type.clone(),
+                    Some(identity.session_id),
+                );
                 self.pending_sends += 1;
                 self.deps.persistence.do_send(Persist {
                     message,
@@ -621,6 +611,31 @@ impl SessionActor {
                 });
             }
             ClientOp::Ack { seqs, up_to } => self.on_ack(seqs, up_to, ctx),
+            ClientOp::Hello {
+                capabilities,
+                description,
+            } => {
+                let pool = self.deps.pool.clone();
+                let (project_id, agent_id) =
+                    (self.identity.project_id, self.identity.agent_id.clone());
+                actix::spawn(async move {
+                    let stored = match pool.get().await {
+                        Ok(mut conn) => cursors::set_capabilities(
+                            &mut conn,
+                            project_id,
+                            &agent_id,
+                            &capabilities,
+                            description.as_deref(),
+                        )
+                        .await
+                        .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if let Err(e) = stored {
+                        log::warn!("capabilities of {agent_id:?} not stored: {e}");
+                    }
+                });
+            }
             ClientOp::Read { ids } => self.deps.cursors.do_send(MarkRead {
                 project_id: self.identity.project_id,
                 agent_id: self.identity.agent_id.clone(),
@@ -792,6 +807,19 @@ impl Handler<Settled> for SessionActor {
     fn handle(&mut self, settled: Settled, ctx: &mut Self::Context) {
         self.pending_sends = self.pending_sends.saturating_sub(1);
         self.push_text(settled.0, ctx);
+    }
+}
+
+/// A notice for the client that settles nothing (a `no_recipient` warning after a receipt).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Notify(pub ByteString);
+
+impl Handler<Notify> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, notify: Notify, ctx: &mut Self::Context) {
+        self.push_text(notify.0, ctx);
     }
 }
 

@@ -15,11 +15,12 @@ use uuid::Uuid;
 use crate::models::StoredMessage;
 
 /// The owed-message condition, over `agent_messages a`, with `$1` the project, `$4` the agent,
-/// `$5` the joined seq (broadcasts at or below it are not owed) and `$6` the acknowledged
-/// seqs above the floor.
+/// `$5` the joined seq (broadcasts at or below it are not owed), `$6` the acknowledged seqs
+/// above the floor and `$7` the agent's type (for messages addressed to a type).
 const OWED: &str = "a.project_id = $1 \
     AND (a.recipient_agent_id = $4 \
-         OR (a.recipient_agent_id IS NULL AND a.sender_agent_id <> $4 AND a.seq > $5)) \
+         OR (a.recipient_agent_id IS NULL AND a.sender_agent_id <> $4 AND a.seq > $5 \
+             AND (a.recipient_agent_type IS NULL OR a.recipient_agent_type = $7))) \
     AND (a.expires_at IS NULL OR a.expires_at > now()) \
     AND NOT (a.seq = ANY($6))";
 
@@ -32,6 +33,8 @@ pub struct MemberCursor {
     pub acked_above: Vec<i64>,
     #[diesel(sql_type = Nullable<BigInt>)]
     pub joined_seq: Option<i64>,
+    #[diesel(sql_type = Text)]
+    pub agent_type: String,
 }
 
 impl MemberCursor {
@@ -61,7 +64,7 @@ pub async fn join_member(
            joined_seq = COALESCE(members.joined_seq, EXCLUDED.joined_seq), \
            current_session_id = EXCLUDED.current_session_id, \
            last_seen_at = now() \
-         RETURNING ack_floor, acked_above, joined_seq",
+         RETURNING ack_floor, acked_above, joined_seq, agent_type",
     )
     .bind::<SqlUuid, _>(project_id)
     .bind::<Text, _>(agent_id)
@@ -72,13 +75,33 @@ pub async fn join_member(
     .await
 }
 
+/// Replaces what an agent declared it can do.
+pub async fn set_capabilities(
+    conn: &mut AsyncPgConnection,
+    project_id: Uuid,
+    agent_id: &str,
+    capabilities: &[String],
+    description: Option<&str>,
+) -> QueryResult<()> {
+    diesel::sql_query(
+        "UPDATE members SET capabilities = $3, description = $4 WHERE project_id = $1 AND agent_id = $2",
+    )
+    .bind::<SqlUuid, _>(project_id)
+    .bind::<Text, _>(agent_id)
+    .bind::<Array<Text>, _>(capabilities)
+    .bind::<Nullable<Text>, _>(description)
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
 pub async fn find_member(
     conn: &mut AsyncPgConnection,
     project_id: Uuid,
     agent_id: &str,
 ) -> QueryResult<Option<MemberCursor>> {
     diesel::sql_query(
-        "SELECT ack_floor, acked_above, joined_seq FROM members \
+        "SELECT ack_floor, acked_above, joined_seq, agent_type FROM members \
          WHERE project_id = $1 AND agent_id = $2",
     )
     .bind::<SqlUuid, _>(project_id)
@@ -124,6 +147,8 @@ pub struct OwedQuery {
     pub upto: i64,
     pub broadcasts_after: i64,
     pub acked: Vec<i64>,
+    /// The agent's type, for messages addressed to a type.
+    pub agent_type: String,
     /// Priority first (0 critical first), then seq; otherwise seq only.
     pub by_priority: bool,
     /// Keyset: continue after this (priority, seq) (seq alone when not by priority).
@@ -137,12 +162,12 @@ pub async fn owed_page(
     q: &OwedQuery,
 ) -> QueryResult<Vec<StoredMessage>> {
     let order = if q.by_priority {
-        "AND (a.priority, a.seq) > ($7, $8) ORDER BY a.priority, a.seq"
+        "AND (a.priority, a.seq) > ($8, $9) ORDER BY a.priority, a.seq"
     } else {
-        "AND a.seq > $8 AND $7 = $7 ORDER BY a.seq"
+        "AND a.seq > $9 AND $8 = $8 ORDER BY a.seq"
     };
     diesel::sql_query(format!(
-        "SELECT a.* FROM agent_messages a WHERE a.seq > $2 AND a.seq <= $3 AND {OWED} {order} LIMIT $9"
+        "SELECT a.* FROM agent_messages a WHERE a.seq > $2 AND a.seq <= $3 AND {OWED} {order} LIMIT $10"
     ))
     .bind::<SqlUuid, _>(q.project_id)
     .bind::<BigInt, _>(q.after)
@@ -150,6 +175,7 @@ pub async fn owed_page(
     .bind::<Text, _>(&q.agent_id)
     .bind::<BigInt, _>(q.broadcasts_after)
     .bind::<Array<BigInt>, _>(&q.acked)
+    .bind::<Text, _>(&q.agent_type)
     .bind::<SmallInt, _>(q.resume.0)
     .bind::<BigInt, _>(q.resume.1)
     .bind::<BigInt, _>(q.limit)
@@ -177,6 +203,7 @@ pub async fn owed_counts(conn: &mut AsyncPgConnection, q: &OwedQuery) -> QueryRe
     .bind::<Text, _>(&q.agent_id)
     .bind::<BigInt, _>(q.broadcasts_after)
     .bind::<Array<BigInt>, _>(&q.acked)
+    .bind::<Text, _>(&q.agent_type)
     .load(conn)
     .await?;
     let mut counts = [0; 4];
@@ -225,19 +252,20 @@ pub async fn apply_progress(
     }
     let floor: Option<Floor> = diesel::sql_query(
         "WITH m AS ( \
-           SELECT ack_floor, acked_above, joined_seq FROM members \
+           SELECT ack_floor, acked_above, joined_seq, agent_type FROM members \
            WHERE project_id = $1 AND agent_id = $2 \
            FOR UPDATE), \
          base AS ( \
            SELECT GREATEST(m.ack_floor, LEAST(COALESCE($3, 0), p.head_seq)) AS floor, \
                   m.acked_above || $4::int8[] AS acked, \
-                  COALESCE(m.joined_seq, 9223372036854775807) AS joined, p.head_seq \
+                  COALESCE(m.joined_seq, 9223372036854775807) AS joined, m.agent_type, p.head_seq \
            FROM m, projects p WHERE p.id = $1), \
          nxt AS ( \
            SELECT base.*, (SELECT min(a.seq) FROM agent_messages a \
               WHERE a.project_id = $1 AND a.seq > base.floor AND a.seq <= base.head_seq \
                 AND (a.recipient_agent_id = $2 \
-                     OR (a.recipient_agent_id IS NULL AND a.sender_agent_id <> $2 AND a.seq > base.joined)) \
+                     OR (a.recipient_agent_id IS NULL AND a.sender_agent_id <> $2 AND a.seq > base.joined \
+                         AND (a.recipient_agent_type IS NULL OR a.recipient_agent_type = base.agent_type))) \
                 AND (a.expires_at IS NULL OR a.expires_at > now()) \
                 AND NOT (a.seq = ANY(base.acked))) AS first_owed \
            FROM base) \
@@ -323,24 +351,33 @@ pub struct MemberRow {
     /// Messages owed: the queue depth.
     #[diesel(sql_type = BigInt)]
     pub queue_depth: i64,
+    #[diesel(sql_type = Array<Text>)]
+    pub capabilities: Vec<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub description: Option<String>,
 }
 
+/// The members of a project (those declaring `capability`, when given), with their queues.
 pub async fn list_members(
     conn: &mut AsyncPgConnection,
     project_id: Uuid,
+    capability: Option<&str>,
 ) -> QueryResult<Vec<MemberRow>> {
     diesel::sql_query(
-        "SELECT m.agent_id, m.agent_type, m.ack_floor, m.last_seen_at, \
+        "SELECT m.agent_id, m.agent_type, m.ack_floor, m.last_seen_at, m.capabilities, m.description, \
            (SELECT count(*) FROM agent_messages a \
             WHERE a.project_id = m.project_id AND a.seq > m.ack_floor \
               AND (a.recipient_agent_id = m.agent_id \
                    OR (a.recipient_agent_id IS NULL AND a.sender_agent_id <> m.agent_id \
-                       AND a.seq > COALESCE(m.joined_seq, 9223372036854775807))) \
+                       AND a.seq > COALESCE(m.joined_seq, 9223372036854775807) \
+                       AND (a.recipient_agent_type IS NULL OR a.recipient_agent_type = m.agent_type))) \
               AND (a.expires_at IS NULL OR a.expires_at > now()) \
               AND NOT (a.seq = ANY(m.acked_above))) AS queue_depth \
-         FROM members m WHERE m.project_id = $1 ORDER BY m.agent_id",
+         FROM members m WHERE m.project_id = $1 AND ($2::text IS NULL OR $2 = ANY(m.capabilities)) \
+         ORDER BY m.agent_id",
     )
     .bind::<SqlUuid, _>(project_id)
+    .bind::<Nullable<Text>, _>(capability)
     .load(conn)
     .await
 }

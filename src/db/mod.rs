@@ -1,6 +1,7 @@
 //! PostgreSQL access: the connection pool, database creation and migrations, and the queries
 //! the broker runs (`queries`).
 
+pub mod batch;
 pub mod cursors;
 pub mod queries;
 

@@ -25,11 +25,20 @@ struct AgentView {
     ack_floor: i64,
     /// How many messages the agent is owed.
     queue_depth: i64,
+    capabilities: Vec<String>,
+    description: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct ListParams {
+    /// Only agents that declared this capability.
+    capability: Option<String>,
 }
 
 pub async fn list(
     state: web::Data<AppState>,
     path: web::Path<String>,
+    params: web::Query<ListParams>,
 ) -> Result<HttpResponse, ApiError> {
     let project = projects::load(&state, &path).await?;
     let online: HashMap<String, Uuid> = match state.registry.get(project.id) {
@@ -40,7 +49,7 @@ pub async fn list(
         None => HashMap::new(),
     };
     let mut conn = state.pool.get().await?;
-    let members = cursors::list_members(&mut conn, project.id).await?;
+    let members = cursors::list_members(&mut conn, project.id, params.capability.as_deref()).await?;
     let agents: Vec<AgentView> = members
         .into_iter()
         .map(|m| {
@@ -53,6 +62,8 @@ pub async fn list(
                 last_seen_at: m.last_seen_at,
                 ack_floor: m.ack_floor,
                 queue_depth: m.queue_depth,
+                capabilities: m.capabilities,
+                description: m.description,
             }
         })
         .collect();
@@ -91,6 +102,7 @@ pub async fn inbox(
     let query = OwedQuery {
         project_id: project.id,
         agent_id: agent_id.clone(),
+        agent_type: member.agent_type.clone(),
         after: member.ack_floor,
         upto: i64::MAX,
         broadcasts_after: member.broadcasts_after(),

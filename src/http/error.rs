@@ -15,6 +15,9 @@ pub enum ApiError {
     /// No such project or message (404).
     #[error("{0}")]
     NotFound(String),
+    /// The request conflicts with the current state (409).
+    #[error("{0}")]
+    Conflict(String),
     /// The database could not be reached in time (503); nothing was changed.
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
@@ -35,6 +38,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest { code, .. } => code,
             ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
             ApiError::Unavailable(_) => ErrorCode::Unavailable.as_str(),
             ApiError::Internal(_) => "internal",
         }
@@ -84,6 +88,7 @@ impl ResponseError for ApiError {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

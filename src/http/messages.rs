@@ -9,9 +9,11 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{projects, ApiError, AppState};
-use crate::actors::persistence::{Persist, Reply, Settlement};
+use crate::actors::channel::AwaitReply;
+use crate::actors::deadlines::BROKER_AGENT_ID;
+use crate::actors::persistence::{no_recipient_text, Persist, Reply, Settlement};
 use crate::db::queries::{self, HistoryQuery};
-use crate::models::NewMessage;
+use crate::models::{NewMessage, StoredMessage};
 use crate::protocol::{self, SendFields};
 
 /// Page size when the request names none.
@@ -27,6 +29,11 @@ pub struct HistoryParams {
     #[serde(rename = "type")]
     message_type: Option<String>,
     sender: Option<String>,
+    correlation_id: Option<String>,
+    /// A request and all its replies.
+    thread: Option<String>,
+    /// Free-text search over content.
+    q: Option<String>,
 }
 
 pub async fn history(
@@ -55,6 +62,15 @@ pub async fn history(
         limit,
         message_type: params.message_type,
         sender: params.sender,
+        correlation_id: params.correlation_id,
+        thread: params
+            .thread
+            .map(|t| {
+                Uuid::parse_str(&t)
+                    .map_err(|_| ApiError::bad_request("invalid_query", "`thread` must be a message id (UUID)"))
+            })
+            .transpose()?,
+        q: params.q.filter(|q| !q.trim().is_empty()),
     };
     let mut conn = state.pool.get().await?;
     let messages = queries::history(&mut conn, project.id, &query).await?;
@@ -78,39 +94,32 @@ pub async fn publish(
     path: web::Path<String>,
     body: web::Json<PublishBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = body.into_inner();
-    let sender_agent_id = body
-        .sender_agent_id
-        .ok_or_else(|| ApiError::bad_request("missing_field", "`sender_agent_id` is required"))?;
-    protocol::check_agent_id("sender_agent_id", &sender_agent_id)?;
-    let sender_agent_type = body
-        .sender_agent_type
-        .ok_or_else(|| ApiError::bad_request("missing_field", "`sender_agent_type` is required"))?;
-    protocol::check_identifier(
-        "sender_agent_type",
-        &sender_agent_type,
-        protocol::MAX_TYPE_CHARS,
-    )?;
-    let send = protocol::validate_send(body.send, state.settings.max_content_bytes)
-        .map_err(|(rejection, _)| rejection)?;
     let project = projects::load(&state, &path).await?;
+    let message = body.into_inner().into_message(&state, project.id)?;
+    let (stored, _) = store(&state, message).await?;
+    Ok(HttpResponse::Created().json(stored))
+}
 
-    let message = NewMessage {
-        id: Uuid::new_v4(),
-        project_id: project.id,
-        sender_agent_id,
-        sender_agent_type: send.agent_type.unwrap_or(sender_agent_type),
-        sender_session_id: None,
-        recipient_agent_id: send.to,
-        message_type: send.message_type,
-        content: send.content,
-        metadata: send.metadata,
-        priority: send.priority,
-        correlation_id: send.correlation_id,
-        reply_to: send.reply_to,
-        client_msg_id: send.client_msg_id,
-        ttl_ms: send.ttl_ms,
-    };
+impl PublishBody {
+    /// The message this body asks to send, validated like a WebSocket send.
+    fn into_message(self, state: &AppState, project_id: Uuid) -> Result<NewMessage, ApiError> {
+        let sender_agent_id = self
+            .sender_agent_id
+            .ok_or_else(|| ApiError::bad_request("missing_field", "`sender_agent_id` is required"))?;
+        protocol::check_agent_id("sender_agent_id", &sender_agent_id)?;
+        let sender_agent_type = self
+            .sender_agent_type
+            .ok_or_else(|| ApiError::bad_request("missing_field", "`sender_agent_type` is required"))?;
+        protocol::check_identifier("sender_agent_type", &sender_agent_type, protocol::MAX_TYPE_CHARS)?;
+        let send = protocol::validate_send(self.send, state.settings.max_content_bytes)
+            .map_err(|(rejection, _)| rejection)?;
+        Ok(NewMessage::from_send(send, project_id, sender_agent_id, sender_agent_type, None))
+    }
+}
+
+/// Sends a message through the persistence actor (the same path as WebSocket sends) and
+/// waits for its commit. Returns the stored message and whether nobody can receive it.
+pub async fn store(state: &AppState, message: NewMessage) -> Result<(StoredMessage, bool), ApiError> {
     let (tx, rx) = oneshot::channel();
     state.persistence.do_send(Persist {
         message,
@@ -119,13 +128,88 @@ pub async fn publish(
     // The persistence actor settles every send; the bound only guards against a broker bug.
     let wait = state.settings.db_timeout() * 3 + Duration::from_secs(1);
     match tokio::time::timeout(wait, rx).await {
-        Ok(Ok(Settlement::Stored(stored))) => Ok(HttpResponse::Created().json(stored)),
+        Ok(Ok(Settlement::Stored {
+            message,
+            no_recipient,
+        })) => Ok((message, no_recipient)),
         Ok(Ok(Settlement::Failed { rejection, .. })) => Err(rejection.into()),
-        Ok(Err(_)) => Err(ApiError::Internal(
-            "the persistence actor dropped the send".into(),
-        )),
+        Ok(Err(_)) => Err(ApiError::Internal("the persistence actor dropped the send".into())),
         Err(_) => Err(ApiError::Unavailable(
-            "no commit within the time limit".into(),
+            "no commit within the time limit; the message may still be stored: retry with the same client_msg_id".into(),
         )),
     }
+}
+
+/// `POST /api/projects/{id}/requests`: sends a request and waits for its reply (the HTTP
+/// form of sendAndWait). 200 with the reply; 504 with the broker's timeout response when
+/// none came in time; 422 when nobody can receive the request.
+pub async fn send_and_wait(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    body: web::Json<PublishBody>,
+) -> Result<HttpResponse, ApiError> {
+    let project = projects::load(&state, &path).await?;
+    let mut body = body.into_inner();
+    body.send.expects_reply = Some(true);
+    let message = body.into_message(&state, project.id)?;
+    let timeout_ms = message.reply_timeout_ms.unwrap_or(protocol::DEFAULT_REPLY_TIMEOUT_MS);
+    // Wait for the reply before the request exists, so it cannot be missed.
+    let (tx, rx) = oneshot::channel();
+    state
+        .registry
+        .get_or_start(project.id, project.head_seq)
+        .send(AwaitReply {
+            request_id: message.id,
+            tx,
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("the project channel did not answer: {e}")))?;
+    let (request, no_recipient) = store(&state, message).await?;
+    if no_recipient {
+        return Ok(HttpResponse::UnprocessableEntity().json(serde_json::json!({
+            "error": no_recipient_text(&request),
+            "code": "no_recipient",
+            "request": request,
+        })));
+    }
+    // The broker's own timeout response arrives at the deadline; the margin covers a slow
+    // commit of it.
+    let wait = Duration::from_millis(timeout_ms as u64) + state.settings.db_timeout() * 2;
+    let response = tokio::time::timeout(wait, rx)
+        .await
+        .map_err(|_| ApiError::Unavailable("no reply and no timeout response were committed in time".into()))?
+        .map_err(|_| ApiError::Internal("the project channel dropped the wait".into()))?;
+    let timed_out = response.sender_agent_id == BROKER_AGENT_ID && response.error.as_deref() == Some("timeout");
+    let body = serde_json::json!({ "request": request, "response": response });
+    Ok(if timed_out {
+        HttpResponse::GatewayTimeout().json(body)
+    } else {
+        HttpResponse::Ok().json(body)
+    })
+}
+
+/// One message with its delivery state: who still owes it, and its dead-letter record.
+pub async fn show(
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (project_raw, message_raw) = path.into_inner();
+    let project = projects::load(&state, &project_raw).await?;
+    let message_id = Uuid::parse_str(&message_raw)
+        .map_err(|_| ApiError::bad_request("invalid_field", "the message id must be a UUID"))?;
+    let mut conn = state.pool.get().await?;
+    let message = queries::find_message(&mut conn, project.id, message_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no message {message_id} in this project")))?;
+    let owed_to = queries::owed_to(&mut conn, &message).await?;
+    let dead_letter = queries::dead_letter(&mut conn, message_id).await?;
+    let replies = queries::reply_count(&mut conn, project.id, message_id).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "message": message,
+        "owed_to": owed_to,
+        "replies": replies,
+        "dead_letter": dead_letter.map(|(reason, dead_at, retried_as)| serde_json::json!({
+            "reason": reason, "dead_at": dead_at, "retried_as": retried_as,
+        })),
+    })))
 }

@@ -2,11 +2,13 @@
 //! JSON errors.
 
 mod agents;
+mod dead_letters;
 mod console;
 mod error;
 mod messages;
 mod projects;
 mod socket;
+mod stats;
 
 use std::sync::Arc;
 
@@ -22,6 +24,7 @@ use crate::actors::persistence::PersistenceActor;
 use crate::actors::registry::ChannelRegistry;
 use crate::config::Settings;
 use crate::db::DbPool;
+use crate::stats::Stats;
 
 /// What every route handler can reach.
 #[derive(Clone)]
@@ -31,6 +34,7 @@ pub struct AppState {
     pub registry: ChannelRegistry,
     pub persistence: Addr<PersistenceActor>,
     pub cursors: Addr<CursorActor>,
+    pub stats: Stats,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -52,32 +56,28 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     )
     .service(
         web::scope("/api")
+            .route("/stats", web::get().to(stats::all))
             .route("/projects", web::post().to(projects::create))
             .route("/projects", web::get().to(projects::list))
-            .route("/projects/{project_id}", web::get().to(projects::show))
-            .route(
-                "/projects/{project_id}/messages",
-                web::get().to(messages::history),
-            )
-            .route(
-                "/projects/{project_id}/messages",
-                web::post().to(messages::publish),
-            )
-            .route(
-                "/projects/{project_id}/messages/{message_id}/read",
-                web::post().to(agents::read),
-            )
-            .route("/projects/{project_id}/agents", web::get().to(agents::list))
-            .route(
-                "/projects/{project_id}/agents/{agent_id}/inbox",
-                web::get().to(agents::inbox),
-            )
-            .route(
-                "/projects/{project_id}/agents/{agent_id}/ack",
-                web::post().to(agents::ack),
-            ),
+            .service(web::scope("/projects/{project_id}").configure(project_routes)),
     )
     .default_service(web::to(not_found));
+}
+
+/// Everything under `/api/projects/{project_id}`.
+fn project_routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("", web::get().to(projects::show))
+        .route("/stats", web::get().to(stats::project))
+        .route("/messages", web::get().to(messages::history))
+        .route("/messages", web::post().to(messages::publish))
+        .route("/messages/{message_id}", web::get().to(messages::show))
+        .route("/messages/{message_id}/read", web::post().to(agents::read))
+        .route("/requests", web::post().to(messages::send_and_wait))
+        .route("/agents", web::get().to(agents::list))
+        .route("/agents/{agent_id}/inbox", web::get().to(agents::inbox))
+        .route("/agents/{agent_id}/ack", web::post().to(agents::ack))
+        .route("/dead-letters", web::get().to(dead_letters::list))
+        .route("/dead-letters/{message_id}/retry", web::post().to(dead_letters::retry));
 }
 
 /// Unknown paths and methods get a JSON error like every other route.

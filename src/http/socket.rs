@@ -22,6 +22,8 @@ pub struct ConnectParams {
     ack: Option<AckMode>,
     /// Replay the visible history after this seq instead of what is owed.
     since: Option<i64>,
+    /// What the agent can do, comma-separated.
+    capabilities: Option<String>,
 }
 
 pub async fn connect(
@@ -43,6 +45,16 @@ pub async fn connect(
         .agent_type
         .unwrap_or_else(|| DEFAULT_AGENT_TYPE.to_owned());
     protocol::check_identifier("agent_type", &agent_type, protocol::MAX_TYPE_CHARS)?;
+    let capabilities: Option<Vec<String>> = params.capabilities.as_deref().map(|list| {
+        list.split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned)
+            .collect()
+    });
+    if let Some(capabilities) = &capabilities {
+        protocol::check_capabilities(capabilities)?;
+    }
     if params.since.is_some_and(|s| s < 0) {
         return Err(ApiError::bad_request(
             "invalid_query",
@@ -61,7 +73,7 @@ pub async fn connect(
         queries::insert_session(&mut conn, session_id, project.id, &agent_id, &agent_type).await?;
         // A new member starts at the head read above; the replay covers anything committed
         // between that read and the moment the session joins its channel.
-        cursors::join_member(
+        let cursor = cursors::join_member(
             &mut conn,
             project.id,
             &agent_id,
@@ -69,7 +81,11 @@ pub async fn connect(
             session_id,
             project.head_seq,
         )
-        .await?
+        .await?;
+        if let Some(capabilities) = &capabilities {
+            cursors::set_capabilities(&mut conn, project.id, &agent_id, capabilities, None).await?;
+        }
+        cursor
     };
 
     let max_frame = state.settings.max_frame_bytes;

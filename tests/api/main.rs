@@ -2,6 +2,7 @@
 //! PostgreSQL database and talks to it over real sockets.
 
 mod bad_input;
+mod bench;
 #[cfg(feature = "browser-tests")]
 mod console;
 mod crash;
@@ -11,4 +12,5 @@ mod messaging;
 mod offline;
 mod outage;
 mod pg_cluster;
+mod requests;
 mod sessions;

@@ -124,6 +124,9 @@ async fn a_direct_message_waits_for_an_agent_that_never_connected() {
     let direct = a
         .send_ok(json!({"type": "task_assignment", "content": "welcome aboard", "to": "newbie"}))
         .await;
+    // Stored and owed to newbie, but the sender hears that no such agent has connected yet.
+    let warning = a.expect_error("no_recipient").await;
+    assert!(warning["error"].as_str().is_some_and(|e| e.contains("newbie")));
     a.send_ok(status("a broadcast before newbie arrives")).await;
 
     let (_, inbox) = app
@@ -238,8 +241,10 @@ async fn expired_messages_are_never_delivered() {
     // Nor replayed: z never connected; its expired direct message is not owed to it.
     a.send_ok(json!({"content": "expired for z", "ttl_ms": 1, "to": "z"}))
         .await;
+    a.expect_error("no_recipient").await;
     a.send_ok(json!({"content": "alive for z", "to": "z"}))
         .await;
+    a.expect_error("no_recipient").await;
     let (_, body) = app
         .get_json(&format!("/api/projects/{project}/agents/z/inbox"))
         .await;

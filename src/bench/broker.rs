@@ -1,0 +1,191 @@
+//! The broker under test: a `serve` process this benchmark starts on a fresh database (and
+//! stops, and whose database it drops), or a broker that is already running.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+/// How long a spawned broker may take to report its port.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Lines of the spawned broker's log kept to explain a failure.
+const LOG_TAIL: usize = 20;
+
+/// Where the broker under test is.
+pub struct BrokerTarget {
+    /// `ws://host:port`, without a trailing slash.
+    pub ws_base: String,
+    /// Its database.
+    pub database_url: String,
+    /// Its process, for CPU and memory figures.
+    pub pid: Option<u32>,
+}
+
+/// A broker process started by the benchmark. Killed when dropped.
+pub struct SpawnedBroker {
+    child: Child,
+    port: u16,
+    database_url: String,
+    log_tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl SpawnedBroker {
+    /// Starts this executable's `serve` on a free port of 127.0.0.1, on `database_url`
+    /// (which the broker creates), and waits for its "listening" line.
+    pub fn start(database_url: &str, extra_args: &[String]) -> anyhow::Result<SpawnedBroker> {
+        let exe = std::env::current_exe().context("finding the agentbus executable")?;
+        let mut child = Command::new(exe)
+            .args([
+                "serve",
+                "--bind",
+                "127.0.0.1:0",
+                "--database-url",
+                database_url,
+            ])
+            .args(extra_args)
+            // Start-up lines are logged at info; per-connection lines are few.
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting the broker")?;
+        let stderr = child.stderr.take().context("the broker's stderr")?;
+        let log_tail = Arc::new(Mutex::new(VecDeque::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log_tail = log_tail.clone();
+            // Read the port from the start-up line, then keep draining the log so the broker
+            // never blocks on a full pipe.
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("agentbus listening on") {
+                        if let Some(port) = parse_port(&line) {
+                            let _ = tx.send(port);
+                        }
+                    }
+                    let mut tail = log_tail.lock().unwrap_or_else(|p| p.into_inner());
+                    if tail.len() == LOG_TAIL {
+                        tail.pop_front();
+                    }
+                    tail.push_back(line);
+                }
+            });
+        }
+        let mut broker = SpawnedBroker {
+            child,
+            port: 0,
+            database_url: database_url.to_owned(),
+            log_tail,
+        };
+        match rx.recv_timeout(START_TIMEOUT) {
+            Ok(port) => broker.port = port,
+            Err(_) => anyhow::bail!(
+                "the broker did not report its port within {START_TIMEOUT:?}; its log ends with:\n{}",
+                broker.log_tail()
+            ),
+        }
+        Ok(broker)
+    }
+
+    pub fn target(&self) -> BrokerTarget {
+        BrokerTarget {
+            ws_base: format!("ws://127.0.0.1:{}", self.port),
+            database_url: self.database_url.clone(),
+            pid: Some(self.child.id()),
+        }
+    }
+
+    /// The last lines the broker logged.
+    pub fn log_tail(&self) -> String {
+        let tail = self.log_tail.lock().unwrap_or_else(|p| p.into_inner());
+        tail.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn stop(mut self) {
+        self.kill();
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for SpawnedBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The port in "agentbus listening on 127.0.0.1:0 (port 40123)".
+fn parse_port(line: &str) -> Option<u16> {
+    line.split("(port ")
+        .nth(1)?
+        .split(')')
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// A fresh database name on `server`: `bench_<uuid>`.
+pub fn fresh_database_url(server: &str) -> (String, String) {
+    let name = format!("bench_{}", Uuid::new_v4().simple());
+    (format!("{}/{name}", server.trim_end_matches('/')), name)
+}
+
+/// Drops a database this benchmark created (terminating any connection left to it).
+pub async fn drop_database(server: &str, name: &str) -> anyhow::Result<()> {
+    let mut conn =
+        AsyncPgConnection::establish(&format!("{}/postgres", server.trim_end_matches('/')))
+            .await
+            .with_context(|| format!("connecting to {server} to drop {name}"))?;
+    diesel::sql_query(format!(
+        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+        name.replace('"', "\"\"")
+    ))
+    .execute(&mut conn)
+    .await
+    .with_context(|| format!("dropping database {name}"))?;
+    Ok(())
+}
+
+/// `ws://host:port` from what the user gave (`ws://host:port/`, `host:port`).
+pub fn normalise_target(target: &str) -> String {
+    let trimmed = target.trim_end_matches('/');
+    if trimmed.starts_with("ws://") || trimmed.starts_with("wss://") {
+        trimmed.to_owned()
+    } else {
+        format!("ws://{trimmed}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_port_of_the_listening_line() {
+        let line =
+            "[2026-01-01T00:00:00Z INFO  agentbus] agentbus listening on 127.0.0.1:0 (port 40123)";
+        assert_eq!(parse_port(line), Some(40123));
+        assert_eq!(parse_port("nothing here"), None);
+    }
+
+    #[test]
+    fn normalises_targets() {
+        assert_eq!(normalise_target("ws://h:1/"), "ws://h:1");
+        assert_eq!(normalise_target("h:1"), "ws://h:1");
+    }
+}

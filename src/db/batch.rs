@@ -1,0 +1,528 @@
+//! The hot path: storing a group-commit batch in one transaction, whatever its size.
+//!
+//! In order, inside the transaction:
+//! 1. retries are recognised by their client_msg_id (they get the original back);
+//! 2. replies are linked to the request they answer and addressed to its sender;
+//! 3. each project's seqs are allocated (`UPDATE projects SET head_seq = head_seq + n`), so a
+//!    batch that rolls back gives its numbers back and seqs stay dense; the row lock taken
+//!    there makes seq order equal commit order;
+//! 4. the rows go in with one `INSERT ... SELECT FROM unnest(...)`: one bind parameter per
+//!    column however many rows (a multi-row VALUES list hits PostgreSQL's 65535-parameter
+//!    limit at a few thousand rows);
+//! 5. bookkeeping that only some batches need: recipients of direct messages become members,
+//!    answered requests are marked, sends that nobody can receive are flagged, and requests
+//!    nobody can receive are dead-lettered.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Bool, Int2, Int4, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use crate::models::{NewMessage, ReplyLink, StoredMessage};
+
+/// What became of one message of a batch.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Stored now with this seq. `no_recipient`: nobody can receive it (see
+    /// `ErrorCode::NoRecipient`).
+    Stored { seq: i64, no_recipient: bool },
+    /// A retry: a message with the same (project, sender, client_msg_id) was already stored;
+    /// this is that message, and nothing new was written.
+    Duplicate(Box<StoredMessage>),
+    /// A retry of the message at this earlier index of the same batch.
+    SameAs(usize),
+    /// The project does not exist (any more); nothing was written.
+    ProjectMissing,
+    /// The broker's timeout response to a request that was answered meanwhile: not stored.
+    Skipped,
+}
+
+#[derive(QueryableByName)]
+struct Head {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+    #[diesel(sql_type = BigInt)]
+    head_seq: i64,
+}
+
+/// Stores a batch and returns one outcome per message, in batch order. Replies in the batch
+/// are completed in place (recipient, reply link) before they are stored.
+pub async fn commit_batch(
+    conn: &mut AsyncPgConnection,
+    batch: &mut [NewMessage],
+    created_at: DateTime<Utc>,
+) -> QueryResult<Vec<Outcome>> {
+    conn.transaction(async move |conn| {
+        let links = link_replies(conn, batch, created_at).await?;
+        let batch = &*batch;
+        let existing = find_retries(conn, batch).await?;
+
+        // Which messages are new, and the first occurrence of each client_msg_id within
+        // the batch (a client may retry before its first attempt committed).
+        let mut first_in_batch: HashMap<(Uuid, &str, &str), usize> = HashMap::new();
+        let mut plan: Vec<Outcome> = Vec::with_capacity(batch.len());
+        let mut new_per_project: HashMap<Uuid, i64> = HashMap::new();
+        for (index, msg) in batch.iter().enumerate() {
+            if links.skipped.contains(&index) {
+                plan.push(Outcome::Skipped);
+                continue;
+            }
+            if let Some(cmid) = msg.client_msg_id.as_deref() {
+                let key = (msg.project_id, msg.sender_agent_id.as_str(), cmid);
+                if let Some(stored) = existing.get(&key) {
+                    plan.push(Outcome::Duplicate(Box::new(stored.clone())));
+                    continue;
+                }
+                if let Some(&first) = first_in_batch.get(&key) {
+                    plan.push(Outcome::SameAs(first));
+                    continue;
+                }
+                first_in_batch.insert(key, index);
+            }
+            *new_per_project.entry(msg.project_id).or_default() += 1;
+            plan.push(Outcome::Stored {
+                seq: 0,
+                no_recipient: false,
+            });
+        }
+
+        // Allocate seqs: each project's new messages get head+1 ..= head+n, in batch order.
+        let mut next_seq: HashMap<Uuid, i64> = HashMap::with_capacity(new_per_project.len());
+        if !new_per_project.is_empty() {
+            let (ids, counts): (Vec<Uuid>, Vec<i64>) = new_per_project.iter().map(|(k, v)| (*k, *v)).unzip();
+            let heads: Vec<Head> = diesel::sql_query(
+                "UPDATE projects AS p SET head_seq = p.head_seq + c.n \
+                 FROM unnest($1::uuid[], $2::int8[]) AS c(id, n) \
+                 WHERE p.id = c.id RETURNING p.id, p.head_seq",
+            )
+            .bind::<Array<SqlUuid>, _>(&ids)
+            .bind::<Array<BigInt>, _>(&counts)
+            .load(conn)
+            .await?;
+            for head in heads {
+                let n = new_per_project[&head.id];
+                next_seq.insert(head.id, head.head_seq - n + 1);
+            }
+        }
+
+        // Assign seqs and gather the columns of the rows to insert.
+        let mut cols = Columns::with_capacity(batch.len());
+        for (msg, outcome) in batch.iter().zip(plan.iter_mut()) {
+            if let Outcome::Stored { seq, .. } = outcome {
+                match next_seq.get_mut(&msg.project_id) {
+                    Some(next) => {
+                        *seq = *next;
+                        *next += 1;
+                        cols.push(msg, *seq, created_at);
+                    }
+                    None => *outcome = Outcome::ProjectMissing,
+                }
+            }
+        }
+        if cols.id.is_empty() {
+            return Ok(plan);
+        }
+        cols.insert(conn, created_at).await?;
+        cols.ensure_recipients(conn).await?;
+        mark_answered(conn, &links.answered, created_at).await?;
+        flag_unreachable(conn, batch, &mut plan, created_at).await?;
+        Ok(plan)
+    })
+    .await
+}
+
+/// Messages already stored under the client_msg_ids this batch carries, by
+/// (project, sender, client_msg_id).
+async fn find_retries<'b>(
+    conn: &mut AsyncPgConnection,
+    batch: &'b [NewMessage],
+) -> QueryResult<HashMap<(Uuid, &'b str, &'b str), StoredMessage>> {
+    let mut keys: Vec<(Uuid, &str, &str)> = Vec::new();
+    for msg in batch {
+        if let Some(cmid) = &msg.client_msg_id {
+            keys.push((msg.project_id, &msg.sender_agent_id, cmid));
+        }
+    }
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let projects: Vec<Uuid> = keys.iter().map(|k| k.0).collect();
+    let senders: Vec<&str> = keys.iter().map(|k| k.1).collect();
+    let cmids: Vec<&str> = keys.iter().map(|k| k.2).collect();
+    let found: Vec<StoredMessage> = diesel::sql_query(
+        "SELECT m.* FROM agent_messages m \
+         JOIN unnest($1::uuid[], $2::text[], $3::text[]) AS k(project_id, sender, cmid) \
+           ON m.project_id = k.project_id AND m.sender_agent_id = k.sender AND m.client_msg_id = k.cmid",
+    )
+    .bind::<Array<SqlUuid>, _>(&projects)
+    .bind::<Array<Text>, _>(&senders)
+    .bind::<Array<Text>, _>(&cmids)
+    .load(conn)
+    .await?;
+    let mut by_key = HashMap::with_capacity(found.len());
+    for message in found {
+        if let Some(&key) = keys.iter().find(|k| {
+            k.0 == message.project_id && k.1 == message.sender_agent_id && Some(k.2) == message.client_msg_id.as_deref()
+        }) {
+            by_key.insert(key, message);
+        }
+    }
+    Ok(by_key)
+}
+
+/// A request, as replies need it.
+#[derive(QueryableByName, Debug)]
+struct Request {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    project_id: Uuid,
+    #[diesel(sql_type = BigInt)]
+    seq: i64,
+    #[diesel(sql_type = Text)]
+    sender_agent_id: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    correlation_id: Option<String>,
+    #[diesel(sql_type = Timestamptz)]
+    created_at: DateTime<Utc>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    reply_deadline: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    replied_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Default)]
+struct Links {
+    /// Requests answered by this batch.
+    answered: Vec<Uuid>,
+    /// Indexes of timeout responses whose request was answered meanwhile.
+    skipped: Vec<usize>,
+}
+
+/// Completes the replies of a batch: a message whose `reply_to` (or, failing that, whose
+/// `correlation_id`) names a request becomes a direct message to the requester, whatever
+/// its own `to` said, with the request's seq, the time since the request and whether the
+/// deadline had passed.
+async fn link_replies(
+    conn: &mut AsyncPgConnection,
+    batch: &mut [NewMessage],
+    created_at: DateTime<Utc>,
+) -> QueryResult<Links> {
+    let mut ids: Vec<Uuid> = Vec::new();
+    let mut correlations: Vec<&str> = Vec::new();
+    let mut projects: Vec<Uuid> = Vec::new();
+    for msg in batch.iter() {
+        if let Some(id) = msg.timeout_of.or(msg.reply_to) {
+            ids.push(id);
+            projects.push(msg.project_id);
+        } else if let (Some(c), None) = (&msg.correlation_id, msg.reply_timeout_ms) {
+            correlations.push(c);
+            projects.push(msg.project_id);
+        }
+    }
+    if projects.is_empty() {
+        return Ok(Links::default());
+    }
+    let requests: Vec<Request> = diesel::sql_query(
+        "SELECT id, project_id, seq, sender_agent_id, correlation_id, created_at, reply_deadline, replied_at \
+         FROM agent_messages \
+         WHERE expects_reply AND project_id = ANY($1) AND (id = ANY($2) OR correlation_id = ANY($3)) \
+         ORDER BY seq",
+    )
+    .bind::<Array<SqlUuid>, _>(&projects)
+    .bind::<Array<SqlUuid>, _>(&ids)
+    .bind::<Array<Text>, _>(&correlations)
+    .load(conn)
+    .await?;
+    if requests.is_empty() {
+        return Ok(Links::default());
+    }
+    let mut links = Links::default();
+    for (index, msg) in batch.iter_mut().enumerate() {
+        let request = if let Some(id) = msg.timeout_of.or(msg.reply_to) {
+            requests.iter().find(|r| r.id == id && r.project_id == msg.project_id)
+        } else if msg.reply_timeout_ms.is_none() {
+            // The newest request with this correlation id, from someone else.
+            msg.correlation_id.as_deref().and_then(|c| {
+                requests.iter().rev().find(|r| {
+                    r.project_id == msg.project_id
+                        && r.correlation_id.as_deref() == Some(c)
+                        && r.sender_agent_id != msg.sender_agent_id
+                })
+            })
+        } else {
+            None
+        };
+        let Some(request) = request else { continue };
+        let is_timeout = msg.timeout_of.is_some();
+        if is_timeout && (request.replied_at.is_some() || links.answered.contains(&request.id)) {
+            links.skipped.push(index);
+            continue;
+        }
+        msg.recipient_agent_id = Some(request.sender_agent_id.clone());
+        msg.recipient_agent_type = None;
+        msg.reply_to = Some(request.id);
+        if msg.correlation_id.is_none() {
+            msg.correlation_id = request.correlation_id.clone();
+        }
+        msg.reply = Some(ReplyLink {
+            in_reply_to_seq: request.seq,
+            duration_ms: (created_at - request.created_at).num_milliseconds(),
+            late: !is_timeout && request.reply_deadline.is_some_and(|deadline| created_at > deadline),
+        });
+        if request.replied_at.is_none() && !links.answered.contains(&request.id) {
+            links.answered.push(request.id);
+        }
+    }
+    Ok(links)
+}
+
+/// Requests answered by this batch (first reply, or the broker's timeout response).
+async fn mark_answered(conn: &mut AsyncPgConnection, answered: &[Uuid], at: DateTime<Utc>) -> QueryResult<()> {
+    if answered.is_empty() {
+        return Ok(());
+    }
+    diesel::sql_query("UPDATE agent_messages SET replied_at = $2 WHERE id = ANY($1) AND replied_at IS NULL")
+        .bind::<Array<SqlUuid>, _>(answered)
+        .bind::<Timestamptz, _>(at)
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
+/// Flags new sends that nobody can receive: a direct message to an agent that never
+/// connected, a message to a type no member has, a request broadcast to a project with no
+/// other member. Such requests are dead-lettered at once (and count as answered, so no
+/// timeout follows).
+async fn flag_unreachable(
+    conn: &mut AsyncPgConnection,
+    batch: &[NewMessage],
+    plan: &mut [Outcome],
+    created_at: DateTime<Utc>,
+) -> QueryResult<()> {
+    let (mut index, mut projects, mut kinds, mut targets, mut senders) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (i, (msg, outcome)) in batch.iter().zip(plan.iter()).enumerate() {
+        if !matches!(outcome, Outcome::Stored { .. }) || msg.reply.is_some() {
+            continue;
+        }
+        let (kind, target) = match (&msg.recipient_agent_id, &msg.recipient_agent_type) {
+            (Some(agent), _) => ("agent", agent.as_str()),
+            (None, Some(agent_type)) => ("type", agent_type.as_str()),
+            (None, None) if msg.reply_timeout_ms.is_some() => ("all", ""),
+            (None, None) => continue,
+        };
+        index.push(i as i32);
+        projects.push(msg.project_id);
+        kinds.push(kind);
+        targets.push(target);
+        senders.push(msg.sender_agent_id.as_str());
+    }
+    if index.is_empty() {
+        return Ok(());
+    }
+    #[derive(QueryableByName)]
+    struct Unreachable {
+        #[diesel(sql_type = Int4)]
+        i: i32,
+    }
+    let unreachable: Vec<Unreachable> = diesel::sql_query(
+        "SELECT t.i FROM unnest($1::int4[], $2::uuid[], $3::text[], $4::text[], $5::text[]) \
+           AS t(i, p, kind, target, sender) \
+         WHERE NOT EXISTS (SELECT 1 FROM members m \
+           WHERE m.project_id = t.p AND m.joined_seq IS NOT NULL AND m.agent_id <> t.sender \
+             AND ((t.kind = 'agent' AND m.agent_id = t.target) \
+               OR (t.kind = 'type' AND m.agent_type = t.target) \
+               OR t.kind = 'all'))",
+    )
+    .bind::<Array<Int4>, _>(&index)
+    .bind::<Array<SqlUuid>, _>(&projects)
+    .bind::<Array<Text>, _>(&kinds)
+    .bind::<Array<Text>, _>(&targets)
+    .bind::<Array<Text>, _>(&senders)
+    .load(conn)
+    .await?;
+    let mut dead: Vec<Uuid> = Vec::new();
+    let mut dead_projects: Vec<Uuid> = Vec::new();
+    for Unreachable { i } in unreachable {
+        let i = i as usize;
+        if let Outcome::Stored { no_recipient, .. } = &mut plan[i] {
+            *no_recipient = true;
+        }
+        if batch[i].reply_timeout_ms.is_some() {
+            dead.push(batch[i].id);
+            dead_projects.push(batch[i].project_id);
+        }
+    }
+    if !dead.is_empty() {
+        diesel::sql_query(
+            "INSERT INTO dead_letters (message_id, project_id, reason, dead_at) \
+             SELECT m, p, 'no_recipient', $3 FROM unnest($1::uuid[], $2::uuid[]) AS t(m, p)",
+        )
+        .bind::<Array<SqlUuid>, _>(&dead)
+        .bind::<Array<SqlUuid>, _>(&dead_projects)
+        .bind::<Timestamptz, _>(created_at)
+        .execute(conn)
+        .await?;
+        mark_answered(conn, &dead, created_at).await?;
+    }
+    Ok(())
+}
+
+/// The columns of the rows a batch inserts, one vector per column (borrowed from the batch).
+struct Columns<'a> {
+    id: Vec<Uuid>,
+    project_id: Vec<Uuid>,
+    seq: Vec<i64>,
+    sender_agent_id: Vec<&'a str>,
+    sender_agent_type: Vec<&'a str>,
+    sender_session_id: Vec<Option<Uuid>>,
+    recipient_agent_id: Vec<Option<&'a str>>,
+    message_type: Vec<&'a str>,
+    content: Vec<&'a str>,
+    metadata: Vec<&'a serde_json::Value>,
+    priority: Vec<i16>,
+    correlation_id: Vec<Option<&'a str>>,
+    reply_to: Vec<Option<Uuid>>,
+    client_msg_id: Vec<Option<&'a str>>,
+    expires_at: Vec<Option<DateTime<Utc>>>,
+    recipient_agent_type: Vec<Option<&'a str>>,
+    expects_reply: Vec<bool>,
+    reply_deadline: Vec<Option<DateTime<Utc>>>,
+    in_reply_to_seq: Vec<Option<i64>>,
+    success: Vec<Option<bool>>,
+    error: Vec<Option<&'a str>>,
+    duration_ms: Vec<Option<i64>>,
+    late: Vec<bool>,
+}
+
+impl<'a> Columns<'a> {
+    fn with_capacity(n: usize) -> Self {
+        Columns {
+            id: Vec::with_capacity(n),
+            project_id: Vec::with_capacity(n),
+            seq: Vec::with_capacity(n),
+            sender_agent_id: Vec::with_capacity(n),
+            sender_agent_type: Vec::with_capacity(n),
+            sender_session_id: Vec::with_capacity(n),
+            recipient_agent_id: Vec::with_capacity(n),
+            message_type: Vec::with_capacity(n),
+            content: Vec::with_capacity(n),
+            metadata: Vec::with_capacity(n),
+            priority: Vec::with_capacity(n),
+            correlation_id: Vec::with_capacity(n),
+            reply_to: Vec::with_capacity(n),
+            client_msg_id: Vec::with_capacity(n),
+            expires_at: Vec::with_capacity(n),
+            recipient_agent_type: Vec::with_capacity(n),
+            expects_reply: Vec::with_capacity(n),
+            reply_deadline: Vec::with_capacity(n),
+            in_reply_to_seq: Vec::with_capacity(n),
+            success: Vec::with_capacity(n),
+            error: Vec::with_capacity(n),
+            duration_ms: Vec::with_capacity(n),
+            late: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, msg: &'a NewMessage, seq: i64, created_at: DateTime<Utc>) {
+        self.id.push(msg.id);
+        self.project_id.push(msg.project_id);
+        self.seq.push(seq);
+        self.sender_agent_id.push(&msg.sender_agent_id);
+        self.sender_agent_type.push(&msg.sender_agent_type);
+        self.sender_session_id.push(msg.sender_session_id);
+        self.recipient_agent_id
+            .push(msg.recipient_agent_id.as_deref());
+        self.message_type.push(&msg.message_type);
+        self.content.push(&msg.content);
+        self.metadata.push(&msg.metadata);
+        self.priority.push(msg.priority);
+        self.correlation_id.push(msg.correlation_id.as_deref());
+        self.reply_to.push(msg.reply_to);
+        self.client_msg_id.push(msg.client_msg_id.as_deref());
+        self.expires_at.push(
+            msg.ttl_ms
+                .map(|ttl| created_at + chrono::Duration::milliseconds(ttl)),
+        );
+        self.recipient_agent_type.push(msg.recipient_agent_type.as_deref());
+        self.expects_reply.push(msg.reply_timeout_ms.is_some());
+        self.reply_deadline.push(
+            msg.reply_timeout_ms
+                .map(|ms| created_at + chrono::Duration::milliseconds(ms)),
+        );
+        self.in_reply_to_seq.push(msg.reply.as_ref().map(|r| r.in_reply_to_seq));
+        self.success.push(msg.success);
+        self.error.push(msg.error.as_deref());
+        self.duration_ms.push(msg.reply.as_ref().map(|r| r.duration_ms));
+        self.late.push(msg.reply.as_ref().is_some_and(|r| r.late));
+    }
+
+    /// The recipients of this batch's direct messages become members, owed those messages.
+    async fn ensure_recipients(&self, conn: &mut AsyncPgConnection) -> QueryResult<()> {
+        let (mut projects, mut agents, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
+        for ((project, to), seq) in self
+            .project_id
+            .iter()
+            .zip(&self.recipient_agent_id)
+            .zip(&self.seq)
+        {
+            if let Some(to) = to {
+                projects.push(*project);
+                agents.push(*to);
+                seqs.push(*seq);
+            }
+        }
+        crate::db::cursors::ensure_recipients(conn, &projects, &agents, &seqs).await
+    }
+
+    async fn insert(
+        &self,
+        conn: &mut AsyncPgConnection,
+        created_at: DateTime<Utc>,
+    ) -> QueryResult<()> {
+        diesel::sql_query(
+            "INSERT INTO agent_messages (id, project_id, seq, sender_agent_id, sender_agent_type, \
+               sender_session_id, recipient_agent_id, message_type, content, metadata, priority, \
+               correlation_id, reply_to, client_msg_id, expires_at, recipient_agent_type, \
+               expects_reply, reply_deadline, in_reply_to_seq, success, error, duration_ms, late, \
+               created_at) \
+             SELECT u.*, $24 FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::text[], \
+               $5::text[], $6::uuid[], $7::text[], $8::text[], $9::text[], $10::jsonb[], \
+               $11::int2[], $12::text[], $13::uuid[], $14::text[], $15::timestamptz[], $16::text[], \
+               $17::bool[], $18::timestamptz[], $19::int8[], $20::bool[], $21::text[], $22::int8[], \
+               $23::bool[]) AS u",
+        )
+        .bind::<Array<SqlUuid>, _>(&self.id)
+        .bind::<Array<SqlUuid>, _>(&self.project_id)
+        .bind::<Array<BigInt>, _>(&self.seq)
+        .bind::<Array<Text>, _>(&self.sender_agent_id)
+        .bind::<Array<Text>, _>(&self.sender_agent_type)
+        .bind::<Array<Nullable<SqlUuid>>, _>(&self.sender_session_id)
+        .bind::<Array<Nullable<Text>>, _>(&self.recipient_agent_id)
+        .bind::<Array<Text>, _>(&self.message_type)
+        .bind::<Array<Text>, _>(&self.content)
+        .bind::<Array<Jsonb>, _>(&self.metadata)
+        .bind::<Array<Int2>, _>(&self.priority)
+        .bind::<Array<Nullable<Text>>, _>(&self.correlation_id)
+        .bind::<Array<Nullable<SqlUuid>>, _>(&self.reply_to)
+        .bind::<Array<Nullable<Text>>, _>(&self.client_msg_id)
+        .bind::<Array<Nullable<Timestamptz>>, _>(&self.expires_at)
+        .bind::<Array<Nullable<Text>>, _>(&self.recipient_agent_type)
+        .bind::<Array<Bool>, _>(&self.expects_reply)
+        .bind::<Array<Nullable<Timestamptz>>, _>(&self.reply_deadline)
+        .bind::<Array<Nullable<BigInt>>, _>(&self.in_reply_to_seq)
+        .bind::<Array<Nullable<Bool>>, _>(&self.success)
+        .bind::<Array<Nullable<Text>>, _>(&self.error)
+        .bind::<Array<Nullable<BigInt>>, _>(&self.duration_ms)
+        .bind::<Array<Bool>, _>(&self.late)
+        .bind::<Timestamptz, _>(created_at)
+        .execute(conn)
+        .await
+        .map(drop)
+    }
+}
+

@@ -1,0 +1,138 @@
+//! `/api/projects/{id}/dead-letters`: messages that could not reach anyone, and retrying them.
+
+use actix_web::{web, HttpResponse};
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::messages::{store, DEFAULT_PAGE, MAX_PAGE};
+use super::{projects, ApiError, AppState};
+use crate::models::{NewMessage, StoredMessage};
+use crate::schema::{agent_messages, dead_letters};
+
+#[derive(Deserialize)]
+pub struct ListParams {
+    limit: Option<i64>,
+}
+
+/// `(reason, dead_at, retried_as)` of a dead letter.
+type DeadLetterRecord = (String, DateTime<Utc>, Option<Uuid>);
+
+#[derive(Serialize)]
+struct DeadLetterView {
+    message: StoredMessage,
+    /// `expired`, `no_recipient` or `max_deliveries`.
+    reason: String,
+    dead_at: DateTime<Utc>,
+    /// The message that retried it, once retried.
+    retried_as: Option<Uuid>,
+}
+
+/// Newest first.
+pub async fn list(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    params: web::Query<ListParams>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = params.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("`limit` must be between 1 and {MAX_PAGE}"),
+        ));
+    }
+    let project = projects::load(&state, &path).await?;
+    let mut conn = state.pool.get().await?;
+    let rows: Vec<(StoredMessage, DeadLetterRecord)> = dead_letters::table
+        .inner_join(agent_messages::table)
+        .filter(dead_letters::project_id.eq(project.id))
+        .order(dead_letters::dead_at.desc())
+        .limit(limit)
+        .select((
+            StoredMessage::as_select(),
+            (dead_letters::reason, dead_letters::dead_at, dead_letters::retried_as),
+        ))
+        .load(&mut conn)
+        .await?;
+    let dead: Vec<DeadLetterView> = rows
+        .into_iter()
+        .map(|(message, (reason, dead_at, retried_as))| DeadLetterView {
+            message,
+            reason,
+            dead_at,
+            retried_as,
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "dead_letters": dead })))
+}
+
+/// Sends a dead letter again: a new message with the same sender, addressing, type, content
+/// and priority (and the same time to live / reply timeout, counted afresh), whose metadata
+/// names the original in `retry_of`.
+pub async fn retry(
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (project_raw, message_raw) = path.into_inner();
+    let project = projects::load(&state, &project_raw).await?;
+    let message_id = Uuid::parse_str(&message_raw)
+        .map_err(|_| ApiError::bad_request("invalid_field", "the message id must be a UUID"))?;
+    let original = {
+        let mut conn = state.pool.get().await?;
+        let found: Option<(StoredMessage, Option<Uuid>)> = dead_letters::table
+            .inner_join(agent_messages::table)
+            .filter(dead_letters::project_id.eq(project.id))
+            .filter(dead_letters::message_id.eq(message_id))
+            .select((StoredMessage::as_select(), dead_letters::retried_as))
+            .first(&mut conn)
+            .await
+            .optional()?;
+        match found {
+            None => return Err(ApiError::NotFound(format!("no dead letter {message_id} in this project"))),
+            Some((_, Some(retried_as))) => {
+                return Err(ApiError::Conflict(format!("already retried as {retried_as}")));
+            }
+            Some((message, None)) => message,
+        }
+    };
+    let mut metadata = original.metadata.clone();
+    if let Some(map) = metadata.as_object_mut() {
+        map.insert("retry_of".into(), serde_json::json!(original.id));
+    }
+    let retry = NewMessage {
+        id: Uuid::new_v4(),
+        project_id: project.id,
+        sender_agent_id: original.sender_agent_id,
+        sender_agent_type: original.sender_agent_type,
+        sender_session_id: None,
+        recipient_agent_id: original.recipient_agent_id,
+        message_type: original.message_type,
+        content: original.content,
+        metadata,
+        priority: original.priority,
+        correlation_id: original.correlation_id,
+        reply_to: original.reply_to,
+        client_msg_id: None,
+        ttl_ms: original
+            .expires_at
+            .map(|at| (at - original.created_at).num_milliseconds().max(1)),
+        recipient_agent_type: original.recipient_agent_type,
+        reply_timeout_ms: original
+            .reply_deadline
+            .filter(|_| original.expects_reply)
+            .map(|at| (at - original.created_at).num_milliseconds().max(1)),
+        success: original.success,
+        error: original.error,
+        reply: None,
+        timeout_of: None,
+    };
+    let (stored, _) = store(&state, retry).await?;
+    let mut conn = state.pool.get().await?;
+    diesel::update(dead_letters::table.find(message_id))
+        .set(dead_letters::retried_as.eq(stored.id))
+        .execute(&mut conn)
+        .await?;
+    Ok(HttpResponse::Created().json(stored))
+}
