@@ -74,6 +74,11 @@ pub struct Settings {
     #[arg(long, env = "AGENTBUS_MAX_IN_FLIGHT", default_value_t = 256)]
     pub max_in_flight: usize,
 
+    /// Manual-ack sessions: a message delivered this many times without an acknowledgement
+    /// goes to the dead-letter list (reason `max_deliveries`) instead of being delivered again.
+    #[arg(long, env = "AGENTBUS_MAX_DELIVERIES", default_value_t = 10)]
+    pub max_deliveries: u32,
+
     /// HTTP worker threads (0: one per core).
     #[arg(long, env = "AGENTBUS_WORKERS", default_value_t = 0)]
     pub workers: usize,
@@ -95,6 +100,7 @@ impl Default for Settings {
             outbox_max_bytes: 16 * 1024 * 1024,
             max_pending_sends: 4_096,
             max_in_flight: 256,
+            max_deliveries: 10,
             workers: 0,
         }
     }

@@ -43,11 +43,17 @@ impl Application {
         let registry = ChannelRegistry::new(broker_arbiter.handle(), stats.clone());
         let deadlines = {
             let pool = pool.clone();
-            DeadlineActor::start_in_arbiter(&broker_arbiter.handle(), move |_| DeadlineActor::new(pool))
+            DeadlineActor::start_in_arbiter(&broker_arbiter.handle(), move |_| {
+                DeadlineActor::new(pool)
+            })
         };
         let persistence = {
-            let (pool, registry, deadlines, stats) =
-                (pool.clone(), registry.clone(), deadlines.clone(), stats.clone());
+            let (pool, registry, deadlines, stats) = (
+                pool.clone(),
+                registry.clone(),
+                deadlines.clone(),
+                stats.clone(),
+            );
             let batch_max_rows = settings.batch_max_rows;
             PersistenceActor::start_in_arbiter(&broker_arbiter.handle(), move |_| {
                 PersistenceActor::new(pool, registry, deadlines, stats, batch_max_rows)

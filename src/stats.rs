@@ -16,7 +16,8 @@ const RATE_WINDOW_SECS: usize = 10;
 /// Upper bounds of the batch-size histogram buckets (rows).
 pub const BATCH_SIZE_BUCKETS: [u64; 8] = [1, 2, 5, 10, 50, 100, 500, 1000];
 /// Upper bounds of the commit-latency histogram buckets (milliseconds).
-pub const COMMIT_MS_BUCKETS: [f64; 10] = [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 500.0, 1000.0];
+pub const COMMIT_MS_BUCKETS: [f64; 10] =
+    [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 500.0, 1000.0];
 
 /// Shared handle to the broker's counters. Cloning is cheap.
 #[derive(Clone)]
@@ -112,7 +113,9 @@ impl Default for Stats {
 
 impl Stats {
     fn lock(&self) -> std::sync::MutexGuard<'_, Counters> {
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// A message committed (a retry is not counted again).
@@ -153,10 +156,16 @@ impl Stats {
         }
         b.batches += 1;
         b.rows += rows as u64;
-        let size = BATCH_SIZE_BUCKETS.iter().position(|&max| rows as u64 <= max).unwrap_or(BATCH_SIZE_BUCKETS.len());
+        let size = BATCH_SIZE_BUCKETS
+            .iter()
+            .position(|&max| rows as u64 <= max)
+            .unwrap_or(BATCH_SIZE_BUCKETS.len());
         b.size_buckets[size] += 1;
         let ms = took.as_secs_f64() * 1000.0;
-        let latency = COMMIT_MS_BUCKETS.iter().position(|&max| ms <= max).unwrap_or(COMMIT_MS_BUCKETS.len());
+        let latency = COMMIT_MS_BUCKETS
+            .iter()
+            .position(|&max| ms <= max)
+            .unwrap_or(COMMIT_MS_BUCKETS.len());
         b.commit_ms_buckets[latency] += 1;
         b.commit_ms_total += ms;
     }
@@ -173,7 +182,10 @@ impl Stats {
     pub fn all_projects(&self) -> HashMap<Uuid, ProjectSnapshot> {
         let mut c = self.lock();
         let now = c.started.elapsed().as_secs();
-        c.projects.iter_mut().map(|(id, p)| (*id, snapshot(p, now))).collect()
+        c.projects
+            .iter_mut()
+            .map(|(id, p)| (*id, snapshot(p, now)))
+            .collect()
     }
 
     pub fn batches(&self) -> BatchCounters {

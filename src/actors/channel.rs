@@ -62,7 +62,10 @@ impl ChannelActor {
             if !expired {
                 self.deliver(&message);
             }
-            if let Some(waiter) = message.reply_to.and_then(|id| self.reply_waiters.remove(&id)) {
+            if let Some(waiter) = message
+                .reply_to
+                .and_then(|id| self.reply_waiters.remove(&id))
+            {
                 let _ = waiter.send(message.clone());
             }
         }

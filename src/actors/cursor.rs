@@ -24,6 +24,10 @@ pub struct CursorActor {
     progress: HashMap<MemberKey, Progress>,
     /// Read receipts not written yet, per member.
     reads: HashMap<MemberKey, Vec<Uuid>>,
+    /// Manual-mode deliveries to count, per member.
+    attempts: HashMap<MemberKey, Vec<i64>>,
+    /// Messages to give up on (dead-letter), per member: (id, seq).
+    give_ups: HashMap<MemberKey, Vec<(Uuid, i64)>>,
     /// Whether a write is in flight (or a retry is scheduled).
     writing: bool,
 }
@@ -34,67 +38,91 @@ impl CursorActor {
             pool,
             progress: HashMap::new(),
             reads: HashMap::new(),
+            attempts: HashMap::new(),
+            give_ups: HashMap::new(),
             writing: false,
         }
     }
 
     fn write_next(&mut self, ctx: &mut Context<Self>) {
-        if self.writing || (self.progress.is_empty() && self.reads.is_empty()) {
+        if self.writing
+            || (self.progress.is_empty()
+                && self.reads.is_empty()
+                && self.attempts.is_empty()
+                && self.give_ups.is_empty())
+        {
             return;
         }
         self.writing = true;
-        let progress = std::mem::take(&mut self.progress);
-        let reads = std::mem::take(&mut self.reads);
+        let work = Pending {
+            progress: std::mem::take(&mut self.progress),
+            reads: std::mem::take(&mut self.reads),
+            attempts: std::mem::take(&mut self.attempts),
+            give_ups: std::mem::take(&mut self.give_ups),
+        };
         let pool = self.pool.clone();
         let write = async move {
             let result = match pool.get().await {
-                Ok(mut conn) => write_all(&mut conn, &progress, &reads)
-                    .await
-                    .map_err(|e| e.to_string()),
+                Ok(mut conn) => write_all(&mut conn, &work).await.map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
-            (progress, reads, result)
+            (work, result)
         };
-        ctx.spawn(
-            write
-                .into_actor(self)
-                .map(|(progress, reads, result), act, ctx| {
-                    match result {
-                        Ok(()) => {
-                            act.writing = false;
-                            act.write_next(ctx);
-                        }
-                        Err(e) => {
-                            // Nothing is lost: the reports go back in the queue and are written once
-                            // the database answers again.
-                            log::warn!("delivery progress not recorded yet ({e}); retrying");
-                            for (key, p) in progress {
-                                act.progress.entry(key).or_default().merge(p);
-                            }
-                            for (key, ids) in reads {
-                                act.reads.entry(key).or_default().extend(ids);
-                            }
-                            ctx.run_later(RETRY_AFTER, |act, ctx| {
-                                act.writing = false;
-                                act.write_next(ctx);
-                            });
-                        }
+        ctx.spawn(write.into_actor(self).map(|(work, result), act, ctx| {
+            match result {
+                Ok(()) => {
+                    act.writing = false;
+                    act.write_next(ctx);
+                }
+                Err(e) => {
+                    // Nothing is lost: the reports go back in the queue and are written once
+                    // the database answers again.
+                    log::warn!("delivery progress not recorded yet ({e}); retrying");
+                    for (key, p) in work.progress {
+                        act.progress.entry(key).or_default().merge(p);
                     }
-                }),
-        );
+                    for (key, ids) in work.reads {
+                        act.reads.entry(key).or_default().extend(ids);
+                    }
+                    for (key, seqs) in work.attempts {
+                        act.attempts.entry(key).or_default().extend(seqs);
+                    }
+                    for (key, messages) in work.give_ups {
+                        act.give_ups.entry(key).or_default().extend(messages);
+                    }
+                    ctx.run_later(RETRY_AFTER, |act, ctx| {
+                        act.writing = false;
+                        act.write_next(ctx);
+                    });
+                }
+            }
+        }));
     }
+}
+
+/// One write cycle's worth of reports.
+struct Pending {
+    progress: HashMap<MemberKey, Progress>,
+    reads: HashMap<MemberKey, Vec<Uuid>>,
+    attempts: HashMap<MemberKey, Vec<i64>>,
+    give_ups: HashMap<MemberKey, Vec<(Uuid, i64)>>,
 }
 
 async fn write_all(
     conn: &mut diesel_async::AsyncPgConnection,
-    progress: &HashMap<MemberKey, Progress>,
-    reads: &HashMap<MemberKey, Vec<Uuid>>,
+    work: &Pending,
 ) -> diesel::QueryResult<()> {
     conn.transaction(async |conn| {
-        for ((project_id, agent_id), p) in progress {
+        for ((project_id, agent_id), seqs) in &work.attempts {
+            cursors::record_attempts(conn, *project_id, agent_id, seqs).await?;
+        }
+        for ((project_id, agent_id), p) in &work.progress {
             cursors::apply_progress(conn, *project_id, agent_id, p).await?;
         }
-        for ((project_id, agent_id), ids) in reads {
+        for ((project_id, agent_id), messages) in &work.give_ups {
+            cursors::give_up(conn, *project_id, agent_id, messages).await?;
+        }
+        for ((project_id, agent_id), ids) in &work.reads {
             cursors::mark_read(conn, *project_id, agent_id, ids).await?;
         }
         Ok(())
@@ -148,6 +176,54 @@ impl Handler<MarkRead> for CursorActor {
             .entry((read.project_id, read.agent_id))
             .or_default()
             .extend(read.ids);
+        self.write_next(ctx);
+    }
+}
+
+/// Manual mode: these messages were handed to the agent once more.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RecordAttempts {
+    pub project_id: Uuid,
+    pub agent_id: String,
+    pub seqs: Vec<i64>,
+}
+
+impl Handler<RecordAttempts> for CursorActor {
+    type Result = ();
+
+    fn handle(&mut self, record: RecordAttempts, ctx: &mut Self::Context) {
+        if record.seqs.is_empty() {
+            return;
+        }
+        self.attempts
+            .entry((record.project_id, record.agent_id))
+            .or_default()
+            .extend(record.seqs);
+        self.write_next(ctx);
+    }
+}
+
+/// Manual mode: these messages (id, seq) reached the delivery limit without an ack.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct GiveUp {
+    pub project_id: Uuid,
+    pub agent_id: String,
+    pub messages: Vec<(Uuid, i64)>,
+}
+
+impl Handler<GiveUp> for CursorActor {
+    type Result = ();
+
+    fn handle(&mut self, give_up: GiveUp, ctx: &mut Self::Context) {
+        if give_up.messages.is_empty() {
+            return;
+        }
+        self.give_ups
+            .entry((give_up.project_id, give_up.agent_id))
+            .or_default()
+            .extend(give_up.messages);
         self.write_next(ctx);
     }
 }

@@ -214,7 +214,11 @@ impl Handler<TrackRequest> for DeadlineActor {
 
     fn handle(&mut self, track: TrackRequest, ctx: &mut Self::Context) {
         let earliest = self.timers.peek().map(|Reverse((d, _, _))| *d);
-        self.timers.push(Reverse((track.deadline, track.request_id, track.project_id)));
+        self.timers.push(Reverse((
+            track.deadline,
+            track.request_id,
+            track.project_id,
+        )));
         if earliest.is_none_or(|d| track.deadline < d) {
             self.arm(ctx);
         }

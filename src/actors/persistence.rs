@@ -15,14 +15,14 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::channel::{Committed, CommittedItem};
-use super::registry::ChannelRegistry;
 use super::deadlines::{DeadlineActor, TrackRequest};
+use super::registry::ChannelRegistry;
 use super::session::{Notify, SessionActor, Settled};
-use crate::stats::Stats;
 use crate::db::batch::{self, Outcome};
 use crate::db::DbPool;
 use crate::models::{NewMessage, StoredMessage};
 use crate::protocol::{self, ErrorCode, Rejection};
+use crate::stats::Stats;
 
 /// Who to tell what became of a send.
 pub enum Reply {
@@ -62,10 +62,8 @@ impl Reply {
                 } => {
                     addr.do_send(Settled(protocol::receipt_frame(message)));
                     if *no_recipient {
-                        let warning = Rejection::new(
-                            ErrorCode::NoRecipient,
-                            no_recipient_text(message),
-                        );
+                        let warning =
+                            Rejection::new(ErrorCode::NoRecipient, no_recipient_text(message));
                         addr.do_send(Notify(protocol::error_frame(
                             &warning,
                             message.client_msg_id.as_deref(),
@@ -75,7 +73,10 @@ impl Reply {
                 Settlement::Failed {
                     rejection,
                     client_msg_id,
-                } => addr.do_send(Settled(protocol::error_frame(rejection, client_msg_id.as_deref()))),
+                } => addr.do_send(Settled(protocol::error_frame(
+                    rejection,
+                    client_msg_id.as_deref(),
+                ))),
             },
             Reply::Broker => {}
             Reply::Http(tx) => {
@@ -90,7 +91,9 @@ impl Reply {
 pub fn no_recipient_text(message: &StoredMessage) -> String {
     let whom = match (&message.recipient_agent_id, &message.recipient_agent_type) {
         (Some(agent), _) => format!("agent {agent:?} has never connected to this project"),
-        (None, Some(agent_type)) => format!("no agent of type {agent_type:?} is a member of this project"),
+        (None, Some(agent_type)) => {
+            format!("no agent of type {agent_type:?} is a member of this project")
+        }
         (None, None) => "no other agent is a member of this project".to_owned(),
     };
     if message.expects_reply {
@@ -179,7 +182,8 @@ impl PersistenceActor {
                 .into_actor(self)
                 .map(move |(batch, created_at, result), act, ctx| {
                     act.writing = false;
-                    act.stats.record_batch(batch.len(), started.elapsed(), result.is_ok());
+                    act.stats
+                        .record_batch(batch.len(), started.elapsed(), result.is_ok());
                     log::debug!(
                         "batch of {} written in {:?}",
                         batch.len(),
@@ -245,9 +249,15 @@ impl PersistenceActor {
                     }
                     (Some((stored, false, no_recipient)), None)
                 }
-                Outcome::Duplicate(existing) => (Some((*existing, true, false)), message.client_msg_id),
+                Outcome::Duplicate(existing) => {
+                    (Some((*existing, true, false)), message.client_msg_id)
+                }
                 Outcome::SameAs(first) => (
-                    resolved.get(first).cloned().flatten().map(|m| (m, true, false)),
+                    resolved
+                        .get(first)
+                        .cloned()
+                        .flatten()
+                        .map(|m| (m, true, false)),
                     message.client_msg_id,
                 ),
                 Outcome::ProjectMissing => (None, message.client_msg_id),
@@ -259,7 +269,10 @@ impl PersistenceActor {
             let Some((stored, duplicate, no_recipient)) = settled else {
                 resolved.push(None);
                 reply.settle(Settlement::Failed {
-                    rejection: Rejection::new(ErrorCode::ProjectNotFound, "the project no longer exists"),
+                    rejection: Rejection::new(
+                        ErrorCode::ProjectNotFound,
+                        "the project no longer exists",
+                    ),
                     client_msg_id,
                 });
                 continue;

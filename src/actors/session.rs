@@ -2,7 +2,7 @@
 //! forwards sends to the persistence actor, keeps the connection alive with pings, and writes
 //! everything the broker has for the client to the socket, in order, through a bounded outbox.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,7 @@ use bytestring::ByteString;
 use uuid::Uuid;
 
 use super::channel::{ChannelActor, Join, Leave};
-use super::cursor::{CursorActor, MarkRead, ReportProgress};
+use super::cursor::{CursorActor, GiveUp, MarkRead, RecordAttempts, ReportProgress};
 use super::persistence::{Persist, PersistenceActor, Reply};
 use crate::config::Settings;
 use crate::db::cursors::{self, MemberCursor, OwedQuery, Progress};
@@ -116,6 +116,8 @@ pub struct SessionActor {
     queued_upto: i64,
     /// Manual mode: messages queued or written but not acknowledged yet.
     in_flight: BTreeSet<i64>,
+    /// Manual mode: messages queued since the delivery counts were last reported.
+    attempted: Vec<i64>,
 }
 
 /// What a write step put on the socket, for bookkeeping once it completes.
@@ -162,6 +164,7 @@ impl SessionActor {
             missed_upto: 0,
             queued_upto: 0,
             in_flight: BTreeSet::new(),
+            attempted: Vec::new(),
         }
     }
 
@@ -232,17 +235,28 @@ impl SessionActor {
         }
         self.loading = true;
         let query = self.owed_query(range, limit);
+        let manual = self.delivery.ack == AckMode::Manual;
         let pool = self.deps.pool.clone();
         let read = async move {
             let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-            cursors::owed_page(&mut conn, &query)
+            let page = cursors::owed_page(&mut conn, &query)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            // Manual mode: how often each was delivered already, for the delivery limit.
+            let attempts = if manual && !page.is_empty() {
+                let seqs: Vec<i64> = page.iter().map(|m| m.seq).collect();
+                cursors::delivery_attempts(&mut conn, query.project_id, &query.agent_id, &seqs)
+                    .await
+                    .map_err(|e| e.to_string())?
+            } else {
+                Default::default()
+            };
+            Ok::<_, String>((page, attempts))
         };
         ctx.spawn(read.into_actor(self).map(move |page, act, ctx| {
             act.loading = false;
             match page {
-                Ok(page) => act.on_store_page(page, limit, ctx),
+                Ok((page, attempts)) => act.on_store_page(page, attempts, limit, ctx),
                 Err(e) => {
                     log::warn!(
                         "session {}: reading owed messages failed: {e}",
@@ -254,7 +268,13 @@ impl SessionActor {
         }));
     }
 
-    fn on_store_page(&mut self, page: Vec<StoredMessage>, limit: usize, ctx: &mut Context<Self>) {
+    fn on_store_page(
+        &mut self,
+        page: Vec<StoredMessage>,
+        attempts: HashMap<i64, i32>,
+        limit: usize,
+        ctx: &mut Context<Self>,
+    ) {
         let exhausted = page.len() < limit;
         let Some(range) = self.store.as_mut() else {
             return;
@@ -263,9 +283,31 @@ impl SessionActor {
             range.resume = (last.priority, last.seq);
         }
         let range_upto = range.upto;
+        let max_deliveries = self.deps.settings.max_deliveries as i32;
+        let mut given_up = Vec::new();
         for message in &page {
-            self.queue_message(protocol::message_frame(message), message.seq, ctx);
+            if attempts
+                .get(&message.seq)
+                .is_some_and(|&n| n >= max_deliveries)
+            {
+                given_up.push((message.id, message.seq));
+            } else {
+                self.queue_message(protocol::message_frame(message), message.seq, ctx);
+            }
         }
+        if !given_up.is_empty() {
+            log::info!(
+                "session {}: {} message(s) reached the delivery limit; dead-lettered",
+                self.identity.session_id,
+                given_up.len()
+            );
+            self.deps.cursors.do_send(GiveUp {
+                project_id: self.identity.project_id,
+                agent_id: self.identity.agent_id.clone(),
+                messages: given_up,
+            });
+        }
+        self.flush_attempts();
         if exhausted {
             // Live messages skipped meanwhile are read next, in seq order; then live.
             self.store = (self.missed_upto > range_upto).then_some(StoreRange {
@@ -283,6 +325,7 @@ impl SessionActor {
     fn queue_message(&mut self, frame: ByteString, seq: i64, ctx: &mut Context<Self>) {
         if self.delivery.ack == AckMode::Manual {
             self.in_flight.insert(seq);
+            self.attempted.push(seq);
         }
         self.queued_upto = self.queued_upto.max(seq);
         self.push(Outgoing::Message { frame, seq }, ctx);
@@ -329,6 +372,7 @@ impl SessionActor {
             return self.slow_consumer(ctx);
         }
         self.queue_message(frame, seq, ctx);
+        self.flush_attempts();
     }
 
     /// Greets the client, then replays what it is owed up to the channel's head.
@@ -350,6 +394,17 @@ impl SessionActor {
         self.missed_upto = range.upto;
         self.store = Some(range);
         self.fetch_more(ctx);
+    }
+
+    /// Manual mode: reports the deliveries made since the last report, to be counted.
+    fn flush_attempts(&mut self) {
+        if !self.attempted.is_empty() {
+            self.deps.cursors.do_send(RecordAttempts {
+                project_id: self.identity.project_id,
+                agent_id: self.identity.agent_id.clone(),
+                seqs: std::mem::take(&mut self.attempted),
+            });
+        }
     }
 
     fn slow_consumer(&mut self, ctx: &mut Context<Self>) {
@@ -683,10 +738,14 @@ impl Actor for SessionActor {
                         resume: (-1, 0),
                     });
                     let query = range.as_ref().map(|range| act.owed_query(range, 0));
+                    let max_deliveries = (act.delivery.ack == AckMode::Manual)
+                        .then_some(act.deps.settings.max_deliveries as i32);
                     let pool = act.deps.pool.clone();
                     async move {
                         let mut conn = pool.get().await.ok()?;
-                        cursors::owed_counts(&mut conn, &query?).await.ok()
+                        cursors::owed_counts(&mut conn, &query?, max_deliveries)
+                            .await
+                            .ok()
                     }
                     .into_actor(act)
                     .map(move |counts, act, ctx| match (range, counts) {

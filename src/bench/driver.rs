@@ -90,6 +90,55 @@ impl Workload {
     }
 }
 
+/// Words the content is made of: prose-like, so that indexes on the content (full-text
+/// search) cost what they would cost with real agents' messages.
+const WORDS: [&str; 24] = [
+    "agent",
+    "status",
+    "build",
+    "passed",
+    "reviewing",
+    "config",
+    "parser",
+    "module",
+    "tests",
+    "failing",
+    "retry",
+    "deploy",
+    "branch",
+    "merged",
+    "request",
+    "changes",
+    "found",
+    "issue",
+    "latency",
+    "cache",
+    "schema",
+    "migration",
+    "done",
+    "next",
+];
+
+/// `size` bytes of text (ASCII, nothing to escape in JSON).
+pub fn content(size: usize) -> String {
+    let mut text = String::with_capacity(size + 16);
+    let mut i = 0;
+    while text.len() < size {
+        if !text.is_empty() {
+            text.push(' ');
+        }
+        text.push_str(WORDS[(i * 7 + i / WORDS.len()) % WORDS.len()]);
+        i += 1;
+    }
+    text.truncate(size);
+    // Content must not end with a space only because it was cut there.
+    if text.ends_with(' ') {
+        text.pop();
+        text.push('.');
+    }
+    text
+}
+
 /// An agent id of the workload: `a0`, `a1`, …
 pub fn agent_id(index: usize) -> String {
     format!("a{index}")
@@ -409,7 +458,7 @@ pub async fn drive(
         last_receipt_ns: AtomicU64::new(0),
         last_delivery_ns: AtomicU64::new(0),
     });
-    let content: Arc<str> = "x".repeat(w.size).into();
+    let content: Arc<str> = content(w.size).into();
     let w = Arc::new(w.clone());
     let total_agents = w.projects * w.agents;
     let mut senders = Vec::new();
@@ -940,5 +989,8 @@ mod tests {
         assert_eq!(value["to"], "a1");
         assert_eq!(value["metadata"]["t"], 2);
         assert_eq!(parse_agent_id("a12"), Some(12));
+        for size in [1, 5, 6, 200, 1000] {
+            assert_eq!(content(size).len(), size);
+        }
     }
 }

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::broker::{drop_database, fresh_database_url};
 use super::cli::Mode;
-use super::driver::{agent_id, original_frame, reply_frame, Workload};
+use super::driver::{agent_id, content, original_frame, reply_frame, Workload};
 use super::procstat::CpuSample;
 use super::verify::{self, Verification};
 use crate::db::{self, batch, queries};
@@ -76,7 +76,7 @@ async fn run_on(url: &str, w: &Workload) -> anyhow::Result<RawResult> {
 /// agent of every project, then message `n + 1`; each reply right after its request. Each row
 /// is made from the very frame the driver sends, by the broker's own parsing and validation.
 fn rows(w: &Workload, project_ids: &[Uuid]) -> anyhow::Result<Vec<NewMessage>> {
-    let content = "x".repeat(w.size);
+    let content = content(w.size);
     let row = |project: Uuid, sender: usize, frame: String| -> anyhow::Result<NewMessage> {
         let ClientOp::Send(fields) = protocol::parse_client_frame(&frame)
             .map_err(|(r, _)| anyhow::anyhow!("the bench's own frame is refused: {}", r.message))?

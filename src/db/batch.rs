@@ -17,7 +17,9 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Bool, Int2, Int4, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel::sql_types::{
+    Array, BigInt, Bool, Int2, Int4, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid,
+};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
@@ -92,7 +94,8 @@ pub async fn commit_batch(
         // Allocate seqs: each project's new messages get head+1 ..= head+n, in batch order.
         let mut next_seq: HashMap<Uuid, i64> = HashMap::with_capacity(new_per_project.len());
         if !new_per_project.is_empty() {
-            let (ids, counts): (Vec<Uuid>, Vec<i64>) = new_per_project.iter().map(|(k, v)| (*k, *v)).unzip();
+            let (ids, counts): (Vec<Uuid>, Vec<i64>) =
+                new_per_project.iter().map(|(k, v)| (*k, *v)).unzip();
             let heads: Vec<Head> = diesel::sql_query(
                 "UPDATE projects AS p SET head_seq = p.head_seq + c.n \
                  FROM unnest($1::uuid[], $2::int8[]) AS c(id, n) \
@@ -165,7 +168,9 @@ async fn find_retries<'b>(
     let mut by_key = HashMap::with_capacity(found.len());
     for message in found {
         if let Some(&key) = keys.iter().find(|k| {
-            k.0 == message.project_id && k.1 == message.sender_agent_id && Some(k.2) == message.client_msg_id.as_deref()
+            k.0 == message.project_id
+                && k.1 == message.sender_agent_id
+                && Some(k.2) == message.client_msg_id.as_deref()
         }) {
             by_key.insert(key, message);
         }
@@ -243,7 +248,9 @@ async fn link_replies(
     let mut links = Links::default();
     for (index, msg) in batch.iter_mut().enumerate() {
         let request = if let Some(id) = msg.timeout_of.or(msg.reply_to) {
-            requests.iter().find(|r| r.id == id && r.project_id == msg.project_id)
+            requests
+                .iter()
+                .find(|r| r.id == id && r.project_id == msg.project_id)
         } else if msg.reply_timeout_ms.is_none() {
             // The newest request with this correlation id, from someone else.
             msg.correlation_id.as_deref().and_then(|c| {
@@ -271,7 +278,10 @@ async fn link_replies(
         msg.reply = Some(ReplyLink {
             in_reply_to_seq: request.seq,
             duration_ms: (created_at - request.created_at).num_milliseconds(),
-            late: !is_timeout && request.reply_deadline.is_some_and(|deadline| created_at > deadline),
+            late: !is_timeout
+                && request
+                    .reply_deadline
+                    .is_some_and(|deadline| created_at > deadline),
         });
         if request.replied_at.is_none() && !links.answered.contains(&request.id) {
             links.answered.push(request.id);
@@ -281,16 +291,22 @@ async fn link_replies(
 }
 
 /// Requests answered by this batch (first reply, or the broker's timeout response).
-async fn mark_answered(conn: &mut AsyncPgConnection, answered: &[Uuid], at: DateTime<Utc>) -> QueryResult<()> {
+async fn mark_answered(
+    conn: &mut AsyncPgConnection,
+    answered: &[Uuid],
+    at: DateTime<Utc>,
+) -> QueryResult<()> {
     if answered.is_empty() {
         return Ok(());
     }
-    diesel::sql_query("UPDATE agent_messages SET replied_at = $2 WHERE id = ANY($1) AND replied_at IS NULL")
-        .bind::<Array<SqlUuid>, _>(answered)
-        .bind::<Timestamptz, _>(at)
-        .execute(conn)
-        .await
-        .map(drop)
+    diesel::sql_query(
+        "UPDATE agent_messages SET replied_at = $2 WHERE id = ANY($1) AND replied_at IS NULL",
+    )
+    .bind::<Array<SqlUuid>, _>(answered)
+    .bind::<Timestamptz, _>(at)
+    .execute(conn)
+    .await
+    .map(drop)
 }
 
 /// Flags new sends that nobody can receive: a direct message to an agent that never
@@ -448,16 +464,19 @@ impl<'a> Columns<'a> {
             msg.ttl_ms
                 .map(|ttl| created_at + chrono::Duration::milliseconds(ttl)),
         );
-        self.recipient_agent_type.push(msg.recipient_agent_type.as_deref());
+        self.recipient_agent_type
+            .push(msg.recipient_agent_type.as_deref());
         self.expects_reply.push(msg.reply_timeout_ms.is_some());
         self.reply_deadline.push(
             msg.reply_timeout_ms
                 .map(|ms| created_at + chrono::Duration::milliseconds(ms)),
         );
-        self.in_reply_to_seq.push(msg.reply.as_ref().map(|r| r.in_reply_to_seq));
+        self.in_reply_to_seq
+            .push(msg.reply.as_ref().map(|r| r.in_reply_to_seq));
         self.success.push(msg.success);
         self.error.push(msg.error.as_deref());
-        self.duration_ms.push(msg.reply.as_ref().map(|r| r.duration_ms));
+        self.duration_ms
+            .push(msg.reply.as_ref().map(|r| r.duration_ms));
         self.late.push(msg.reply.as_ref().is_some_and(|r| r.late));
     }
 
@@ -525,4 +544,3 @@ impl<'a> Columns<'a> {
         .map(drop)
     }
 }
-

@@ -191,11 +191,20 @@ struct PriorityCount {
     count: i64,
 }
 
-/// How many messages are owed in `(after, upto]`, per priority (index 0 = critical).
-pub async fn owed_counts(conn: &mut AsyncPgConnection, q: &OwedQuery) -> QueryResult<[i64; 4]> {
+/// How many messages will be delivered from `(after, upto]`, per priority (index 0 =
+/// critical): those owed, less those already delivered `max_deliveries` times (manual mode),
+/// which go to the dead-letter list instead.
+pub async fn owed_counts(
+    conn: &mut AsyncPgConnection,
+    q: &OwedQuery,
+    max_deliveries: Option<i32>,
+) -> QueryResult<[i64; 4]> {
     let rows: Vec<PriorityCount> = diesel::sql_query(format!(
         "SELECT a.priority, count(*) AS count FROM agent_messages a \
-         WHERE a.seq > $2 AND a.seq <= $3 AND {OWED} GROUP BY a.priority"
+         WHERE a.seq > $2 AND a.seq <= $3 AND {OWED} \
+           AND ($8::int4 IS NULL OR NOT EXISTS (SELECT 1 FROM delivery_attempts d \
+                WHERE d.project_id = $1 AND d.agent_id = $4 AND d.seq = a.seq AND d.attempts >= $8)) \
+         GROUP BY a.priority"
     ))
     .bind::<SqlUuid, _>(q.project_id)
     .bind::<BigInt, _>(q.after)
@@ -204,6 +213,7 @@ pub async fn owed_counts(conn: &mut AsyncPgConnection, q: &OwedQuery) -> QueryRe
     .bind::<BigInt, _>(q.broadcasts_after)
     .bind::<Array<BigInt>, _>(&q.acked)
     .bind::<Text, _>(&q.agent_type)
+    .bind::<Nullable<diesel::sql_types::Integer>, _>(max_deliveries)
     .load(conn)
     .await?;
     let mut counts = [0; 4];
@@ -296,6 +306,17 @@ pub async fn apply_progress(
         .execute(conn)
         .await?;
     }
+    if let Some(floor) = &floor {
+        // Delivery counts below the floor are settled history.
+        diesel::sql_query(
+            "DELETE FROM delivery_attempts WHERE project_id = $1 AND agent_id = $2 AND seq <= $3",
+        )
+        .bind::<SqlUuid, _>(project_id)
+        .bind::<Text, _>(agent_id)
+        .bind::<BigInt, _>(floor.ack_floor)
+        .execute(conn)
+        .await?;
+    }
     Ok(floor.map(|f| f.ack_floor))
 }
 
@@ -380,4 +401,79 @@ pub async fn list_members(
     .bind::<Nullable<Text>, _>(capability)
     .load(conn)
     .await
+}
+
+/// How often each of these messages was delivered to `agent_id` (manual mode), by seq.
+pub async fn delivery_attempts(
+    conn: &mut AsyncPgConnection,
+    project_id: Uuid,
+    agent_id: &str,
+    seqs: &[i64],
+) -> QueryResult<std::collections::HashMap<i64, i32>> {
+    #[derive(QueryableByName)]
+    struct Attempts {
+        #[diesel(sql_type = BigInt)]
+        seq: i64,
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        attempts: i32,
+    }
+    let rows: Vec<Attempts> = diesel::sql_query(
+        "SELECT seq, attempts FROM delivery_attempts \
+         WHERE project_id = $1 AND agent_id = $2 AND seq = ANY($3)",
+    )
+    .bind::<SqlUuid, _>(project_id)
+    .bind::<Text, _>(agent_id)
+    .bind::<Array<BigInt>, _>(seqs)
+    .load(conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.seq, r.attempts)).collect())
+}
+
+/// Counts one more delivery of each of these messages to `agent_id`.
+pub async fn record_attempts(
+    conn: &mut AsyncPgConnection,
+    project_id: Uuid,
+    agent_id: &str,
+    seqs: &[i64],
+) -> QueryResult<()> {
+    diesel::sql_query(
+        "INSERT INTO delivery_attempts (project_id, agent_id, seq, attempts) \
+         SELECT $1, $2, s, count(*) FROM unnest($3::int8[]) AS s GROUP BY s \
+         ON CONFLICT (project_id, agent_id, seq) \
+         DO UPDATE SET attempts = delivery_attempts.attempts + EXCLUDED.attempts",
+    )
+    .bind::<SqlUuid, _>(project_id)
+    .bind::<Text, _>(agent_id)
+    .bind::<Array<BigInt>, _>(seqs)
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// Gives up on messages an agent was given the maximum number of times without
+/// acknowledging them: they go to the dead-letter list (reason `max_deliveries`) and stop
+/// being owed to that agent.
+pub async fn give_up(
+    conn: &mut AsyncPgConnection,
+    project_id: Uuid,
+    agent_id: &str,
+    messages: &[(Uuid, i64)],
+) -> QueryResult<()> {
+    let ids: Vec<Uuid> = messages.iter().map(|m| m.0).collect();
+    diesel::sql_query(
+        "INSERT INTO dead_letters (message_id, project_id, reason) \
+         SELECT m, $1, 'max_deliveries' FROM unnest($2::uuid[]) AS m \
+         ON CONFLICT (message_id) DO NOTHING",
+    )
+    .bind::<SqlUuid, _>(project_id)
+    .bind::<Array<SqlUuid>, _>(&ids)
+    .execute(conn)
+    .await?;
+    let progress = Progress {
+        done: messages.iter().map(|m| m.1).collect(),
+        up_to: None,
+    };
+    apply_progress(conn, project_id, agent_id, &progress)
+        .await
+        .map(drop)
 }

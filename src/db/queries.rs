@@ -111,9 +111,11 @@ pub async fn history(
     if let Some(words) = &q.q {
         // The expression must match the index's: to_tsvector('simple', content).
         query = query.filter(
-            diesel::dsl::sql::<diesel::sql_types::Bool>("to_tsvector('simple', content) @@ plainto_tsquery('simple', ")
-                .bind::<diesel::sql_types::Text, _>(words.clone())
-                .sql(")"),
+            diesel::dsl::sql::<diesel::sql_types::Bool>(
+                "to_tsvector('simple', content) @@ plainto_tsquery('simple', ",
+            )
+            .bind::<diesel::sql_types::Text, _>(words.clone())
+            .sql(")"),
         );
     }
     if q.after_seq.is_some() {
@@ -140,7 +142,10 @@ pub async fn find_message(
 }
 
 /// The members to whom a message is still owed (the same rule as replay).
-pub async fn owed_to(conn: &mut AsyncPgConnection, message: &StoredMessage) -> QueryResult<Vec<String>> {
+pub async fn owed_to(
+    conn: &mut AsyncPgConnection,
+    message: &StoredMessage,
+) -> QueryResult<Vec<String>> {
     #[derive(QueryableByName)]
     struct Agent {
         #[diesel(sql_type = diesel::sql_types::Text)]
@@ -176,7 +181,11 @@ pub async fn dead_letter(
         .optional()
 }
 
-pub async fn reply_count(conn: &mut AsyncPgConnection, project_id: Uuid, request_id: Uuid) -> QueryResult<i64> {
+pub async fn reply_count(
+    conn: &mut AsyncPgConnection,
+    project_id: Uuid,
+    request_id: Uuid,
+) -> QueryResult<i64> {
     agent_messages::table
         .filter(agent_messages::project_id.eq(project_id))
         .filter(agent_messages::reply_to.eq(request_id))

@@ -49,7 +49,8 @@ pub async fn list(
         None => HashMap::new(),
     };
     let mut conn = state.pool.get().await?;
-    let members = cursors::list_members(&mut conn, project.id, params.capability.as_deref()).await?;
+    let members =
+        cursors::list_members(&mut conn, project.id, params.capability.as_deref()).await?;
     let agents: Vec<AgentView> = members
         .into_iter()
         .map(|m| {

@@ -52,7 +52,11 @@ pub async fn list(
         .limit(limit)
         .select((
             StoredMessage::as_select(),
-            (dead_letters::reason, dead_letters::dead_at, dead_letters::retried_as),
+            (
+                dead_letters::reason,
+                dead_letters::dead_at,
+                dead_letters::retried_as,
+            ),
         ))
         .load(&mut conn)
         .await?;
@@ -90,9 +94,15 @@ pub async fn retry(
             .await
             .optional()?;
         match found {
-            None => return Err(ApiError::NotFound(format!("no dead letter {message_id} in this project"))),
+            None => {
+                return Err(ApiError::NotFound(format!(
+                    "no dead letter {message_id} in this project"
+                )))
+            }
             Some((_, Some(retried_as))) => {
-                return Err(ApiError::Conflict(format!("already retried as {retried_as}")));
+                return Err(ApiError::Conflict(format!(
+                    "already retried as {retried_as}"
+                )));
             }
             Some((message, None)) => message,
         }

@@ -66,8 +66,9 @@ pub async fn history(
         thread: params
             .thread
             .map(|t| {
-                Uuid::parse_str(&t)
-                    .map_err(|_| ApiError::bad_request("invalid_query", "`thread` must be a message id (UUID)"))
+                Uuid::parse_str(&t).map_err(|_| {
+                    ApiError::bad_request("invalid_query", "`thread` must be a message id (UUID)")
+                })
             })
             .transpose()?,
         q: params.q.filter(|q| !q.trim().is_empty()),
@@ -103,23 +104,36 @@ pub async fn publish(
 impl PublishBody {
     /// The message this body asks to send, validated like a WebSocket send.
     fn into_message(self, state: &AppState, project_id: Uuid) -> Result<NewMessage, ApiError> {
-        let sender_agent_id = self
-            .sender_agent_id
-            .ok_or_else(|| ApiError::bad_request("missing_field", "`sender_agent_id` is required"))?;
+        let sender_agent_id = self.sender_agent_id.ok_or_else(|| {
+            ApiError::bad_request("missing_field", "`sender_agent_id` is required")
+        })?;
         protocol::check_agent_id("sender_agent_id", &sender_agent_id)?;
-        let sender_agent_type = self
-            .sender_agent_type
-            .ok_or_else(|| ApiError::bad_request("missing_field", "`sender_agent_type` is required"))?;
-        protocol::check_identifier("sender_agent_type", &sender_agent_type, protocol::MAX_TYPE_CHARS)?;
+        let sender_agent_type = self.sender_agent_type.ok_or_else(|| {
+            ApiError::bad_request("missing_field", "`sender_agent_type` is required")
+        })?;
+        protocol::check_identifier(
+            "sender_agent_type",
+            &sender_agent_type,
+            protocol::MAX_TYPE_CHARS,
+        )?;
         let send = protocol::validate_send(self.send, state.settings.max_content_bytes)
             .map_err(|(rejection, _)| rejection)?;
-        Ok(NewMessage::from_send(send, project_id, sender_agent_id, sender_agent_type, None))
+        Ok(NewMessage::from_send(
+            send,
+            project_id,
+            sender_agent_id,
+            sender_agent_type,
+            None,
+        ))
     }
 }
 
 /// Sends a message through the persistence actor (the same path as WebSocket sends) and
 /// waits for its commit. Returns the stored message and whether nobody can receive it.
-pub async fn store(state: &AppState, message: NewMessage) -> Result<(StoredMessage, bool), ApiError> {
+pub async fn store(
+    state: &AppState,
+    message: NewMessage,
+) -> Result<(StoredMessage, bool), ApiError> {
     let (tx, rx) = oneshot::channel();
     state.persistence.do_send(Persist {
         message,
@@ -152,7 +166,9 @@ pub async fn send_and_wait(
     let mut body = body.into_inner();
     body.send.expects_reply = Some(true);
     let message = body.into_message(&state, project.id)?;
-    let timeout_ms = message.reply_timeout_ms.unwrap_or(protocol::DEFAULT_REPLY_TIMEOUT_MS);
+    let timeout_ms = message
+        .reply_timeout_ms
+        .unwrap_or(protocol::DEFAULT_REPLY_TIMEOUT_MS);
     // Wait for the reply before the request exists, so it cannot be missed.
     let (tx, rx) = oneshot::channel();
     state
@@ -177,9 +193,12 @@ pub async fn send_and_wait(
     let wait = Duration::from_millis(timeout_ms as u64) + state.settings.db_timeout() * 2;
     let response = tokio::time::timeout(wait, rx)
         .await
-        .map_err(|_| ApiError::Unavailable("no reply and no timeout response were committed in time".into()))?
+        .map_err(|_| {
+            ApiError::Unavailable("no reply and no timeout response were committed in time".into())
+        })?
         .map_err(|_| ApiError::Internal("the project channel dropped the wait".into()))?;
-    let timed_out = response.sender_agent_id == BROKER_AGENT_ID && response.error.as_deref() == Some("timeout");
+    let timed_out =
+        response.sender_agent_id == BROKER_AGENT_ID && response.error.as_deref() == Some("timeout");
     let body = serde_json::json!({ "request": request, "response": response });
     Ok(if timed_out {
         HttpResponse::GatewayTimeout().json(body)

@@ -2,8 +2,8 @@
 //! JSON errors.
 
 mod agents;
-mod dead_letters;
 mod console;
+mod dead_letters;
 mod error;
 mod messages;
 mod projects;
@@ -77,7 +77,10 @@ fn project_routes(cfg: &mut web::ServiceConfig) {
         .route("/agents/{agent_id}/inbox", web::get().to(agents::inbox))
         .route("/agents/{agent_id}/ack", web::post().to(agents::ack))
         .route("/dead-letters", web::get().to(dead_letters::list))
-        .route("/dead-letters/{message_id}/retry", web::post().to(dead_letters::retry));
+        .route(
+            "/dead-letters/{message_id}/retry",
+            web::post().to(dead_letters::retry),
+        );
 }
 
 /// Unknown paths and methods get a JSON error like every other route.

@@ -28,7 +28,10 @@ fn persistence_json(state: &AppState) -> serde_json::Value {
     })
 }
 
-pub async fn project(state: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn project(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let project = projects::load(&state, &path).await?;
     let connected = match state.registry.get(project.id) {
         Some(channel) => channel.send(Presence).await.map(|p| p.len()).unwrap_or(0),
@@ -36,7 +39,10 @@ pub async fn project(state: web::Data<AppState>, path: web::Path<String>) -> Res
     };
     let mut conn = state.pool.get().await?;
     let members = cursors::list_members(&mut conn, project.id, None).await?;
-    let queue_depth: HashMap<&str, i64> = members.iter().map(|m| (m.agent_id.as_str(), m.queue_depth)).collect();
+    let queue_depth: HashMap<&str, i64> = members
+        .iter()
+        .map(|m| (m.agent_id.as_str(), m.queue_depth))
+        .collect();
     let pending_requests: i64 = agent_messages::table
         .filter(agent_messages::project_id.eq(project.id))
         .filter(agent_messages::expects_reply.eq(true))

@@ -31,6 +31,8 @@ async fn the_console_shows_the_traffic_of_a_project_and_sends_as_the_operator() 
     );
     let artefacts = root.join("target/test-artefacts");
     std::fs::create_dir_all(&artefacts).expect("create target/test-artefacts");
+    let screenshot = artefacts.join("console.png");
+    let _ = std::fs::remove_file(&screenshot);
 
     // The agents sit unread while the browser works: keep the broker from timing them out.
     let app = TestApp::spawn_with(|s| s.client_timeout_ms = 600_000).await;
@@ -39,35 +41,43 @@ async fn the_console_shows_the_traffic_of_a_project_and_sends_as_the_operator() 
     let mut beta = app.connect(project, "beta", "coder").await;
     populate(&app, project, &mut alpha, &mut beta).await;
 
-    let mut child = Command::new("node")
-        .arg(&script)
-        .arg(app.url(""))
-        .arg(project.to_string())
-        .arg(&artefacts)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start node (is Node.js installed?)");
-    let lines = read_lines(&mut child);
-    let outcome = tokio::time::timeout(
+    let mut script = Script(
+        Command::new("node")
+            .arg(&script)
+            .arg(app.url(""))
+            .arg(project.to_string())
+            .arg(&artefacts)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start node (is Node.js installed?)"),
+    );
+    let lines = read_lines(&mut script.0);
+    let status = tokio::time::timeout(
         SCRIPT_LIMIT,
-        follow_script(lines, &mut child, &mut alpha, &mut beta),
+        follow_script(lines, &mut script.0, &mut alpha, &mut beta),
     )
-    .await;
-    if outcome.is_err() {
-        // Ours to end: the script we started, by its handle.
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("the browser test did not finish within {SCRIPT_LIMIT:?}");
-    }
-    let status = outcome.unwrap();
+    .await
+    .unwrap_or_else(|_| panic!("the browser test did not finish within {SCRIPT_LIMIT:?}"));
     assert!(
         status.success(),
         "the browser test failed ({status}); its output is above, screenshots in {}",
         artefacts.display()
     );
-    assert!(artefacts.join("console.png").is_file(), "no screenshot");
+    assert!(screenshot.is_file(), "no screenshot");
+}
+
+/// The Node script, ended (by its own handle) if the test fails or times out before it exits.
+struct Script(Child);
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /// The project the script looks at: filler over REST, then a conversation between the two

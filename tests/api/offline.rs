@@ -126,7 +126,9 @@ async fn a_direct_message_waits_for_an_agent_that_never_connected() {
         .await;
     // Stored and owed to newbie, but the sender hears that no such agent has connected yet.
     let warning = a.expect_error("no_recipient").await;
-    assert!(warning["error"].as_str().is_some_and(|e| e.contains("newbie")));
+    assert!(warning["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("newbie")));
     a.send_ok(status("a broadcast before newbie arrives")).await;
 
     let (_, inbox) = app
@@ -168,6 +170,19 @@ async fn manual_ack_redelivers_what_was_not_acknowledged_and_respects_the_window
     b.expect_error("missing_field").await;
     b.send(json!({"op": "ack", "seqs": [2]})).await;
     assert_eq!(seq(&b.expect_op("message").await), 4);
+    // Progress is recorded asynchronously: wait for it before reconnecting.
+    eventually("the ack of seq 2 to be recorded", || async {
+        let (_, body) = app
+            .get_json(&format!("/api/projects/{project}/agents"))
+            .await;
+        let row = body["agents"]
+            .as_array()?
+            .iter()
+            .find(|m| m["agent_id"] == "b")?
+            .clone();
+        (row["queue_depth"] == 4).then_some(())
+    })
+    .await;
     b.close().await;
 
     let mut b = Agent::connect(&manual(&app)).await;

@@ -33,7 +33,10 @@ async fn a_request_to_a_type_reaches_every_agent_of_it_and_replies_reach_only_th
         assert_eq!(m["id"], request["id"]);
         assert_eq!(m["to_type"], "codegen");
         assert_eq!(m["expects_reply"], true);
-        assert_eq!(m["correlation_id"], request_id, "a request is correlated by its own id");
+        assert_eq!(
+            m["correlation_id"], request_id,
+            "a request is correlated by its own id"
+        );
         assert!(m["reply_deadline"].is_string());
         got.push(m);
     }
@@ -60,10 +63,21 @@ async fn a_request_to_a_type_reaches_every_agent_of_it_and_replies_reach_only_th
     assert_eq!(reviewer.expect_op("message").await["content"], "everyone");
 
     // The thread query returns the request and its replies; the single-message view says so.
-    let (_, thread) = app.get_json(&format!("/api/projects/{project}/messages?thread={request_id}")).await;
-    let seqs: Vec<i64> = thread["messages"].as_array().expect("messages").iter().map(seq).collect();
+    let (_, thread) = app
+        .get_json(&format!(
+            "/api/projects/{project}/messages?thread={request_id}"
+        ))
+        .await;
+    let seqs: Vec<i64> = thread["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(seq)
+        .collect();
     assert_eq!(seqs, [seq(&request), seq(&request) + 1, seq(&request) + 2]);
-    let (_, one) = app.get_json(&format!("/api/projects/{project}/messages/{request_id}")).await;
+    let (_, one) = app
+        .get_json(&format!("/api/projects/{project}/messages/{request_id}"))
+        .await;
     assert_eq!(one["replies"], 2);
     assert!(one["message"]["replied_at"].is_string());
 }
@@ -82,14 +96,22 @@ async fn an_unanswered_request_times_out_and_a_late_reply_is_still_delivered() {
     let request_id = request["id"].as_str().expect("id").to_owned();
     worker.expect_op("message").await;
     let timeout = coordinator.expect_op("message").await;
-    assert!(sent_at.elapsed() >= Duration::from_millis(300), "not before the deadline");
+    assert!(
+        sent_at.elapsed() >= Duration::from_millis(300),
+        "not before the deadline"
+    );
     assert_eq!(timeout["sender_agent_id"], "agentbus");
     assert_eq!(timeout["message_type"], "response");
-    assert_eq!((timeout["success"].as_bool(), timeout["error"].as_str()), (Some(false), Some("timeout")));
+    assert_eq!(
+        (timeout["success"].as_bool(), timeout["error"].as_str()),
+        (Some(false), Some("timeout"))
+    );
     assert_eq!(timeout["reply_to"], request_id);
     assert_eq!(timeout["in_reply_to_seq"], seq(&request));
 
-    worker.send_ok(json!({"content": "sorry, here it is", "reply_to": request_id, "success": true})).await;
+    worker
+        .send_ok(json!({"content": "sorry, here it is", "reply_to": request_id, "success": true}))
+        .await;
     let late = coordinator.expect_op("message").await;
     assert_eq!(late["content"], "sorry, here it is");
     assert_eq!(late["late"], true);
@@ -112,7 +134,13 @@ async fn a_pending_timeout_survives_a_broker_restart() {
     let second = TestApp::spawn_on(&database_url, |_| {}).await;
     first.stop();
     eventually("the first broker to stop", || async {
-        first.http.get(first.url("/healthz")).send().await.err().map(|_| ())
+        first
+            .http
+            .get(first.url("/healthz"))
+            .send()
+            .await
+            .err()
+            .map(|_| ())
     })
     .await;
     let mut conn = second.db().await;
@@ -155,7 +183,10 @@ async fn rest_send_and_wait_returns_the_reply_or_times_out() {
             .send()
             .await
             .expect("POST");
-        (response.status().as_u16(), response.json::<Value>().await.expect("JSON"))
+        (
+            response.status().as_u16(),
+            response.json::<Value>().await.expect("JSON"),
+        )
     });
     let request = worker.expect_op("message").await;
     assert_eq!(request["expects_reply"], true);
@@ -192,29 +223,45 @@ async fn unknown_recipients_are_reported_and_requests_to_nobody_are_dead_lettere
     let project = app.create_project("nobody").await;
     let mut a = app.connect(project, "a", "coordinator").await;
 
-    a.send_ok(json!({"content": "anyone called ghost?", "to": "ghost", "client_msg_id": "g1"})).await;
+    a.send_ok(json!({"content": "anyone called ghost?", "to": "ghost", "client_msg_id": "g1"}))
+        .await;
     let warning = a.expect_error("no_recipient").await;
     assert_eq!(warning["client_msg_id"], "g1");
-    a.send_ok(json!({"content": "for the designers", "to_type": "designer"})).await;
+    a.send_ok(json!({"content": "for the designers", "to_type": "designer"}))
+        .await;
     a.expect_error("no_recipient").await;
     let request = a
         .send_ok(json!({"content": "design this", "to_type": "designer", "expects_reply": true, "timeout_ms": 200}))
         .await;
     let warning = a.expect_error("no_recipient").await;
-    assert!(warning["error"].as_str().is_some_and(|e| e.contains("dead-lettered")));
+    assert!(warning["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("dead-lettered")));
     // The dead-lettered request is closed at once: no timeout will follow.
-    let (_, one) = app.get_json(&format!("/api/projects/{project}/messages/{}", request["id"].as_str().expect("id"))).await;
+    let (_, one) = app
+        .get_json(&format!(
+            "/api/projects/{project}/messages/{}",
+            request["id"].as_str().expect("id")
+        ))
+        .await;
     assert!(one["message"]["replied_at"].is_string(), "{one}");
     assert_eq!(one["dead_letter"]["reason"], "no_recipient");
     // A plain broadcast needs no recipient: no warning.
     a.send_ok(status("just saying")).await;
 
-    let (_, dead) = app.get_json(&format!("/api/projects/{project}/dead-letters")).await;
+    let (_, dead) = app
+        .get_json(&format!("/api/projects/{project}/dead-letters"))
+        .await;
     let dead = dead["dead_letters"].as_array().expect("list").clone();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0]["reason"], "no_recipient");
     assert_eq!(dead[0]["message"]["id"], request["id"]);
-    let (code, body) = app.post_json("/api/projects/00000000-0000-0000-0000-000000000000/dead-letters/x/retry", &json!({})).await;
+    let (code, body) = app
+        .post_json(
+            "/api/projects/00000000-0000-0000-0000-000000000000/dead-letters/x/retry",
+            &json!({}),
+        )
+        .await;
     assert_eq!(code, 404, "{body}");
 }
 
@@ -225,22 +272,38 @@ async fn expired_undelivered_messages_become_dead_letters_and_can_be_retried() {
     let z = app.connect(project, "z", "tester").await;
     z.close().await;
     let mut a = app.connect(project, "a", "coordinator").await;
-    let expiring = a.send_ok(json!({"type": "escalation", "content": "urgent", "to": "z", "ttl_ms": 100})).await;
+    let expiring = a
+        .send_ok(json!({"type": "escalation", "content": "urgent", "to": "z", "ttl_ms": 100}))
+        .await;
     let id = expiring["id"].as_str().expect("id").to_owned();
 
     let dead = eventually("the expired message to be dead-lettered", || async {
-        let (_, body) = app.get_json(&format!("/api/projects/{project}/dead-letters")).await;
-        body["dead_letters"].as_array().and_then(|d| d.iter().next().cloned())
+        let (_, body) = app
+            .get_json(&format!("/api/projects/{project}/dead-letters"))
+            .await;
+        body["dead_letters"]
+            .as_array()
+            .and_then(|d| d.iter().next().cloned())
     })
     .await;
     assert_eq!(dead["reason"], "expired");
     assert_eq!(dead["message"]["id"], id);
 
-    let (code, retried) = app.post_json(&format!("/api/projects/{project}/dead-letters/{id}/retry"), &json!({})).await;
+    let (code, retried) = app
+        .post_json(
+            &format!("/api/projects/{project}/dead-letters/{id}/retry"),
+            &json!({}),
+        )
+        .await;
     assert_eq!(code, 201, "{retried}");
     assert_eq!(retried["metadata"]["retry_of"], id);
     assert_eq!(retried["to"], "z");
-    let (code, _) = app.post_json(&format!("/api/projects/{project}/dead-letters/{id}/retry"), &json!({})).await;
+    let (code, _) = app
+        .post_json(
+            &format!("/api/projects/{project}/dead-letters/{id}/retry"),
+            &json!({}),
+        )
+        .await;
     assert_eq!(code, 409, "a dead letter is retried once");
     let mut z = app.connect(project, "z", "tester").await;
     let got = z.expect_op("message").await;
@@ -252,30 +315,55 @@ async fn expired_undelivered_messages_become_dead_letters_and_can_be_retried() {
 async fn capabilities_are_stored_filterable_and_refreshed_on_reconnect() {
     let app = TestApp::spawn().await;
     let project = app.create_project("caps").await;
-    let alpha = Agent::connect(&app.ws_url(project, "agent_id=alpha&agent_type=codegen&capabilities=rust,sql")).await;
+    let alpha = Agent::connect(&app.ws_url(
+        project,
+        "agent_id=alpha&agent_type=codegen&capabilities=rust,sql",
+    ))
+    .await;
     let mut beta = app.connect(project, "beta", "frontend").await;
-    beta.send(json!({"op": "hello", "capabilities": ["react", "css"], "description": "UI specialist"})).await;
-    beta.send(json!({"op": "hello", "capabilities": ["not ok"]})).await;
+    beta.send(
+        json!({"op": "hello", "capabilities": ["react", "css"], "description": "UI specialist"}),
+    )
+    .await;
+    beta.send(json!({"op": "hello", "capabilities": ["not ok"]}))
+        .await;
     beta.expect_error("invalid_field").await;
 
     let agents = |capability: &'static str| {
         let app = &app;
         async move {
-            let (_, body) = app.get_json(&format!("/api/projects/{project}/agents?capability={capability}")).await;
+            let (_, body) = app
+                .get_json(&format!(
+                    "/api/projects/{project}/agents?capability={capability}"
+                ))
+                .await;
             body["agents"]
                 .as_array()
-                .map(|a| a.iter().filter_map(|m| m["agent_id"].as_str().map(str::to_owned)).collect::<Vec<_>>())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|m| m["agent_id"].as_str().map(str::to_owned))
+                        .collect::<Vec<_>>()
+                })
                 .unwrap_or_default()
         }
     };
     assert_eq!(agents("rust").await, ["alpha"]);
-    eventually("beta's hello to be stored", || async { (agents("react").await == ["beta"]).then_some(()) }).await;
-    let (_, body) = app.get_json(&format!("/api/projects/{project}/agents")).await;
-    let beta_row = body["agents"].as_array().and_then(|a| a.iter().find(|m| m["agent_id"] == "beta").cloned());
+    eventually("beta's hello to be stored", || async {
+        (agents("react").await == ["beta"]).then_some(())
+    })
+    .await;
+    let (_, body) = app
+        .get_json(&format!("/api/projects/{project}/agents"))
+        .await;
+    let beta_row = body["agents"]
+        .as_array()
+        .and_then(|a| a.iter().find(|m| m["agent_id"] == "beta").cloned());
     assert_eq!(beta_row.expect("beta")["description"], "UI specialist");
 
     alpha.close().await;
-    let _alpha = Agent::connect(&app.ws_url(project, "agent_id=alpha&agent_type=codegen&capabilities=go")).await;
+    let _alpha =
+        Agent::connect(&app.ws_url(project, "agent_id=alpha&agent_type=codegen&capabilities=go"))
+            .await;
     assert_eq!(agents("go").await, ["alpha"]);
     assert!(agents("rust").await.is_empty());
 }
@@ -285,22 +373,36 @@ async fn search_and_thread_queries_use_indexes() {
     let app = TestApp::spawn().await;
     let project = app.create_project("search").await;
     let mut a = app.connect(project, "a", "coder").await;
-    a.send_ok(json!({"type": "discovery", "content": "found a bug in the API endpoint"})).await;
+    a.send_ok(json!({"type": "discovery", "content": "found a bug in the API endpoint"}))
+        .await;
     a.send_ok(status("running the test suite")).await;
     a.send_ok(json!({"type": "coordination", "content": "about to modify config.yaml", "correlation_id": "cfg"})).await;
 
     let search = |q: &'static str| {
         let app = &app;
         async move {
-            let (_, body) = app.get_json(&format!("/api/projects/{project}/messages?q={q}")).await;
-            body["messages"].as_array().map(|m| m.iter().map(seq).collect::<Vec<_>>()).unwrap_or_default()
+            let (_, body) = app
+                .get_json(&format!("/api/projects/{project}/messages?q={q}"))
+                .await;
+            body["messages"]
+                .as_array()
+                .map(|m| m.iter().map(seq).collect::<Vec<_>>())
+                .unwrap_or_default()
         }
     };
     assert_eq!(search("bug").await, [1]);
-    assert_eq!(search("API%20bug").await, [1], "every word must appear, in any order");
+    assert_eq!(
+        search("API%20bug").await,
+        [1],
+        "every word must appear, in any order"
+    );
     assert_eq!(search("config.yaml").await, [3]);
     assert!(search("nothing").await.is_empty());
-    let (_, body) = app.get_json(&format!("/api/projects/{project}/messages?correlation_id=cfg")).await;
+    let (_, body) = app
+        .get_json(&format!(
+            "/api/projects/{project}/messages?correlation_id=cfg"
+        ))
+        .await;
     assert_eq!(body["messages"].as_array().map(Vec::len), Some(1));
 
     // With a realistic amount of history, the plans the API's queries get use the indexes.
@@ -313,7 +415,10 @@ async fn search_and_thread_queries_use_indexes() {
     .execute(&mut conn)
     .await
     .expect("filler rows");
-    diesel::sql_query("ANALYZE agent_messages").execute(&mut conn).await.expect("analyze");
+    diesel::sql_query("ANALYZE agent_messages")
+        .execute(&mut conn)
+        .await
+        .expect("analyze");
     let plan = explain(
         &mut conn,
         &format!(
@@ -333,7 +438,10 @@ async fn search_and_thread_queries_use_indexes() {
         ),
     )
     .await;
-    assert!(plan.contains("idx_agent_messages_reply_to") && plan.contains("agent_messages_pkey"), "{plan}");
+    assert!(
+        plan.contains("idx_agent_messages_reply_to") && plan.contains("agent_messages_pkey"),
+        "{plan}"
+    );
     // And the API still finds the needle among them.
     assert_eq!(search("bug").await, [1]);
 }
@@ -344,8 +452,15 @@ async fn explain(conn: &mut diesel_async::AsyncPgConnection, query: &str) -> Str
         #[diesel(sql_type = diesel::sql_types::Text, column_name = "QUERY PLAN")]
         line: String,
     }
-    let lines: Vec<Line> = diesel::sql_query(format!("EXPLAIN {query}")).load(conn).await.expect("explain");
-    lines.into_iter().map(|l| l.line).collect::<Vec<_>>().join("\n")
+    let lines: Vec<Line> = diesel::sql_query(format!("EXPLAIN {query}"))
+        .load(conn)
+        .await
+        .expect("explain");
+    lines
+        .into_iter()
+        .map(|l| l.line)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[tokio::test]
@@ -355,20 +470,82 @@ async fn stats_count_what_went_through() {
     let mut a = app.connect(project, "a", "coder").await;
     let mut b = app.connect(project, "b", "coder").await;
     for n in 0..5 {
-        a.send_ok(json!({"type": if n % 2 == 0 { "status" } else { "discovery" }, "content": "x"})).await;
+        a.send_ok(json!({"type": if n % 2 == 0 { "status" } else { "discovery" }, "content": "x"}))
+            .await;
     }
     for _ in 0..5 {
         b.expect_op("message").await;
     }
-    let (code, body) = app.get_json(&format!("/api/projects/{project}/stats")).await;
+    let (code, body) = app
+        .get_json(&format!("/api/projects/{project}/stats"))
+        .await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["since_start"]["messages_in"], 5);
     assert_eq!(body["since_start"]["deliveries"], 5);
-    assert_eq!(body["since_start"]["messages_by_type"], json!({"status": 3, "discovery": 2}));
+    assert_eq!(
+        body["since_start"]["messages_by_type"],
+        json!({"status": 3, "discovery": 2})
+    );
     assert_eq!(body["connected_sessions"], 2);
     assert_eq!(body["members"], 2);
-    assert!(body["persistence"]["batches"].as_u64().is_some_and(|n| n >= 1));
+    assert!(body["persistence"]["batches"]
+        .as_u64()
+        .is_some_and(|n| n >= 1));
     let (code, all) = app.get_json("/api/stats").await;
     assert_eq!(code, 200);
     assert_eq!(all["messages_in"], 5);
+}
+
+#[tokio::test]
+async fn a_message_never_acknowledged_is_dead_lettered_after_the_delivery_limit() {
+    let app = TestApp::spawn_with(|s| s.max_deliveries = 2).await;
+    let project = app.create_project("limit").await;
+    let url = app.ws_url(project, "agent_id=b&ack=manual");
+    Agent::connect(&url).await.close().await;
+    let mut a = app.connect(project, "a", "coder").await;
+    let poison = a.send_ok(status("nobody ever acks me")).await;
+    let fine = a.send_ok(status("I get acked")).await;
+
+    for attempt in 1..=2 {
+        let mut b = Agent::connect(&url).await;
+        assert_eq!(b.welcome["replay"], 3 - attempt, "attempt {attempt}");
+        let first = b.expect_op("message").await;
+        assert_eq!(first["id"], poison["id"]);
+        if attempt == 1 {
+            assert_eq!(b.expect_op("message").await["id"], fine["id"]);
+            b.send(json!({"op": "ack", "seqs": [seq(&fine)]})).await;
+        }
+        // Wait until the broker counted this delivery before leaving.
+        eventually("the delivery to be counted", || async {
+            let mut conn = app.db().await;
+            let n: i64 = diesel::sql_query(format!(
+                "SELECT COALESCE(max(attempts), 0)::int8 AS count FROM delivery_attempts WHERE seq = {}",
+                seq(&poison)
+            ))
+            .get_result::<Count>(&mut conn)
+            .await
+            .ok()?
+            .count;
+            (n == attempt).then_some(())
+        })
+        .await;
+        b.close().await;
+    }
+
+    // Delivered twice without an ack: not a third time.
+    let mut b = Agent::connect(&url).await;
+    assert_eq!(b.welcome["replay"], 0);
+    let dead = eventually("the dead letter", || async {
+        let (_, body) = app
+            .get_json(&format!("/api/projects/{project}/dead-letters"))
+            .await;
+        body["dead_letters"]
+            .as_array()
+            .and_then(|d| d.iter().next().cloned())
+    })
+    .await;
+    assert_eq!(dead["reason"], "max_deliveries");
+    assert_eq!(dead["message"]["id"], poison["id"]);
+    a.send_ok(status("next")).await;
+    assert_eq!(b.expect_op("message").await["content"], "next");
 }
