@@ -13,6 +13,9 @@ use uuid::Uuid;
 use crate::db::cursors::{self, Progress};
 use crate::db::DbPool;
 
+/// Pause between two writes, so reports coalesce. Progress is recorded asynchronously in any
+/// case (see docs/PROTOCOL.md); this only bounds how far behind it may lag.
+const COALESCE_FOR: Duration = Duration::from_millis(20);
 /// How long to wait before writing again after the database refused a write.
 const RETRY_AFTER: Duration = Duration::from_millis(500);
 
@@ -71,8 +74,12 @@ impl CursorActor {
         ctx.spawn(write.into_actor(self).map(|(work, result), act, ctx| {
             match result {
                 Ok(()) => {
-                    act.writing = false;
-                    act.write_next(ctx);
+                    // A short pause lets reports pile up: under load one statement then
+                    // covers many deliveries per member instead of a few.
+                    ctx.run_later(COALESCE_FOR, |act, ctx| {
+                        act.writing = false;
+                        act.write_next(ctx);
+                    });
                 }
                 Err(e) => {
                     // Nothing is lost: the reports go back in the queue and are written once

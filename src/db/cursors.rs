@@ -255,10 +255,26 @@ pub async fn apply_progress(
     agent_id: &str,
     progress: &Progress,
 ) -> QueryResult<Option<i64>> {
+    record_progress(conn, project_id, agent_id, progress, true).await
+}
+
+/// [`apply_progress`], optionally without setting `delivered_at` (for messages given up on:
+/// they were never acknowledged).
+async fn record_progress(
+    conn: &mut AsyncPgConnection,
+    project_id: Uuid,
+    agent_id: &str,
+    progress: &Progress,
+    mark_delivered: bool,
+) -> QueryResult<Option<i64>> {
     #[derive(QueryableByName)]
     struct Floor {
         #[diesel(sql_type = BigInt)]
         ack_floor: i64,
+        #[diesel(sql_type = BigInt)]
+        previous_floor: i64,
+        #[diesel(sql_type = Text)]
+        agent_type: String,
     }
     let floor: Option<Floor> = diesel::sql_query(
         "WITH m AS ( \
@@ -267,6 +283,7 @@ pub async fn apply_progress(
            FOR UPDATE), \
          base AS ( \
            SELECT GREATEST(m.ack_floor, LEAST(COALESCE($3, 0), p.head_seq)) AS floor, \
+                  m.ack_floor AS previous_floor, \
                   m.acked_above || $4::int8[] AS acked, \
                   COALESCE(m.joined_seq, 9223372036854775807) AS joined, m.agent_type, p.head_seq \
            FROM m, projects p WHERE p.id = $1), \
@@ -285,7 +302,7 @@ pub async fn apply_progress(
                                WHERE x > COALESCE(nxt.first_owed - 1, nxt.head_seq) ORDER BY x), \
            last_seen_at = now() \
          FROM nxt WHERE members.project_id = $1 AND members.agent_id = $2 \
-         RETURNING members.ack_floor",
+         RETURNING members.ack_floor, nxt.previous_floor, nxt.agent_type",
     )
     .bind::<SqlUuid, _>(project_id)
     .bind::<Text, _>(agent_id)
@@ -294,15 +311,23 @@ pub async fn apply_progress(
     .get_result(conn)
     .await
     .optional()?;
-    if floor.is_some() && !progress.done.is_empty() {
+    if let (Some(f), true) = (&floor, mark_delivered) {
+        // What the agent is now done with was delivered: the seqs it named, and with
+        // `up_to` everything visible to it between its previous floor and that seq.
         diesel::sql_query(
-            "UPDATE agent_messages SET delivered_at = now() \
-             WHERE project_id = $1 AND seq = ANY($3) AND delivered_at IS NULL \
-               AND (recipient_agent_id = $2 OR (recipient_agent_id IS NULL AND sender_agent_id <> $2))",
+            "UPDATE agent_messages a SET delivered_at = now() \
+             WHERE a.project_id = $1 AND a.delivered_at IS NULL \
+               AND (a.seq = ANY($3) OR (a.seq > $5 AND a.seq <= $6)) \
+               AND (a.recipient_agent_id = $2 \
+                    OR (a.recipient_agent_id IS NULL AND a.sender_agent_id <> $2 \
+                        AND (a.recipient_agent_type IS NULL OR a.recipient_agent_type = $4)))",
         )
         .bind::<SqlUuid, _>(project_id)
         .bind::<Text, _>(agent_id)
         .bind::<Array<BigInt>, _>(&progress.done)
+        .bind::<Text, _>(&f.agent_type)
+        .bind::<BigInt, _>(f.previous_floor)
+        .bind::<BigInt, _>(progress.up_to.unwrap_or(0).min(f.ack_floor))
         .execute(conn)
         .await?;
     }
@@ -331,7 +356,10 @@ pub async fn mark_read(
     diesel::sql_query(
         "UPDATE agent_messages SET read_at = now() \
          WHERE project_id = $1 AND id = ANY($3) AND read_at IS NULL \
-           AND (recipient_agent_id = $2 OR (recipient_agent_id IS NULL AND sender_agent_id <> $2))",
+           AND (recipient_agent_id = $2 \
+                OR (recipient_agent_id IS NULL AND sender_agent_id <> $2 \
+                    AND (recipient_agent_type IS NULL OR recipient_agent_type = \
+                         (SELECT agent_type FROM members WHERE project_id = $1 AND agent_id = $2))))",
     )
     .bind::<SqlUuid, _>(project_id)
     .bind::<Text, _>(agent_id)
@@ -473,7 +501,7 @@ pub async fn give_up(
         done: messages.iter().map(|m| m.1).collect(),
         up_to: None,
     };
-    apply_progress(conn, project_id, agent_id, &progress)
+    record_progress(conn, project_id, agent_id, &progress, false)
         .await
         .map(drop)
 }

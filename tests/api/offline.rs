@@ -317,6 +317,17 @@ async fn read_receipts_and_rest_inboxes_follow_the_websocket_rules() {
         body["ack_floor"], 4,
         "seq 4 is c's: not owed to b, so the floor passes it"
     );
+    // Acknowledged over REST with up_to: delivered.
+    let (_, history) = app
+        .get_json(&format!(
+            "/api/projects/{project}/messages?limit=3&after_seq=0"
+        ))
+        .await;
+    assert!(history["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .all(|m| m["delivered_at"].is_string()));
     let (_, body) = app.get_json(&inbox).await;
     assert_eq!(body["messages"], json!([]));
     let (code, _) = app.post_json(&ack, &json!({})).await;
@@ -450,4 +461,62 @@ async fn a_manual_consumer_that_falls_behind_drains_from_the_store() {
     }
     a.send_ok(status("live again")).await;
     assert_eq!(b.expect_op("message").await["content"], "live again");
+}
+
+#[tokio::test]
+async fn up_to_acknowledges_only_what_the_session_delivered() {
+    let app = TestApp::spawn_with(|s| s.max_in_flight = 1).await;
+    let project = app.create_project("up-to").await;
+    let url = app.ws_url(project, "agent_id=b&ack=manual");
+    Agent::connect(&url).await.close().await;
+    let mut a = app.connect(project, "a", "coder").await;
+    a.send_ok(json!({"content": "low 1", "priority": 3})).await;
+    a.send_ok(json!({"content": "low 2", "priority": 3})).await;
+    let urgent = a.send_ok(json!({"content": "urgent", "priority": 0})).await;
+
+    let mut b = Agent::connect(&url).await;
+    let first = b.expect_op("message").await;
+    assert_eq!(first["id"], urgent["id"], "priority first");
+    // "Everything up to seq 3" — but seqs 1 and 2 have not been delivered yet.
+    b.send(json!({"op": "ack", "up_to": 3})).await;
+    assert_eq!(b.expect_op("message").await["content"], "low 1");
+    eventually("the ack to be recorded", || async {
+        let (_, body) = app
+            .get_json(&format!("/api/projects/{project}/agents"))
+            .await;
+        let row = body["agents"]
+            .as_array()?
+            .iter()
+            .find(|m| m["agent_id"] == "b")?
+            .clone();
+        (row["queue_depth"] == 2).then_some(())
+    })
+    .await;
+    b.close().await;
+    let b = Agent::connect(&url).await;
+    assert_eq!(b.welcome["replay"], 2, "low 1 and low 2 are still owed");
+}
+
+#[tokio::test]
+async fn a_backlog_of_large_messages_is_paced_not_refused() {
+    const COUNT: usize = 40;
+    let app = TestApp::spawn_with(|s| s.outbox_max_bytes = 256 * 1024).await;
+    let project = app.create_project("large").await;
+    Agent::connect(&app.ws_url(project, "agent_id=b"))
+        .await
+        .close()
+        .await;
+    let mut a = app.connect(project, "a", "coder").await;
+    let big = "y".repeat(30 * 1024);
+    for n in 0..COUNT {
+        a.send_ok(json!({"content": format!("{n} {big}")})).await;
+    }
+    // 40 × 30 KiB is far more than the outbox holds: the replay must pace itself.
+    let mut b = app.connect(project, "b", "coder").await;
+    assert_eq!(b.welcome["replay"], COUNT);
+    let got = messages(&mut b, COUNT).await;
+    assert_eq!(
+        got.iter().map(seq).collect::<Vec<_>>(),
+        (1..=COUNT as i64).collect::<Vec<_>>()
+    );
 }
