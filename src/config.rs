@@ -1,8 +1,14 @@
-//! Settings of a running broker: every one is a command-line flag and an environment variable.
+//! Settings of a running broker: every one is a command-line flag, an environment variable and
+//! a key of the TOML file named by `--config` (docs/CONFIGURATION.md). A flag wins over its
+//! environment variable, which wins over the file, which wins over the default.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::Args;
+use anyhow::Context;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args};
+use serde::{Deserialize, Serialize};
 
 /// Where the broker listens unless told otherwise: loopback only, so a fresh install exposes
 /// nothing to the network.
@@ -10,9 +16,14 @@ pub const DEFAULT_BIND: &str = "127.0.0.1:8080";
 /// The database used when `DATABASE_URL` is not set; it is created if it does not exist.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/agentbus";
 
-/// How the broker runs. Built from flags and environment by `agentbus serve`, or directly by
-/// tests (`Settings::default()` plus the fields they care about).
-#[derive(Args, Clone, Debug)]
+/// How the broker runs. Built from flags, environment and file by `agentbus serve`
+/// ([`ServeArgs::resolve`]), or directly by tests (`Settings::default()` plus the fields they
+/// care about).
+///
+/// A field's name is its TOML key and its clap argument id; its flag is the name in kebab case.
+/// A file may leave any key out (`serde(default)`) and may not name anything else.
+#[derive(Args, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// Address and port to listen on (port 0 picks a free one).
     #[arg(long, env = "AGENTBUS_BIND", default_value = DEFAULT_BIND)]
@@ -106,6 +117,83 @@ impl Default for Settings {
     }
 }
 
+/// The arguments of `agentbus serve`: the settings, and a file to read more of them from.
+#[derive(Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// A TOML file of settings, keyed by setting name (e.g. `bind = "0.0.0.0:8080"`). Flags
+    /// and environment variables override it; unknown keys are an error.
+    #[arg(long, env = "AGENTBUS_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+impl ServeArgs {
+    /// The settings to run with: `matches` (those of `serve`) tell which settings came from a
+    /// flag or the environment; the others are taken from the file when it sets them.
+    pub fn resolve(self, matches: &ArgMatches) -> anyhow::Result<Settings> {
+        let Some(path) = &self.config else {
+            return Ok(self.settings);
+        };
+        let file = FileSettings::read(path)?;
+        Ok(file.layer_under(self.settings, |key| {
+            matches!(
+                matches.value_source(key),
+                None | Some(ValueSource::DefaultValue)
+            )
+        }))
+    }
+}
+
+/// The settings a configuration file sets.
+#[derive(Debug)]
+pub struct FileSettings {
+    /// The keys present in the file, each a field of `Settings`.
+    keys: Vec<String>,
+    /// The file's values, with defaults for the keys it leaves out.
+    values: Settings,
+}
+
+impl FileSettings {
+    pub fn read(path: &Path) -> anyhow::Result<FileSettings> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the configuration file {}", path.display()))?;
+        FileSettings::parse(&text)
+            .with_context(|| format!("in the configuration file {}", path.display()))
+    }
+
+    /// Parses a file's text. An unknown key, or a value of the wrong type, is an error that
+    /// names the key and its line.
+    pub fn parse(text: &str) -> anyhow::Result<FileSettings> {
+        let values: Settings = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let keys = toml::from_str::<toml::Table>(text)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
+        Ok(FileSettings { keys, values })
+    }
+
+    /// The keys the file sets.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(String::as_str)
+    }
+
+    /// `settings` with each setting the file sets replaced by the file's value, where
+    /// `defaulted` says the setting was not given by a flag or an environment variable.
+    pub fn layer_under(&self, settings: Settings, defaulted: impl Fn(&str) -> bool) -> Settings {
+        // Field by field, through each side's serialised form, so that a new setting needs
+        // no code here.
+        let mut merged = serde_json::to_value(settings).expect("settings serialise");
+        let from_file = serde_json::to_value(&self.values).expect("settings serialise");
+        for key in self.keys.iter().filter(|key| defaulted(key)) {
+            merged[key.as_str()] = from_file[key.as_str()].clone();
+        }
+        serde_json::from_value(merged).expect("settings deserialise from their own form")
+    }
+}
+
 impl Settings {
     pub fn heartbeat_interval(&self) -> Duration {
         Duration::from_millis(self.heartbeat_interval_ms.max(1))
@@ -117,5 +205,187 @@ impl Settings {
 
     pub fn db_timeout(&self) -> Duration {
         Duration::from_millis(self.db_timeout_ms.max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{Command, FromArgMatches};
+
+    use super::*;
+
+    /// The settings' fields, by name, as a file and clap know them.
+    fn setting_names() -> Vec<String> {
+        match serde_json::to_value(Settings::default()).unwrap() {
+            serde_json::Value::Object(map) => map.keys().cloned().collect(),
+            _ => unreachable!(),
+        }
+    }
+
+    fn serve_command() -> Command {
+        ServeArgs::augment_args(Command::new("serve"))
+    }
+
+    /// `agentbus serve ARGS` as `main` resolves it (the environment is the test process's).
+    fn resolve(args: &[&str]) -> anyhow::Result<Settings> {
+        let matches = serve_command().try_get_matches_from(args)?;
+        ServeArgs::from_arg_matches(&matches)?.resolve(&matches)
+    }
+
+    /// A configuration file in the temp directory, removed when dropped.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(text: &str) -> TempFile {
+            let path = std::env::temp_dir().join(format!(
+                "agentbus-config-{}.toml",
+                uuid::Uuid::new_v4().simple()
+            ));
+            std::fs::write(&path, text).unwrap();
+            TempFile(path)
+        }
+
+        fn path(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn every_setting_is_an_argument_of_the_same_id() {
+        // `resolve` asks clap where each key of the file came from, by the key.
+        let command = serve_command();
+        for name in setting_names() {
+            assert!(
+                command.get_arguments().any(|a| a.get_id() == name.as_str()),
+                "setting {name} has no argument of that id"
+            );
+        }
+    }
+
+    #[test]
+    fn the_default_settings_are_clap_s_defaults() {
+        let matches = serve_command().try_get_matches_from(["serve"]).unwrap();
+        let parsed =
+            serde_json::to_value(ServeArgs::from_arg_matches(&matches).unwrap().settings).unwrap();
+        let defaults = serde_json::to_value(Settings::default()).unwrap();
+        for name in setting_names() {
+            // A setting given by the environment of the test process is not a default.
+            if matches.value_source(&name) == Some(ValueSource::DefaultValue) {
+                assert_eq!(parsed[&name], defaults[&name], "default of {name}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_file_beats_defaults_and_a_flag_beats_the_file() {
+        let file =
+            TempFile::new("bind = \"0.0.0.0:9999\"\nbatch_max_rows = 500\nmax_deliveries = 3\n");
+        let settings =
+            resolve(&["serve", "--config", file.path(), "--batch-max-rows", "7"]).unwrap();
+        assert_eq!(settings.bind, "0.0.0.0:9999", "the file beats the default");
+        assert_eq!(settings.max_deliveries, 3, "the file beats the default");
+        assert_eq!(settings.batch_max_rows, 7, "the flag beats the file");
+        assert_eq!(
+            settings.max_in_flight,
+            Settings::default().max_in_flight,
+            "what nobody sets keeps its default"
+        );
+        // Without a file, flags and defaults only.
+        let settings = resolve(&["serve", "--batch-max-rows", "7"]).unwrap();
+        assert_eq!(settings.batch_max_rows, 7);
+        assert_eq!(settings.bind, DEFAULT_BIND);
+    }
+
+    #[test]
+    fn an_environment_variable_beats_the_file() {
+        // The layering as `resolve` drives it, with `workers` given by the environment: the
+        // test cannot set a variable without racing other threads reading the environment
+        // (tests/api/ops.rs checks the real thing with the binary).
+        let file = FileSettings::parse("workers = 4\nmax_in_flight = 64\n").unwrap();
+        let from_env = Settings {
+            workers: 2,
+            ..Settings::default()
+        };
+        let settings = file.layer_under(from_env, |key| key != "workers");
+        assert_eq!(settings.workers, 2, "the environment beats the file");
+        assert_eq!(settings.max_in_flight, 64, "the file beats the default");
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_refused_by_name() {
+        let error = FileSettings::parse("bind = \"127.0.0.1:1\"\nbatch_max_row = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("unknown field `batch_max_row`"), "{error}");
+        assert!(error.contains("line 2"), "{error}");
+        // A section is a key like any other.
+        let error = FileSettings::parse("[server]\nbind = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("unknown field `server`"), "{error}");
+        let error = FileSettings::parse("workers = \"four\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("workers = \"four\""), "{error}");
+        let error = FileSettings::parse("workers = -1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("workers = -1"), "{error}");
+        // Through `resolve`, the message names the file too.
+        let file = TempFile::new("no_such_setting = true\n");
+        let error = format!(
+            "{:#}",
+            resolve(&["serve", "--config", file.path()]).unwrap_err()
+        );
+        assert!(error.contains(file.path()), "{error}");
+        assert!(error.contains("unknown field `no_such_setting`"), "{error}");
+    }
+
+    #[test]
+    fn the_example_file_parses_and_shows_every_setting_with_its_default() {
+        let example = include_str!("../docs/agentbus.example.toml");
+        let file = FileSettings::parse(example).expect("docs/agentbus.example.toml parses");
+        let set: Vec<String> = file.keys().map(str::to_owned).collect();
+        // Each setting the example does not set is shown commented out, at its default:
+        // `# name = value`.
+        let names = setting_names();
+        let mut shown = Vec::new();
+        let uncommented: String = example
+            .lines()
+            .map(|line| {
+                let commented = line.strip_prefix("# ").filter(|rest| {
+                    rest.split_once(" = ")
+                        .is_some_and(|(key, _)| names.iter().any(|n| n == key))
+                });
+                match commented {
+                    Some(rest) => {
+                        shown.push(rest.split_once(" = ").unwrap().0.to_owned());
+                        format!("{rest}\n")
+                    }
+                    None => format!("{line}\n"),
+                }
+            })
+            .collect();
+        let all = FileSettings::parse(&uncommented).expect("the commented settings parse");
+        let mut keys: Vec<&str> = all.keys().collect();
+        keys.sort_unstable();
+        let mut sorted_names = names.clone();
+        sorted_names.sort_unstable();
+        assert_eq!(keys, sorted_names, "the example shows every setting once");
+        let defaults = serde_json::to_value(Settings::default()).unwrap();
+        let values = serde_json::to_value(&all.values).unwrap();
+        for name in &shown {
+            assert!(!set.contains(name), "{name} is both set and commented out");
+            assert_eq!(
+                values[name], defaults[name],
+                "the example's default of {name}"
+            );
+        }
     }
 }

@@ -6,13 +6,15 @@
 //!
 //! ## Layout
 //!
-//! - [`config`]: the settings of a running broker (flags and environment).
+//! - [`config`]: the settings of a running broker (flags, environment, a TOML file).
 //! - [`startup`]: `Application::build` / `run_until_stopped`.
 //! - [`protocol`]: the wire protocol: frames, validation, error and close codes.
 //! - [`actors`]: the message path: `SessionActor` (one per connection), `ChannelActor` (one
 //!   per project: presence and routing), `PersistenceActor` (group commit to PostgreSQL).
 //! - [`http`]: REST routes and the WebSocket upgrade.
 //! - [`db`]: the pool, database creation, migrations and every SQL statement.
+//! - [`stats`], [`metrics`]: in-memory counters behind `/api/stats`, and the Prometheus
+//!   metrics behind `/metrics`, fed from the same calls.
 //! - [`models`], [`schema`]: rows and Diesel's view of the tables.
 //!
 //! `docs/PROTOCOL.md` describes the protocol and its guarantees for client authors.
@@ -22,6 +24,7 @@ pub mod bench;
 pub mod config;
 pub mod db;
 pub mod http;
+pub mod metrics;
 pub mod models;
 pub mod protocol;
 pub mod schema;

@@ -1,9 +1,9 @@
 //! The `agentbus` command: run the broker, apply migrations, manage projects.
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use agentbus::config::{Settings, DEFAULT_DATABASE_URL};
+use agentbus::config::{ServeArgs, Settings, DEFAULT_DATABASE_URL};
 use agentbus::db;
 use agentbus::startup::Application;
 
@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the broker.
-    Serve(Settings),
+    Serve(ServeArgs),
     /// Create the database if needed and apply pending migrations.
     Migrate(DatabaseArgs),
     /// Manage projects.
@@ -53,10 +53,19 @@ struct DatabaseArgs {
 
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = Cli::parse();
+    // The matches are kept: they tell which settings were given by a flag or the environment
+    // and which were defaulted, and may come from the configuration file.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Bench(args) => agentbus::bench::run(args),
-        Command::Serve(settings) => actix_web::rt::System::new().block_on(serve(settings)),
+        Command::Serve(args) => {
+            let serve_matches = matches
+                .subcommand_matches("serve")
+                .expect("the serve subcommand's matches");
+            let settings = args.resolve(serve_matches)?;
+            actix_web::rt::System::new().block_on(serve(settings))
+        }
         Command::Migrate(args) => actix_web::rt::System::new().block_on(async {
             db::ensure_database_exists(&args.database_url).await?;
             db::run_migrations(&args.database_url)?;

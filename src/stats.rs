@@ -1,6 +1,9 @@
 //! Counters the broker keeps in memory so that `/api/stats` and `/api/projects/{id}/stats`
 //! cost no query per call: messages in and out per project (totals, by type, and a rate over
 //! the last seconds), and the persistence actor's batch sizes and commit latencies.
+//!
+//! `Stats` also holds the broker's Prometheus [`Metrics`] and feeds them from the same calls,
+//! so a call site reports once for both `/api/stats` and `/metrics`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,7 +12,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::metrics::Metrics;
 use crate::models::StoredMessage;
+use crate::protocol::ErrorCode;
 
 /// Seconds over which rates are averaged.
 const RATE_WINDOW_SECS: usize = 10;
@@ -19,9 +24,12 @@ pub const BATCH_SIZE_BUCKETS: [u64; 8] = [1, 2, 5, 10, 50, 100, 500, 1000];
 pub const COMMIT_MS_BUCKETS: [f64; 10] =
     [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 500.0, 1000.0];
 
-/// Shared handle to the broker's counters. Cloning is cheap.
+/// Shared handle to the broker's counters and metrics. Cloning is cheap.
 #[derive(Clone)]
-pub struct Stats(Arc<Mutex<Counters>>);
+pub struct Stats {
+    counters: Arc<Mutex<Counters>>,
+    metrics: Metrics,
+}
 
 struct Counters {
     started: Instant,
@@ -103,17 +111,20 @@ pub struct ProjectSnapshot {
 
 impl Default for Stats {
     fn default() -> Self {
-        Stats(Arc::new(Mutex::new(Counters {
-            started: Instant::now(),
-            projects: HashMap::new(),
-            batches: BatchCounters::default(),
-        })))
+        Stats {
+            counters: Arc::new(Mutex::new(Counters {
+                started: Instant::now(),
+                projects: HashMap::new(),
+                batches: BatchCounters::default(),
+            })),
+            metrics: Metrics::default(),
+        }
     }
 }
 
 impl Stats {
     fn lock(&self) -> std::sync::MutexGuard<'_, Counters> {
-        self.0
+        self.counters
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -123,6 +134,7 @@ impl Stats {
         if duplicate {
             return;
         }
+        self.metrics.message_in();
         let mut c = self.lock();
         let now = c.started.elapsed().as_secs();
         let p = c.projects.entry(message.project_id).or_default();
@@ -140,6 +152,7 @@ impl Stats {
         if n == 0 {
             return;
         }
+        self.metrics.deliveries(n);
         let mut c = self.lock();
         let now = c.started.elapsed().as_secs();
         let p = c.projects.entry(project_id).or_default();
@@ -148,6 +161,7 @@ impl Stats {
     }
 
     pub fn record_batch(&self, rows: usize, took: Duration, ok: bool) {
+        self.metrics.batch(rows, took, ok);
         let mut c = self.lock();
         let b = &mut c.batches;
         if !ok {
@@ -168,6 +182,31 @@ impl Stats {
             .unwrap_or(COMMIT_MS_BUCKETS.len());
         b.commit_ms_buckets[latency] += 1;
         b.commit_ms_total += ms;
+    }
+
+    /// Bytes of message frames handed to sessions (metrics only).
+    pub fn record_delivered_bytes(&self, bytes: usize) {
+        self.metrics.delivered_bytes(bytes as u64);
+    }
+
+    /// `n` errors with this code: error frames sent, or sends the store failed (metrics only).
+    pub fn record_errors(&self, code: ErrorCode, n: usize) {
+        self.metrics.errors(code, n as u64);
+    }
+
+    /// A WebSocket session started (metrics only).
+    pub fn session_started(&self) {
+        self.metrics.session_opened();
+    }
+
+    /// A WebSocket session stopped (metrics only).
+    pub fn session_stopped(&self) {
+        self.metrics.session_closed();
+    }
+
+    /// The Prometheus metrics fed by these calls.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn project(&self, project_id: Uuid) -> ProjectSnapshot {

@@ -83,6 +83,7 @@ impl ChannelActor {
         if let Some(to) = &message.recipient_agent_id {
             if let Some(member) = self.members.get(to) {
                 let frame = protocol::message_frame(message);
+                self.stats.record_delivered_bytes(frame.len());
                 member.addr.do_send(Deliver { frame, seq });
                 self.stats.record_deliveries(self.project_id, 1);
             }
@@ -105,6 +106,8 @@ impl ChannelActor {
             }
         }
         self.stats.record_deliveries(self.project_id, count);
+        self.stats
+            .record_delivered_bytes(frame.map_or(0, |f| f.len() * count as usize));
     }
 }
 

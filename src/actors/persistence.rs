@@ -206,6 +206,7 @@ impl PersistenceActor {
                         Err(e) => {
                             log::warn!("a batch of {} could not be stored: {e}", batch.len());
                             let rejection = e.rejection();
+                            act.stats.record_errors(rejection.code, batch.len());
                             for (message, reply) in batch.into_iter().zip(replies) {
                                 reply.settle(Settlement::Failed {
                                     rejection: rejection.clone(),

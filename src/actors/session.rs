@@ -56,6 +56,7 @@ pub struct SessionDeps {
     pub cursors: Addr<CursorActor>,
     pub pool: DbPool,
     pub settings: Arc<Settings>,
+    pub stats: crate::stats::Stats,
 }
 
 /// A frame waiting to be written to the socket.
@@ -116,6 +117,9 @@ pub struct SessionActor {
     queued_upto: i64,
     /// Manual mode: messages queued or written but not acknowledged yet.
     in_flight: BTreeSet<i64>,
+    /// Auto mode, once live: every owed message up to this seq was queued before live
+    /// delivery began (see `on_pong`).
+    live_from: Option<i64>,
     /// Manual mode: messages queued since the delivery counts were last reported.
     attempted: Vec<i64>,
 }
@@ -165,6 +169,7 @@ impl SessionActor {
             queued_upto: 0,
             in_flight: BTreeSet::new(),
             attempted: Vec::new(),
+            live_from: None,
         }
     }
 
@@ -197,6 +202,9 @@ impl SessionActor {
     /// How many more messages may be queued for the client now.
     fn room(&self) -> usize {
         let settings = &self.deps.settings;
+        if self.outbox_bytes >= settings.outbox_max_bytes / 2 {
+            return 0;
+        }
         let outbox_room = (settings.outbox_max_frames / 2).saturating_sub(self.outbox.len());
         match self.delivery.ack {
             AckMode::Auto => outbox_room.min(
@@ -275,15 +283,16 @@ impl SessionActor {
         limit: usize,
         ctx: &mut Context<Self>,
     ) {
-        let exhausted = page.len() < limit;
-        let Some(range) = self.store.as_mut() else {
+        let mut exhausted = page.len() < limit;
+        let Some(range) = self.store.as_ref() else {
             return;
         };
-        if let Some(last) = page.last() {
-            range.resume = (last.priority, last.seq);
-        }
         let range_upto = range.upto;
         let max_deliveries = self.deps.settings.max_deliveries as i32;
+        // Half the outbox's byte bound for the store, so large messages are paced rather
+        // than overflowing it; at least one message always goes.
+        let byte_budget = self.deps.settings.outbox_max_bytes / 2;
+        let mut resume = None;
         let mut given_up = Vec::new();
         for message in &page {
             if attempts
@@ -292,8 +301,18 @@ impl SessionActor {
             {
                 given_up.push((message.id, message.seq));
             } else {
-                self.queue_message(protocol::message_frame(message), message.seq, ctx);
+                let frame = protocol::message_frame(message);
+                if !self.outbox.is_empty() && self.outbox_bytes + frame.len() > byte_budget {
+                    // The rest of the page is read again once the client has drained.
+                    exhausted = false;
+                    break;
+                }
+                self.queue_message(frame, message.seq, ctx);
             }
+            resume = Some((message.priority, message.seq));
+        }
+        if let (Some(range), Some(resume)) = (self.store.as_mut(), resume) {
+            range.resume = resume;
         }
         if !given_up.is_empty() {
             log::info!(
@@ -317,6 +336,9 @@ impl SessionActor {
                 resume: (0, range_upto),
             });
             self.queued_upto = self.queued_upto.max(range_upto);
+            if self.store.is_none() {
+                self.went_live(self.queued_upto);
+            }
         }
         self.fetch_more(ctx);
     }
@@ -433,17 +455,20 @@ impl SessionActor {
         }
     }
 
-    fn on_ack(&mut self, seqs: Vec<i64>, up_to: Option<i64>, ctx: &mut Context<Self>) {
-        // Nothing beyond what this session was given can be acknowledged: the messages after
-        // it may not even have reached the client yet.
-        let up_to = up_to.map(|n| n.min(self.queued_upto));
+    fn on_ack(&mut self, mut seqs: Vec<i64>, up_to: Option<i64>, ctx: &mut Context<Self>) {
         for seq in &seqs {
             self.in_flight.remove(seq);
         }
+        // `up_to` covers what this session delivered up to that seq, nothing it has not: a
+        // replay goes by priority, so lower seqs may still be on their way.
         if let Some(n) = up_to {
-            self.in_flight.retain(|&seq| seq > n);
+            let kept = self.in_flight.split_off(&(n + 1));
+            seqs.extend(std::mem::replace(&mut self.in_flight, kept));
         }
-        self.report(Progress { done: seqs, up_to });
+        self.report(Progress {
+            done: seqs,
+            up_to: None,
+        });
         self.fetch_more(ctx);
     }
 
@@ -605,11 +630,34 @@ impl SessionActor {
         if confirmed == 0 {
             return;
         }
-        let done: Vec<i64> = self.unconfirmed.drain(..confirmed).collect();
+        let mut done: Vec<i64> = self.unconfirmed.drain(..confirmed).collect();
         for ping in &mut self.pings {
             ping.1 -= confirmed;
         }
-        self.report(Progress { done, up_to: None });
+        // Delivered live, in seq order, after everything owed before it: the newest such
+        // message confirmed means every owed message up to it is done, which lets the floor
+        // move without listing each seq (and without the store scanning them again).
+        let mut up_to = None;
+        if let Some(live_from) = self.live_from {
+            if let Some(&newest) = done.iter().filter(|&&seq| seq > live_from).max() {
+                up_to = Some(newest);
+                done.retain(|&seq| seq <= live_from);
+            }
+        }
+        self.report(Progress { done, up_to });
+    }
+
+    /// Live delivery starts: every message owed up to `upto` has been queued already.
+    fn went_live(&mut self, upto: i64) {
+        let skipped_some = self
+            .delivery
+            .since
+            .is_some_and(|since| since > self.delivery.cursor.ack_floor);
+        // Auto mode only (manual acks come in any order), and not after a `since` that
+        // skipped owed messages: those are still owed.
+        if self.delivery.ack == AckMode::Auto && !skipped_some {
+            self.live_from = Some(upto);
+        }
     }
 
     fn heartbeat(&mut self, ctx: &mut Context<Self>) {
@@ -705,6 +753,7 @@ impl SessionActor {
         client_msg_id: Option<&str>,
         ctx: &mut Context<Self>,
     ) {
+        self.deps.stats.record_errors(rejection.code, 1);
         self.push_text(protocol::error_frame(rejection, client_msg_id), ctx);
     }
 }
@@ -713,6 +762,7 @@ impl Actor for SessionActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        self.deps.stats.session_started();
         ctx.run_interval(self.deps.settings.heartbeat_interval(), |act, ctx| {
             act.heartbeat(ctx)
         });
@@ -761,6 +811,7 @@ impl Actor for SessionActor {
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.deps.stats.session_stopped();
         self.deps.channel.do_send(Leave {
             session_id: self.identity.session_id,
             agent_id: self.identity.agent_id.clone(),

@@ -781,7 +781,7 @@ fn on_text(ctx: &AgentCtx, out: &mut AgentOutcome, state: &mut ReceiveState, tex
         "message" => {
             state.deliveries += 1;
             if w.fault_drop_every
-                .is_some_and(|every| state.deliveries % every == 0)
+                .is_some_and(|every| state.deliveries.is_multiple_of(every))
             {
                 // Deliberately ignored: the verifier must notice.
                 out.fault_dropped += 1;

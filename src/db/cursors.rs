@@ -317,7 +317,8 @@ async fn record_progress(
         diesel::sql_query(
             "UPDATE agent_messages a SET delivered_at = now() \
              WHERE a.project_id = $1 AND a.delivered_at IS NULL \
-               AND (a.seq = ANY($3) OR (a.seq > $5 AND a.seq <= $6)) \
+               AND (a.seq = ANY($3) \
+                    OR (a.seq > $5 AND a.seq <= $6 AND (a.expires_at IS NULL OR a.expires_at > now()))) \
                AND (a.recipient_agent_id = $2 \
                     OR (a.recipient_agent_id IS NULL AND a.sender_agent_id <> $2 \
                         AND (a.recipient_agent_type IS NULL OR a.recipient_agent_type = $4)))",

@@ -6,6 +6,7 @@ mod console;
 mod dead_letters;
 mod error;
 mod messages;
+mod ops;
 mod projects;
 mod socket;
 mod stats;
@@ -49,6 +50,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         ApiError::bad_request("invalid_query", format!("invalid query string: {err}")).into()
     }))
     .route("/healthz", web::get().to(healthz))
+    .route("/readyz", web::get().to(ops::readyz))
+    .route("/metrics", web::get().to(ops::metrics))
     .configure(console::routes)
     .route(
         "/ws/agent/messages/{project_id}",
@@ -88,6 +91,7 @@ async fn not_found() -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound("no such route".into()))
 }
 
+/// The process is alive and serving HTTP; says nothing of the database (see `/readyz`).
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
 }

@@ -99,6 +99,7 @@ pub async fn connect(
         cursors: state.cursors.clone(),
         pool: state.pool.clone(),
         settings: state.settings.clone(),
+        stats: state.stats.clone(),
     };
     let identity = Identity {
         session_id,

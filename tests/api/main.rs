@@ -10,6 +10,7 @@ mod helpers;
 mod history;
 mod messaging;
 mod offline;
+mod ops;
 mod outage;
 mod pg_cluster;
 mod requests;
