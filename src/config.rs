@@ -90,6 +90,11 @@ pub struct Settings {
     #[arg(long, env = "AGENTBUS_MAX_DELIVERIES", default_value_t = 10)]
     pub max_deliveries: u32,
 
+    /// On SIGTERM/SIGINT: how long to wait for sends in flight to commit and for clients to
+    /// get their receipts and a 1001 close, before exiting anyway, in milliseconds.
+    #[arg(long, env = "AGENTBUS_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub shutdown_timeout_ms: u64,
+
     /// HTTP worker threads (0: one per core).
     #[arg(long, env = "AGENTBUS_WORKERS", default_value_t = 0)]
     pub workers: usize,
@@ -112,6 +117,7 @@ impl Default for Settings {
             max_pending_sends: 4_096,
             max_in_flight: 256,
             max_deliveries: 10,
+            shutdown_timeout_ms: 10_000,
             workers: 0,
         }
     }

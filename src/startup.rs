@@ -4,12 +4,14 @@
 
 use std::net::TcpListener;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::{Actor, Arbiter};
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 
+use crate::actors::channel::{DrainAll, Presence};
 use crate::actors::cursor::CursorActor;
 use crate::actors::deadlines::{AttachPersistence, DeadlineActor};
 use crate::actors::persistence::PersistenceActor;
@@ -24,6 +26,10 @@ pub struct Application {
     server: Server,
     /// Runs the channel and persistence actors, apart from the HTTP workers.
     broker_arbiter: Arbiter,
+    /// For the graceful shutdown: the channels to drain, and the sessions to mark closed.
+    registry: ChannelRegistry,
+    pool: db::DbPool,
+    shutdown_timeout: Duration,
 }
 
 impl Application {
@@ -72,6 +78,8 @@ impl Application {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,
         };
+        let shutdown_timeout = Duration::from_millis(settings.shutdown_timeout_ms.max(1));
+        let (shutdown_registry, shutdown_pool) = (registry.clone(), pool.clone());
         let state = AppState {
             pool,
             settings: Arc::new(settings),
@@ -86,12 +94,18 @@ impl Application {
                 .configure(http::routes)
         })
         .workers(workers)
+        // Signals are handled by `run_until_stopped`, which drains sessions first.
+        .disable_signals()
+        .shutdown_timeout(shutdown_timeout.as_secs().max(1))
         .listen(listener)?
         .run();
         Ok(Application {
             port,
             server,
             broker_arbiter,
+            registry: shutdown_registry,
+            pool: shutdown_pool,
+            shutdown_timeout,
         })
     }
 
@@ -104,9 +118,62 @@ impl Application {
         self.server.handle()
     }
 
+    /// Serves until the server is stopped (through its handle) or the process gets SIGTERM
+    /// or SIGINT, which shut down gracefully: stop accepting connections, let every session
+    /// settle the sends it has (commit, receipt), close the sockets with 1001, mark sessions
+    /// disconnected, and return, all within `shutdown_timeout`.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let handle = self.server.handle();
+        let (registry, pool, timeout) = (self.registry, self.pool, self.shutdown_timeout);
+        actix_web::rt::spawn(async move {
+            if shutdown_signal().await.is_err() {
+                return;
+            }
+            log::info!("shutting down: draining sessions (at most {timeout:?})");
+            handle.pause().await;
+            let deadline = tokio::time::Instant::now() + timeout;
+            drain(&registry, deadline).await;
+            match pool.get().await {
+                Ok(mut conn) => {
+                    if let Err(e) = db::queries::mark_all_sessions_disconnected(&mut conn).await {
+                        log::warn!("sessions not marked disconnected: {e}");
+                    }
+                }
+                Err(e) => log::warn!("sessions not marked disconnected: {e}"),
+            }
+            handle.stop(true).await;
+        });
         let result = self.server.await;
         self.broker_arbiter.stop();
         result
     }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() -> std::io::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        result = tokio::signal::ctrl_c() => result?,
+    }
+    Ok(())
+}
+
+/// Tells every session to settle and close, then waits until none is left or the deadline.
+async fn drain(registry: &ChannelRegistry, deadline: tokio::time::Instant) {
+    for channel in registry.all() {
+        let _ = channel.send(DrainAll).await;
+    }
+    while tokio::time::Instant::now() < deadline {
+        let mut open = 0;
+        for channel in registry.all() {
+            open += channel.send(Presence).await.map(|p| p.len()).unwrap_or(0);
+        }
+        if open == 0 {
+            log::info!("all sessions closed");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    log::warn!("shutdown deadline reached with sessions still open");
 }

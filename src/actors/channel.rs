@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::persistence::{Reply, Settlement};
-use super::session::{Deliver, Replaced, SessionActor};
+use super::session::{Deliver, Drain, Replaced, SessionActor};
 use crate::models::StoredMessage;
 use crate::protocol;
 use crate::stats::Stats;
@@ -223,6 +223,23 @@ impl Handler<AwaitReply> for ChannelActor {
         // Waiters whose caller gave up are dropped as new ones arrive.
         self.reply_waiters.retain(|_, tx| !tx.is_closed());
         self.reply_waiters.insert(wait.request_id, wait.tx);
+    }
+}
+
+/// The broker is shutting down: every session settles its sends and closes. Answered with
+/// the number of sessions told.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct DrainAll;
+
+impl Handler<DrainAll> for ChannelActor {
+    type Result = usize;
+
+    fn handle(&mut self, _: DrainAll, _ctx: &mut Self::Context) -> usize {
+        for member in self.members.values() {
+            member.addr.do_send(Drain);
+        }
+        self.members.len()
     }
 }
 

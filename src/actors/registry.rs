@@ -56,4 +56,14 @@ impl ChannelRegistry {
             .get(&project_id)
             .cloned()
     }
+
+    /// Every running channel.
+    pub fn all(&self) -> Vec<Addr<ChannelActor>> {
+        self.channels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
 }

@@ -93,6 +93,8 @@ pub struct SessionActor {
     pending_sends: usize,
     /// Set once a close frame is queued: nothing more is accepted or sent.
     closing: bool,
+    /// The broker is shutting down: no new sends; close (1001) once the pending ones settle.
+    draining: bool,
     /// Auto mode: messages written to the socket whose receipt the client has not confirmed
     /// yet, in write order. They become done when a pong answers a ping written after them;
     /// if the connection dies first, they are delivered again on the next connection.
@@ -158,6 +160,7 @@ impl SessionActor {
             writing: false,
             pending_sends: 0,
             closing: false,
+            draining: false,
             unconfirmed: VecDeque::new(),
             pings: VecDeque::new(),
             next_ping: 0,
@@ -689,6 +692,13 @@ impl SessionActor {
                             return self.reject(&rejection, client_msg_id.as_deref(), ctx)
                         }
                     };
+                if self.draining {
+                    let rejection = Rejection::new(
+                        ErrorCode::Unavailable,
+                        "the broker is shutting down; nothing was stored, send again after reconnecting",
+                    );
+                    return self.reject(&rejection, send.client_msg_id.as_deref(), ctx);
+                }
                 if self.pending_sends >= self.deps.settings.max_pending_sends {
                     let rejection = Rejection::new(
                         ErrorCode::Overloaded,
@@ -917,6 +927,9 @@ impl Handler<Settled> for SessionActor {
     fn handle(&mut self, settled: Settled, ctx: &mut Self::Context) {
         self.pending_sends = self.pending_sends.saturating_sub(1);
         self.push_text(settled.0, ctx);
+        if self.draining && self.pending_sends == 0 {
+            self.close(ctx, 1001, "the broker is shutting down");
+        }
     }
 }
 
@@ -930,6 +943,22 @@ impl Handler<Notify> for SessionActor {
 
     fn handle(&mut self, notify: Notify, ctx: &mut Self::Context) {
         self.push_text(notify.0, ctx);
+    }
+}
+
+/// The broker is shutting down: settle what was sent, then close with 1001.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Drain;
+
+impl Handler<Drain> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Drain, ctx: &mut Self::Context) {
+        self.draining = true;
+        if self.pending_sends == 0 {
+            self.close(ctx, 1001, "the broker is shutting down");
+        }
     }
 }
 

@@ -54,6 +54,15 @@ pub async fn insert_session(
         .map(drop)
 }
 
+/// At shutdown: every session still open in the database is closed now. (One broker per
+/// database: another broker's sessions would be marked too.)
+pub async fn mark_all_sessions_disconnected(conn: &mut AsyncPgConnection) -> QueryResult<usize> {
+    diesel::update(sessions::table.filter(sessions::disconnected_at.is_null()))
+        .set(sessions::disconnected_at.eq(diesel::dsl::now))
+        .execute(conn)
+        .await
+}
+
 pub async fn mark_session_disconnected(conn: &mut AsyncPgConnection, id: Uuid) -> QueryResult<()> {
     diesel::update(sessions::table.find(id))
         .set(sessions::disconnected_at.eq(diesel::dsl::now))

@@ -10,13 +10,13 @@ use uuid::Uuid;
 use crate::helpers::{eventually, server_url, status, Agent, TestApp, PATIENCE};
 
 /// The `agentbus` binary running `serve` on a free port.
-struct BrokerProcess {
-    child: Child,
-    port: u16,
+pub struct BrokerProcess {
+    pub child: Child,
+    pub port: u16,
 }
 
 impl BrokerProcess {
-    fn start(database_url: &str) -> BrokerProcess {
+    pub fn start(database_url: &str) -> BrokerProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_agentbus"))
             .args(["serve", "--bind", "127.0.0.1:0", "--workers", "2"])
             .env("DATABASE_URL", database_url)

@@ -15,3 +15,4 @@ mod outage;
 mod pg_cluster;
 mod requests;
 mod sessions;
+mod shutdown;
