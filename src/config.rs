@@ -90,6 +90,24 @@ pub struct Settings {
     #[arg(long, env = "AGENTBUS_MAX_DELIVERIES", default_value_t = 10)]
     pub max_deliveries: u32,
 
+    /// Messages per second one connection may send (token bucket; 0: no limit). A send over
+    /// the limit is refused with `rate_limited` and a `retry_after_ms`; the connection stays.
+    #[arg(long, env = "AGENTBUS_RATE_PER_SESSION", default_value_t = 1_000)]
+    pub rate_per_session: u32,
+
+    /// Messages one connection may send in a burst above its rate.
+    #[arg(long, env = "AGENTBUS_BURST_PER_SESSION", default_value_t = 2_000)]
+    pub burst_per_session: u32,
+
+    /// Messages per second a whole project may receive, all connections and REST publishes
+    /// together (token bucket; 0: no limit).
+    #[arg(long, env = "AGENTBUS_RATE_PER_PROJECT", default_value_t = 10_000)]
+    pub rate_per_project: u32,
+
+    /// Messages a project may receive in a burst above its rate.
+    #[arg(long, env = "AGENTBUS_BURST_PER_PROJECT", default_value_t = 20_000)]
+    pub burst_per_project: u32,
+
     /// On SIGTERM/SIGINT: how long to wait for sends in flight to commit and for clients to
     /// get their receipts and a 1001 close, before exiting anyway, in milliseconds.
     #[arg(long, env = "AGENTBUS_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
@@ -117,6 +135,10 @@ impl Default for Settings {
             max_pending_sends: 4_096,
             max_in_flight: 256,
             max_deliveries: 10,
+            rate_per_session: 1_000,
+            burst_per_session: 2_000,
+            rate_per_project: 10_000,
+            burst_per_project: 20_000,
             shutdown_timeout_ms: 10_000,
             workers: 0,
         }

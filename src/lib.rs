@@ -24,6 +24,7 @@ pub mod bench;
 pub mod config;
 pub mod db;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod models;
 pub mod protocol;

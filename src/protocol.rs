@@ -55,6 +55,8 @@ pub enum ErrorCode {
     FrameTooLarge,
     /// Too many of this session's sends are waiting for their commit.
     Overloaded,
+    /// Over the connection's or the project's rate: retry after `retry_after_ms`.
+    RateLimited,
     /// The database could not be reached: nothing was stored, retry with the same
     /// client_msg_id.
     Unavailable,
@@ -76,6 +78,7 @@ impl ErrorCode {
             ErrorCode::BinaryNotSupported => "binary_not_supported",
             ErrorCode::FrameTooLarge => "frame_too_large",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::ProjectNotFound => "project_not_found",
             ErrorCode::NoRecipient => "no_recipient",
@@ -90,14 +93,28 @@ pub struct Rejection {
     pub message: String,
     /// The offending field, when there is one.
     pub field: Option<&'static str>,
+    /// For `rate_limited`: how long to wait before sending again.
+    pub retry_after_ms: Option<u64>,
 }
 
 impl Rejection {
+    /// Over a rate limit: wait `wait` before sending again.
+    pub fn rate_limited(scope: &str, wait: std::time::Duration) -> Self {
+        let ms = wait.as_millis().max(1) as u64;
+        Rejection {
+            code: ErrorCode::RateLimited,
+            message: format!("too many messages for this {scope}; retry in {ms} ms"),
+            field: None,
+            retry_after_ms: Some(ms),
+        }
+    }
+
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Rejection {
             code,
             message: message.into(),
             field: None,
+            retry_after_ms: None,
         }
     }
 
@@ -106,6 +123,7 @@ impl Rejection {
             code: ErrorCode::MissingField,
             message: format!("`{field}` is required"),
             field: Some(field),
+            retry_after_ms: None,
         }
     }
 
@@ -114,6 +132,7 @@ impl Rejection {
             code: ErrorCode::InvalidField,
             message: message.into(),
             field: Some(field),
+            retry_after_ms: None,
         }
     }
 }
@@ -665,6 +684,8 @@ pub enum ServerFrame<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         field: Option<&'a str>,
         client_msg_id: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
 }
 
@@ -690,6 +711,7 @@ pub fn error_frame(rejection: &Rejection, client_msg_id: Option<&str>) -> ByteSt
         error: &rejection.message,
         field: rejection.field,
         client_msg_id,
+        retry_after_ms: rejection.retry_after_ms,
     }
     .encode()
 }

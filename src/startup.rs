@@ -80,6 +80,10 @@ impl Application {
         };
         let shutdown_timeout = Duration::from_millis(settings.shutdown_timeout_ms.max(1));
         let (shutdown_registry, shutdown_pool) = (registry.clone(), pool.clone());
+        let project_limits = crate::limits::ProjectLimits::new(
+            settings.rate_per_project,
+            settings.burst_per_project,
+        );
         let state = AppState {
             pool,
             settings: Arc::new(settings),
@@ -87,6 +91,7 @@ impl Application {
             persistence,
             cursors,
             stats,
+            project_limits,
         };
         let server = HttpServer::new(move || {
             App::new()

@@ -18,6 +18,7 @@ use super::persistence::{Persist, PersistenceActor, Reply};
 use crate::config::Settings;
 use crate::db::cursors::{self, MemberCursor, OwedQuery, Progress};
 use crate::db::{queries, DbPool};
+use crate::limits::{ProjectLimits, SessionLimit};
 use crate::models::{NewMessage, StoredMessage};
 use crate::protocol::{self, close_code, AckMode, ClientOp, ErrorCode, Rejection, ServerFrame};
 
@@ -57,6 +58,7 @@ pub struct SessionDeps {
     pub pool: DbPool,
     pub settings: Arc<Settings>,
     pub stats: crate::stats::Stats,
+    pub project_limits: ProjectLimits,
 }
 
 /// A frame waiting to be written to the socket.
@@ -91,6 +93,8 @@ pub struct SessionActor {
     writing: bool,
     /// Sends forwarded for storage whose receipt (or error) has not come back yet.
     pending_sends: usize,
+    /// This connection's rate limit.
+    limit: SessionLimit,
     /// Set once a close frame is queued: nothing more is accepted or sent.
     closing: bool,
     /// The broker is shutting down: no new sends; close (1001) once the pending ones settle.
@@ -150,6 +154,10 @@ impl SessionActor {
         delivery: DeliveryOptions,
         ws: actix_ws::Session,
     ) -> Self {
+        let limit = SessionLimit::new(
+            deps.settings.rate_per_session,
+            deps.settings.burst_per_session,
+        );
         SessionActor {
             identity,
             deps,
@@ -159,6 +167,7 @@ impl SessionActor {
             outbox_bytes: 0,
             writing: false,
             pending_sends: 0,
+            limit,
             closing: false,
             draining: false,
             unconfirmed: VecDeque::new(),
@@ -692,6 +701,21 @@ impl SessionActor {
                             return self.reject(&rejection, client_msg_id.as_deref(), ctx)
                         }
                     };
+                let limited = self
+                    .limit
+                    .check()
+                    .map_err(|wait| ("connection", wait))
+                    .and_then(|()| {
+                        self.deps
+                            .project_limits
+                            .check(self.identity.project_id)
+                            .map_err(|wait| ("project", wait))
+                    });
+                if let Err((scope, wait)) = limited {
+                    self.deps.stats.metrics().rate_limited();
+                    let rejection = Rejection::rate_limited(scope, wait);
+                    return self.reject(&rejection, send.client_msg_id.as_deref(), ctx);
+                }
                 if self.draining {
                     let rejection = Rejection::new(
                         ErrorCode::Unavailable,

@@ -46,6 +46,12 @@ impl SpawnedBroker {
                 "127.0.0.1:0",
                 "--database-url",
                 database_url,
+                // A benchmark measures capacity: the per-connection and per-project rate
+                // limits would measure themselves instead. `--broker-arg` can set them back.
+                "--rate-per-session",
+                "0",
+                "--rate-per-project",
+                "0",
             ])
             .args(extra_args)
             // Start-up lines are logged at info; per-connection lines are few.

@@ -18,6 +18,9 @@ pub enum ApiError {
     /// The request conflicts with the current state (409).
     #[error("{0}")]
     Conflict(String),
+    /// Over the project's rate (429): retry after this many milliseconds.
+    #[error("too many messages for this project; retry in {0} ms")]
+    RateLimited(u64),
     /// The database could not be reached in time (503); nothing was changed.
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
@@ -39,6 +42,7 @@ impl ApiError {
             ApiError::BadRequest { code, .. } => code,
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
+            ApiError::RateLimited(_) => ErrorCode::RateLimited.as_str(),
             ApiError::Unavailable(_) => ErrorCode::Unavailable.as_str(),
             ApiError::Internal(_) => "internal",
         }
@@ -89,6 +93,7 @@ impl ResponseError for ApiError {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -98,7 +103,14 @@ impl ResponseError for ApiError {
         if let ApiError::Internal(detail) = self {
             log::error!("internal error: {detail}");
         }
-        HttpResponse::build(self.status_code()).json(ErrorBody {
+        let mut response = HttpResponse::build(self.status_code());
+        if let ApiError::RateLimited(ms) = self {
+            response.insert_header((
+                actix_web::http::header::RETRY_AFTER,
+                ms.div_ceil(1000).to_string(),
+            ));
+        }
+        response.json(ErrorBody {
             error: self.to_string(),
             code: self.code(),
         })

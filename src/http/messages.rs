@@ -134,6 +134,10 @@ pub async fn store(
     state: &AppState,
     message: NewMessage,
 ) -> Result<(StoredMessage, bool), ApiError> {
+    if let Err(wait) = state.project_limits.check(message.project_id) {
+        state.stats.metrics().rate_limited();
+        return Err(ApiError::RateLimited(wait.as_millis().max(1) as u64));
+    }
     let (tx, rx) = oneshot::channel();
     state.persistence.do_send(Persist {
         message,

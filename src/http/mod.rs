@@ -36,6 +36,8 @@ pub struct AppState {
     pub persistence: Addr<PersistenceActor>,
     pub cursors: Addr<CursorActor>,
     pub stats: Stats,
+    /// Every project's rate limit, shared with the sessions.
+    pub project_limits: crate::limits::ProjectLimits,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {

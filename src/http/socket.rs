@@ -100,6 +100,7 @@ pub async fn connect(
         pool: state.pool.clone(),
         settings: state.settings.clone(),
         stats: state.stats.clone(),
+        project_limits: state.project_limits.clone(),
     };
     let identity = Identity {
         session_id,

@@ -55,6 +55,10 @@ impl TestApp {
             bind: "127.0.0.1:0".into(),
             database_url: database_url.to_owned(),
             workers: 2,
+            // Tests that are not about rate limits send bursts no agent would; the limits
+            // have their own test.
+            rate_per_session: 0,
+            rate_per_project: 0,
             ..Settings::default()
         };
         tweak(&mut settings);

@@ -8,6 +8,7 @@ mod console;
 mod crash;
 mod helpers;
 mod history;
+mod limits;
 mod messaging;
 mod offline;
 mod ops;
