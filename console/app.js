@@ -108,14 +108,56 @@
 
   // ---------------------------------------------------------------------------------------
   // API
+  //
+  // Every call goes through `api`. A broker started with an admin token answers 401 to a
+  // call without a valid token: the page then asks for the token (once, however many calls
+  // were refused), keeps it in sessionStorage for this browser session and tries the refused
+  // calls again. A 403 means the token was valid but may not do this (a project token).
 
   class ApiError extends Error {
-    constructor(status, body) {
-      super((body && body.error) || `HTTP ${status}`);
+    constructor(status, body, message) {
+      super(message || (body && body.error) || `HTTP ${status}`);
       this.status = status;
       this.code = body && body.code;
     }
   }
+
+  const TOKEN_KEY = 'agentbus.adminToken';
+
+  /** sessionStorage may be unavailable (disabled storage): the page then works without it. */
+  function readToken() {
+    try {
+      return sessionStorage.getItem(TOKEN_KEY) || '';
+    } catch {
+      return auth.memoryToken;
+    }
+  }
+
+  function writeToken(token) {
+    auth.memoryToken = token;
+    try {
+      if (token) sessionStorage.setItem(TOKEN_KEY, token);
+      else sessionStorage.removeItem(TOKEN_KEY);
+    } catch {
+      // Kept in memory only (auth.memoryToken).
+    }
+    renderAuthControls();
+  }
+
+  const auth = {
+    /** Fallback when sessionStorage cannot be used. */
+    memoryToken: '',
+    /** Calls refused with 401 that wait for a token: { resolve, reject } each. */
+    waiting: [],
+    /** The reader closed the token form: refused calls fail until they open it again. */
+    dismissed: false,
+    /** The broker has asked for a token at least once. */
+    required: false,
+    /** Shown in the form when it opens: why the last token failed. */
+    lastError: '',
+    /** What had focus before the form opened, to give it back. */
+    returnFocus: null,
+  };
 
   async function api(path, options = {}) {
     const init = { method: options.method || 'GET', headers: { Accept: 'application/json' } };
@@ -123,16 +165,156 @@
       init.headers['Content-Type'] = 'application/json';
       init.body = JSON.stringify(options.body);
     }
-    const response = await fetch(path, init);
-    const text = await response.text();
-    let body = null;
-    try {
-      body = text ? JSON.parse(text) : null;
-    } catch {
-      body = null;
+    for (;;) {
+      const token = readToken();
+      if (token) init.headers.Authorization = `Bearer ${token}`;
+      else delete init.headers.Authorization;
+      const response = await fetch(path, init);
+      const text = await response.text();
+      let body = null;
+      try {
+        body = text ? JSON.parse(text) : null;
+      } catch {
+        body = null;
+      }
+      if (response.status === 401) {
+        // Another call may have been given a token meanwhile: try that one first.
+        if (readToken() !== token) continue;
+        await tokenNeeded(token, body);
+        continue;
+      }
+      if (response.status === 403) {
+        showForbidden(forbiddenMessage(token));
+        throw new ApiError(403, body, token ? 'forbidden for this token' : 'forbidden');
+      }
+      if (!response.ok) throw new ApiError(response.status, body);
+      return body;
     }
-    if (!response.ok) throw new ApiError(response.status, body);
-    return body;
+  }
+
+  function forbiddenMessage(token) {
+    return token
+      ? 'The broker refused the stored token for this (403): is it a project token? The console needs the admin token.'
+      : 'The broker refused this request (403 forbidden).';
+  }
+
+  /**
+   * A call was refused for want of a valid token (`rejected` is the one it sent, if any).
+   * Resolves once a new token is saved; throws when the reader closes the form instead.
+   */
+  function tokenNeeded(rejected, body) {
+    auth.required = true;
+    if (rejected && readToken() === rejected) {
+      writeToken('');
+      auth.lastError = 'The broker did not accept this token. Check it and try again.';
+    }
+    if (auth.dismissed) {
+      renderAuthControls();
+      return Promise.reject(new ApiError(401, body, 'this broker requires its admin token'));
+    }
+    openTokenForm();
+    return new Promise((resolve, reject) => auth.waiting.push({ resolve, reject, body }));
+  }
+
+  function openTokenForm() {
+    const dialog = $('auth-dialog');
+    if (dialog.open) return;
+    setAuthError(auth.required && !readToken() && auth.lastError ? auth.lastError : '');
+    auth.lastError = '';
+    auth.returnFocus = document.activeElement;
+    $('auth-token').value = '';
+    dialog.showModal();
+    $('auth-token').focus();
+  }
+
+  function setAuthError(text) {
+    note($('auth-error'), text);
+  }
+
+  function saveToken(event) {
+    event.preventDefault();
+    const token = $('auth-token').value.trim();
+    if (!token) {
+      setAuthError('Paste the admin token first.');
+      $('auth-token').focus();
+      return;
+    }
+    writeToken(token);
+    auth.dismissed = false;
+    setAuthError('');
+    showForbidden('');
+    closeTokenForm();
+    const waiting = auth.waiting.splice(0);
+    if (waiting.length) {
+      for (const w of waiting) w.resolve();
+    } else {
+      // Opened by hand after the form was closed: nothing waits, so load everything again.
+      reloadAll();
+    }
+  }
+
+  /** Closing the form without a token: the refused calls fail and say why. */
+  function dismissTokenForm() {
+    // Calls were waiting: stop asking until the reader opens the form again ("Admin token…").
+    if (auth.waiting.length) auth.dismissed = true;
+    setAuthError('');
+    const waiting = auth.waiting.splice(0);
+    for (const w of waiting) w.reject(new ApiError(401, w.body, 'this broker requires its admin token'));
+    if ($('auth-dialog').open) closeTokenForm();
+    renderAuthControls();
+  }
+
+  function closeTokenForm() {
+    const dialog = $('auth-dialog');
+    $('auth-token').value = '';
+    if (dialog.open) dialog.close();
+    const back = auth.returnFocus;
+    auth.returnFocus = null;
+    // The button that opened the form may be hidden now (a token is stored): focus the picker.
+    if (back && back.isConnected && back !== document.body && !back.closest('[hidden]')) back.focus();
+    else if (back && back !== document.body) $('project-select').focus();
+  }
+
+  function forgetToken() {
+    writeToken('');
+    showForbidden('');
+    setStatus('', 'token forgotten');
+    setTimeout(() => {
+      if ($('status').textContent === 'token forgotten') setStatus('', '');
+    }, 4000);
+    // Focus was on the button, which is now hidden.
+    $('project-select').focus();
+  }
+
+  /** The header shows "Forget token" while one is stored, "Admin token…" while one is needed. */
+  function renderAuthControls() {
+    const stored = Boolean(readToken());
+    show($('auth-forget'), stored);
+    show($('auth-enter'), !stored && auth.required && auth.dismissed);
+  }
+
+  function showForbidden(text) {
+    const banner = $('auth-forbidden');
+    if (!text) {
+      show(banner, false);
+      return;
+    }
+    // Set only when it changes, so that a poll refused again does not announce it again.
+    if ($('auth-forbidden-text').textContent !== text) $('auth-forbidden-text').textContent = text;
+    show(banner, true);
+  }
+
+  /** Everything the current page shows, loaded again (after a token was entered by hand). */
+  function reloadAll() {
+    if (!state.projectId) {
+      loadProjects();
+      return;
+    }
+    loadProjects();
+    if (!state.project) fetchProject(state.projectGen);
+    reloadLog();
+    refreshAgents();
+    if (state.view !== 'messages') refreshAux(state.projectGen);
   }
 
   /** Endpoints still being built answer 404 (no route) or 405: the page then does without. */
@@ -244,13 +426,79 @@
     const input = $('new-project-name');
     note($('create-error'), '');
     try {
-      const project = await api('/api/projects', { method: 'POST', body: { name: input.value } });
+      const created = await api('/api/projects', { method: 'POST', body: { name: input.value } });
+      // The project token is shown once and then forgotten: it is not kept with the project.
+      const { token, ...project } = created;
       input.value = '';
       state.projects.push(project);
       location.hash = projectHash(project.id);
+      if (typeof token === 'string' && token) showProjectToken(project, token);
     } catch (err) {
       note($('create-error'), err.message);
     }
+  }
+
+  /**
+   * A new project's token, which the broker shows only this once: in a notice that stays
+   * (across views) until dismissed, with a button to copy it.
+   */
+  function showProjectToken(project, token) {
+    const valueId = `project-token-${project.id}`;
+    const copied = h('span', { class: 'copied muted', role: 'status' });
+    const value = h('input', {
+      id: valueId,
+      class: 'token-value',
+      type: 'text',
+      readonly: true,
+      spellcheck: 'false',
+      autocomplete: 'off',
+      value: token,
+      onfocus: (e) => e.target.select(),
+    });
+    const copy = h('button', { type: 'button', onclick: () => copyToken(value, copied) }, 'Copy');
+    const notice = h('section', { class: 'notice token-notice', 'aria-labelledby': `${valueId}-title` },
+      h('div', { class: 'notice-body' },
+        h('p', { id: `${valueId}-title`, class: 'notice-title' },
+          'Project token for ', h('b', {}, project.name || shortId(project.id)),
+          ': shown only once, give it to your agents.'),
+        h('div', { class: 'token-row' },
+          h('label', { class: 'visually-hidden', for: valueId }, `Project token for ${project.name || project.id}`),
+          value, copy, copied)),
+      h('button', {
+        type: 'button',
+        class: 'quiet small',
+        'aria-label': `Dismiss the project token for ${project.name || project.id}`,
+        title: 'Dismiss (the token cannot be shown again)',
+        onclick: () => {
+          notice.remove();
+          if (document.activeElement === document.body) $('project-select').focus();
+        },
+      }, 'Dismiss'));
+    $('notices').append(notice);
+    copy.focus();
+  }
+
+  async function copyToken(input, feedback) {
+    let ok = false;
+    try {
+      if (navigator.clipboard && window.isSecureContext) {
+        await navigator.clipboard.writeText(input.value);
+        ok = true;
+      }
+    } catch {
+      ok = false;
+    }
+    if (!ok) {
+      // Plain http on another host has no clipboard API: copy the selection instead.
+      input.focus();
+      input.select();
+      try {
+        ok = document.execCommand('copy');
+      } catch {
+        ok = false;
+      }
+    }
+    feedback.textContent = ok ? 'Copied.' : 'Select the token and copy it (Ctrl+C).';
   }
 
   // ---------------------------------------------------------------------------------------
@@ -1472,6 +1720,19 @@
       location.hash = e.target.value ? projectHash(e.target.value) : '#/';
     });
     $('create-project').addEventListener('submit', createProject);
+
+    $('auth-form').addEventListener('submit', saveToken);
+    $('auth-cancel').addEventListener('click', dismissTokenForm);
+    // Escape closes the form like Cancel does.
+    $('auth-dialog').addEventListener('cancel', (e) => {
+      e.preventDefault();
+      dismissTokenForm();
+    });
+    $('auth-enter').addEventListener('click', openTokenForm);
+    $('auth-forget').addEventListener('click', forgetToken);
+    $('auth-forbidden-change').addEventListener('click', openTokenForm);
+    $('auth-forbidden-close').addEventListener('click', () => showForbidden(''));
+    renderAuthControls();
 
     const filters = $('filters');
     filters.addEventListener('change', onFilterChange);

@@ -108,6 +108,12 @@ pub struct Settings {
     #[arg(long, env = "AGENTBUS_BURST_PER_PROJECT", default_value_t = 20_000)]
     pub burst_per_project: u32,
 
+    /// The admin token. When set, every API call and WebSocket upgrade must present a token
+    /// (this one, or a project token); when not set the broker is open, which it refuses to
+    /// be on anything but a loopback address.
+    #[arg(long, env = "AGENTBUS_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
     /// On SIGTERM/SIGINT: how long to wait for sends in flight to commit and for clients to
     /// get their receipts and a 1001 close, before exiting anyway, in milliseconds.
     #[arg(long, env = "AGENTBUS_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
@@ -139,6 +145,7 @@ impl Default for Settings {
             burst_per_session: 2_000,
             rate_per_project: 10_000,
             burst_per_project: 20_000,
+            admin_token: None,
             shutdown_timeout_ms: 10_000,
             workers: 0,
         }

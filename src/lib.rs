@@ -20,6 +20,7 @@
 //! `docs/PROTOCOL.md` describes the protocol and its guarantees for client authors.
 
 pub mod actors;
+pub mod auth;
 pub mod bench;
 pub mod config;
 pub mod db;

@@ -29,6 +29,11 @@ enum Command {
         #[command(subcommand)]
         command: ProjectCommand,
     },
+    /// Manage project tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Measure a broker over real WebSockets and verify every message (docs/PERFORMANCE.md).
     Bench(agentbus::bench::BenchArgs),
 }
@@ -39,6 +44,27 @@ enum ProjectCommand {
     Create {
         /// The project's name.
         name: String,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Issue a token for a project and print it (shown once).
+    Create {
+        project_id: uuid::Uuid,
+        /// Bind the token to this agent id: it can then only speak as that agent.
+        #[arg(long)]
+        agent_id: Option<String>,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+    /// Revoke a token: new connections and requests with it are refused. (A running broker
+    /// closes the sessions using it when the token is revoked through its REST API.)
+    Revoke {
+        project_id: uuid::Uuid,
+        token_id: uuid::Uuid,
         #[command(flatten)]
         db: DatabaseArgs,
     },
@@ -85,8 +111,51 @@ fn main() -> anyhow::Result<()> {
                 )
                 .await
                 .context("connecting to the database")?;
-            let project = db::queries::create_project(&mut conn, name).await?;
-            println!("{}", serde_json::to_string_pretty(&project)?);
+            let (project, token) = db::queries::create_project_with_token(&mut conn, name).await?;
+            let mut shown = serde_json::to_value(&project)?;
+            // Shown this once: only its hash is stored.
+            shown["token"] = serde_json::json!(token);
+            println!("{}", serde_json::to_string_pretty(&shown)?);
+            Ok(())
+        }),
+        Command::Token { command } => actix_web::rt::System::new().block_on(async {
+            let args = match &command {
+                TokenCommand::Create { db, .. } | TokenCommand::Revoke { db, .. } => db,
+            };
+            db::ensure_database_exists(&args.database_url).await?;
+            db::run_migrations(&args.database_url)?;
+            let mut conn =
+                <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(
+                    &args.database_url,
+                )
+                .await
+                .context("connecting to the database")?;
+            match command {
+                TokenCommand::Create {
+                    project_id,
+                    agent_id,
+                    ..
+                } => {
+                    let (id, token) =
+                        agentbus::auth::issue(&mut conn, project_id, agent_id.as_deref()).await?;
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&serde_json::json!({
+                            "id": id, "project_id": project_id, "agent_id": agent_id, "token": token,
+                        }))?
+                    );
+                }
+                TokenCommand::Revoke {
+                    project_id,
+                    token_id,
+                    ..
+                } => {
+                    if !agentbus::auth::revoke(&mut conn, project_id, token_id).await? {
+                        anyhow::bail!("no active token {token_id} in project {project_id}");
+                    }
+                    println!("revoked {token_id}; new connections with it are refused");
+                }
+            }
             Ok(())
         }),
     }

@@ -29,6 +29,8 @@ pub const DEFAULT_PRIORITY: i16 = 2;
 pub mod close_code {
     /// Another connection with the same agent_id joined the project and took over.
     pub const REPLACED: u16 = 4001;
+    /// The token the connection was opened with was revoked.
+    pub const TOKEN_REVOKED: u16 = 4003;
     /// Nothing was heard from the client (no frame, no pong) within the client timeout.
     pub const HEARTBEAT_TIMEOUT: u16 = 4002;
     /// The client read too slowly: its outgoing queue reached its bound.

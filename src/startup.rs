@@ -36,6 +36,14 @@ impl Application {
     /// Creates the database if needed, applies migrations, starts the actors and binds.
     /// Must be called inside an actix system.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        if settings.admin_token.is_none() && !crate::auth::is_loopback_bind(&settings.bind) {
+            anyhow::bail!(
+                "refusing to listen on {} without an admin token: anyone who can reach it could \
+                 read and write every project. Set AGENTBUS_ADMIN_TOKEN (or --admin-token), or bind \
+                 to 127.0.0.1",
+                settings.bind
+            );
+        }
         db::ensure_database_exists(&settings.database_url).await?;
         db::run_migrations(&settings.database_url)?;
         let pool = db::build_pool(

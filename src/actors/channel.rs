@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::persistence::{Reply, Settlement};
-use super::session::{Deliver, Drain, Replaced, SessionActor};
+use super::session::{Deliver, Drain, Replaced, SessionActor, TokenRevoked};
 use crate::models::StoredMessage;
 use crate::protocol;
 use crate::stats::Stats;
@@ -17,6 +17,8 @@ use crate::stats::Stats;
 /// A connected session, as its channel sees it.
 struct Member {
     session_id: Uuid,
+    /// The token the session connected with, so revoking it closes the session.
+    token_id: Option<Uuid>,
     /// For messages addressed to a type.
     agent_type: String,
     addr: Addr<SessionActor>,
@@ -129,6 +131,7 @@ impl Actor for ChannelActor {
 #[rtype(result = "i64")]
 pub struct Join {
     pub session_id: Uuid,
+    pub token_id: Option<Uuid>,
     pub agent_id: String,
     pub agent_type: String,
     pub addr: Addr<SessionActor>,
@@ -140,6 +143,7 @@ impl Handler<Join> for ChannelActor {
     fn handle(&mut self, join: Join, _ctx: &mut Self::Context) -> i64 {
         let member = Member {
             session_id: join.session_id,
+            token_id: join.token_id,
             agent_type: join.agent_type,
             addr: join.addr,
         };
@@ -240,6 +244,25 @@ impl Handler<DrainAll> for ChannelActor {
             member.addr.do_send(Drain);
         }
         self.members.len()
+    }
+}
+
+/// A token was revoked: the sessions that connected with it are closed (4003).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Revoked {
+    pub token_id: Uuid,
+}
+
+impl Handler<Revoked> for ChannelActor {
+    type Result = ();
+
+    fn handle(&mut self, revoked: Revoked, _ctx: &mut Self::Context) {
+        for member in self.members.values() {
+            if member.token_id == Some(revoked.token_id) {
+                member.addr.do_send(TokenRevoked);
+            }
+        }
     }
 }
 

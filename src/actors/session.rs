@@ -34,6 +34,8 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub struct Identity {
     pub session_id: Uuid,
+    /// The project token it connected with (none on an open broker or with the admin token).
+    pub token_id: Option<Uuid>,
     pub project_id: Uuid,
     pub agent_id: String,
     pub agent_type: String,
@@ -802,6 +804,7 @@ impl Actor for SessionActor {
         });
         let join = Join {
             session_id: self.identity.session_id,
+            token_id: self.identity.token_id,
             agent_id: self.identity.agent_id.clone(),
             agent_type: self.identity.agent_type.clone(),
             addr: ctx.address(),
@@ -983,6 +986,23 @@ impl Handler<Drain> for SessionActor {
         if self.pending_sends == 0 {
             self.close(ctx, 1001, "the broker is shutting down");
         }
+    }
+}
+
+/// The token this session connected with was revoked.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct TokenRevoked;
+
+impl Handler<TokenRevoked> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, _: TokenRevoked, ctx: &mut Self::Context) {
+        self.close(
+            ctx,
+            close_code::TOKEN_REVOKED,
+            "the token of this connection was revoked",
+        );
     }
 }
 

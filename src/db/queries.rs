@@ -16,6 +16,20 @@ pub async fn create_project(conn: &mut AsyncPgConnection, name: &str) -> QueryRe
         .await
 }
 
+/// Creates a project and its first token (returned in clear, once), in one transaction.
+pub async fn create_project_with_token(
+    conn: &mut AsyncPgConnection,
+    name: &str,
+) -> QueryResult<(Project, String)> {
+    use diesel_async::AsyncConnection;
+    conn.transaction(async |conn| {
+        let project = create_project(conn, name).await?;
+        let (_, token) = crate::auth::issue(conn, project.id, None).await?;
+        Ok((project, token))
+    })
+    .await
+}
+
 pub async fn list_projects(conn: &mut AsyncPgConnection) -> QueryResult<Vec<Project>> {
     projects::table
         .order((projects::created_at.asc(), projects::id.asc()))

@@ -9,10 +9,20 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::messages::{DEFAULT_PAGE, MAX_PAGE};
-use super::{projects, ApiError, AppState};
+use super::{granted, projects, ApiError, AppState};
 use crate::actors::channel::Presence;
 use crate::db::cursors::{self, OwedQuery, Progress};
 use crate::protocol::{self, MAX_ACK_SEQS};
+
+/// A token bound to an agent acts for that agent only.
+fn speaks_as(req: &actix_web::HttpRequest, agent_id: &str) -> Result<(), ApiError> {
+    match granted(req)?.bound_agent() {
+        Some(bound) if bound != agent_id => Err(ApiError::Forbidden(format!(
+            "this token speaks only as agent {bound:?}"
+        ))),
+        _ => Ok(()),
+    }
+}
 
 #[derive(Serialize)]
 struct AgentView {
@@ -78,11 +88,13 @@ pub struct InboxParams {
 
 /// What an agent is owed, in delivery order (priority, then seq).
 pub async fn inbox(
+    req: actix_web::HttpRequest,
     state: web::Data<AppState>,
     path: web::Path<(String, String)>,
     params: web::Query<InboxParams>,
 ) -> Result<HttpResponse, ApiError> {
     let (project_raw, agent_id) = path.into_inner();
+    speaks_as(&req, &agent_id)?;
     let limit = params.limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::bad_request(
@@ -128,11 +140,13 @@ pub struct AckBody {
 
 /// Acknowledges messages of an agent's inbox, with the same rules as the `ack` frame.
 pub async fn ack(
+    req: actix_web::HttpRequest,
     state: web::Data<AppState>,
     path: web::Path<(String, String)>,
     body: web::Json<AckBody>,
 ) -> Result<HttpResponse, ApiError> {
     let (project_raw, agent_id) = path.into_inner();
+    speaks_as(&req, &agent_id)?;
     let body = body.into_inner();
     let seqs = body.seqs.unwrap_or_default();
     if seqs.is_empty() && body.up_to.is_none() {
@@ -171,6 +185,7 @@ pub struct ReadBody {
 
 /// A read receipt over REST: `agent_id` read this message.
 pub async fn read(
+    req: actix_web::HttpRequest,
     state: web::Data<AppState>,
     path: web::Path<(String, String)>,
     body: web::Json<ReadBody>,
@@ -180,6 +195,7 @@ pub async fn read(
         ApiError::bad_request("missing_field", "`agent_id` (the reader) is required")
     })?;
     protocol::check_agent_id("agent_id", &agent_id)?;
+    speaks_as(&req, &agent_id)?;
     let message_id = Uuid::parse_str(&message_raw)
         .map_err(|_| ApiError::bad_request("invalid_field", "the message id must be a UUID"))?;
     let project = projects::load(&state, &project_raw).await?;

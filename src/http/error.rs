@@ -12,6 +12,12 @@ pub enum ApiError {
     /// The request is malformed or breaks a rule (400).
     #[error("{message}")]
     BadRequest { code: &'static str, message: String },
+    /// No valid credentials (401).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Valid credentials that do not allow this (403).
+    #[error("{0}")]
+    Forbidden(String),
     /// No such project or message (404).
     #[error("{0}")]
     NotFound(String),
@@ -41,10 +47,21 @@ impl ApiError {
         match self {
             ApiError::BadRequest { code, .. } => code,
             ApiError::NotFound(_) => "not_found",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::Conflict(_) => "conflict",
             ApiError::RateLimited(_) => ErrorCode::RateLimited.as_str(),
             ApiError::Unavailable(_) => ErrorCode::Unavailable.as_str(),
             ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<crate::auth::AuthError> for ApiError {
+    fn from(e: crate::auth::AuthError) -> Self {
+        match e {
+            crate::auth::AuthError::Database(detail) => ApiError::Unavailable(detail),
+            other => ApiError::Unauthorized(other.to_string()),
         }
     }
 }
@@ -92,6 +109,8 @@ impl ResponseError for ApiError {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,

@@ -8,10 +8,11 @@ use serde::Deserialize;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::{projects, ApiError, AppState};
+use super::{granted, projects, ApiError, AppState};
 use crate::actors::channel::AwaitReply;
 use crate::actors::deadlines::BROKER_AGENT_ID;
 use crate::actors::persistence::{no_recipient_text, Persist, Reply, Settlement};
+use crate::auth::Access;
 use crate::db::queries::{self, HistoryQuery};
 use crate::models::{NewMessage, StoredMessage};
 use crate::protocol::{self, SendFields};
@@ -91,22 +92,37 @@ pub struct PublishBody {
 }
 
 pub async fn publish(
+    req: actix_web::HttpRequest,
     state: web::Data<AppState>,
     path: web::Path<String>,
     body: web::Json<PublishBody>,
 ) -> Result<HttpResponse, ApiError> {
     let project = projects::load(&state, &path).await?;
-    let message = body.into_inner().into_message(&state, project.id)?;
+    let message = body
+        .into_inner()
+        .into_message(&state, project.id, &granted(&req)?)?;
     let (stored, _) = store(&state, message).await?;
     Ok(HttpResponse::Created().json(stored))
 }
 
 impl PublishBody {
     /// The message this body asks to send, validated like a WebSocket send.
-    fn into_message(self, state: &AppState, project_id: Uuid) -> Result<NewMessage, ApiError> {
-        let sender_agent_id = self.sender_agent_id.ok_or_else(|| {
-            ApiError::bad_request("missing_field", "`sender_agent_id` is required")
-        })?;
+    /// A token bound to an agent sends as that agent only.
+    fn into_message(
+        self,
+        state: &AppState,
+        project_id: Uuid,
+        access: &Access,
+    ) -> Result<NewMessage, ApiError> {
+        let sender_agent_id = match (self.sender_agent_id, access.bound_agent()) {
+            (Some(given), Some(bound)) if given != bound => {
+                return Err(ApiError::Forbidden(format!(
+                    "this token speaks only as agent {bound:?}"
+                )))
+            }
+            (given, bound) => given.or(bound.map(str::to_owned)),
+        }
+        .ok_or_else(|| ApiError::bad_request("missing_field", "`sender_agent_id` is required"))?;
         protocol::check_agent_id("sender_agent_id", &sender_agent_id)?;
         let sender_agent_type = self.sender_agent_type.ok_or_else(|| {
             ApiError::bad_request("missing_field", "`sender_agent_type` is required")
@@ -162,6 +178,7 @@ pub async fn store(
 /// form of sendAndWait). 200 with the reply; 504 with the broker's timeout response when
 /// none came in time; 422 when nobody can receive the request.
 pub async fn send_and_wait(
+    req: actix_web::HttpRequest,
     state: web::Data<AppState>,
     path: web::Path<String>,
     body: web::Json<PublishBody>,
@@ -169,7 +186,7 @@ pub async fn send_and_wait(
     let project = projects::load(&state, &path).await?;
     let mut body = body.into_inner();
     body.send.expects_reply = Some(true);
-    let message = body.into_message(&state, project.id)?;
+    let message = body.into_message(&state, project.id, &granted(&req)?)?;
     let timeout_ms = message
         .reply_timeout_ms
         .unwrap_or(protocol::DEFAULT_REPLY_TIMEOUT_MS);

@@ -10,6 +10,7 @@ mod ops;
 mod projects;
 mod socket;
 mod stats;
+mod tokens;
 
 use std::sync::Arc;
 
@@ -23,6 +24,7 @@ pub use projects::validate_name as validate_project_name;
 use crate::actors::cursor::CursorActor;
 use crate::actors::persistence::PersistenceActor;
 use crate::actors::registry::ChannelRegistry;
+use crate::auth;
 use crate::config::Settings;
 use crate::db::DbPool;
 use crate::stats::Stats;
@@ -64,9 +66,66 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/stats", web::get().to(stats::all))
             .route("/projects", web::post().to(projects::create))
             .route("/projects", web::get().to(projects::list))
-            .service(web::scope("/projects/{project_id}").configure(project_routes)),
+            .service(
+                web::scope("/projects/{project_id}")
+                    .wrap(actix_web::middleware::from_fn(project_access))
+                    .configure(project_routes),
+            ),
     )
     .default_service(web::to(not_found));
+}
+
+/// Checks the credentials of every request under `/api/projects/{project_id}`: the admin
+/// token, or a token of that project. The access is left in the request's extensions.
+async fn project_access(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
+) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
+    use actix_web::HttpMessage;
+    let state = req
+        .app_data::<web::Data<AppState>>()
+        .cloned()
+        .ok_or_else(|| ApiError::Internal("no application state".into()))?;
+    let project_id = parse_project_id(req.match_info().get("project_id").unwrap_or_default())?;
+    let token = auth::presented_token(req.request());
+    let access = auth::authenticate(
+        &state.pool,
+        state.settings.admin_token.as_deref(),
+        token.as_deref(),
+    )
+    .await
+    .map_err(ApiError::from)?;
+    if !access.allows_project(project_id) {
+        return Err(ApiError::Forbidden("this token is for another project".into()).into());
+    }
+    req.extensions_mut().insert(access);
+    next.call(req).await
+}
+
+/// The admin token (or an open broker) is required.
+pub async fn require_admin(req: &actix_web::HttpRequest, state: &AppState) -> Result<(), ApiError> {
+    let token = auth::presented_token(req);
+    let access = auth::authenticate(
+        &state.pool,
+        state.settings.admin_token.as_deref(),
+        token.as_deref(),
+    )
+    .await?;
+    if access.is_admin() {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden("this needs the admin token".into()))
+    }
+}
+
+/// The access a project route was granted (by `project_access`). Missing means the route
+/// is not behind that check: refuse rather than assume.
+pub fn granted(req: &actix_web::HttpRequest) -> Result<auth::Access, ApiError> {
+    use actix_web::HttpMessage;
+    req.extensions()
+        .get::<auth::Access>()
+        .cloned()
+        .ok_or_else(|| ApiError::Internal("a project route without an access check".into()))
 }
 
 /// Everything under `/api/projects/{project_id}`.
@@ -85,7 +144,10 @@ fn project_routes(cfg: &mut web::ServiceConfig) {
         .route(
             "/dead-letters/{message_id}/retry",
             web::post().to(dead_letters::retry),
-        );
+        )
+        .route("/tokens", web::get().to(tokens::list))
+        .route("/tokens", web::post().to(tokens::issue))
+        .route("/tokens/{token_id}", web::delete().to(tokens::revoke));
 }
 
 /// Unknown paths and methods get a JSON error like every other route.

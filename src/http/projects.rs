@@ -1,6 +1,6 @@
 //! `/api/projects`: create, list, show.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 
 use super::{parse_project_id, ApiError, AppState};
@@ -16,17 +16,23 @@ pub struct CreateProject {
 }
 
 pub async fn create(
+    req: HttpRequest,
     state: web::Data<AppState>,
     body: web::Json<CreateProject>,
 ) -> Result<HttpResponse, ApiError> {
+    super::require_admin(&req, &state).await?;
     let name = body.into_inner().name.unwrap_or_default();
     let name = validate_name(&name)?;
     let mut conn = state.pool.get().await?;
-    let project = queries::create_project(&mut conn, name).await?;
-    Ok(HttpResponse::Created().json(project))
+    let (project, token) = queries::create_project_with_token(&mut conn, name).await?;
+    let mut body = serde_json::to_value(&project).map_err(|e| ApiError::Internal(e.to_string()))?;
+    // The project's first token, shown this once: only its hash is kept.
+    body["token"] = serde_json::json!(token);
+    Ok(HttpResponse::Created().json(body))
 }
 
-pub async fn list(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    super::require_admin(&req, &state).await?;
     let mut conn = state.pool.get().await?;
     let projects = queries::list_projects(&mut conn).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "projects": projects })))

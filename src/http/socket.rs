@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use super::{projects, ApiError, AppState};
 use crate::actors::session::{DeliveryOptions, Identity, SessionActor, SessionDeps};
+use crate::auth;
 use crate::db::{cursors, queries};
 use crate::protocol::{self, AckMode};
 
@@ -61,6 +62,25 @@ pub async fn connect(
             "`since` must not be negative",
         ));
     }
+    let project_id = super::parse_project_id(&path)?;
+    let access = auth::authenticate(
+        &state.pool,
+        state.settings.admin_token.as_deref(),
+        auth::presented_token(&req).as_deref(),
+    )
+    .await?;
+    if !access.allows_project(project_id) {
+        return Err(ApiError::Forbidden(
+            "this token is for another project".into(),
+        ));
+    }
+    if let Some(bound) = access.bound_agent() {
+        if bound != agent_id {
+            return Err(ApiError::Forbidden(format!(
+                "this token speaks only as agent {bound:?}"
+            )));
+        }
+    }
     let project = projects::load(&state, &path).await?;
 
     let (response, ws, stream) = actix_ws::handle(&req, body).map_err(|e| {
@@ -104,6 +124,7 @@ pub async fn connect(
     };
     let identity = Identity {
         session_id,
+        token_id: access.token_id(),
         project_id: project.id,
         agent_id,
         agent_type,

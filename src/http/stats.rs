@@ -68,7 +68,11 @@ pub async fn project(
     })))
 }
 
-pub async fn all(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn all(
+    req: actix_web::HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    super::require_admin(&req, &state).await?;
     let projects: HashMap<Uuid, _> = state.stats.all_projects();
     let messages_in: u64 = projects.values().map(|p| p.messages_in).sum();
     let deliveries: u64 = projects.values().map(|p| p.deliveries).sum();

@@ -113,10 +113,13 @@ async fn projects_are_created_listed_and_shown() {
     let (code, body) = app.get_json("/healthz").await;
     assert_eq!((code, body["status"].as_str()), (200, Some("ok")));
 
-    let (code, created) = app
+    let (code, mut created) = app
         .post_json("/api/projects", &json!({"name": "  alpha  "}))
         .await;
     assert_eq!(code, 201);
+    // The first token is shown once, with the creation only.
+    let token = created.as_object_mut().and_then(|c| c.remove("token"));
+    assert!(token.is_some_and(|t| t.as_str().is_some_and(|t| t.starts_with("ab_"))));
     assert_eq!(created["name"], "alpha");
     assert_eq!(created["head_seq"], 0);
     let id = created["id"].as_str().expect("id");

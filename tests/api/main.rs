@@ -1,6 +1,7 @@
 //! Integration tests: every test starts a real broker on port 0 against its own fresh
 //! PostgreSQL database and talks to it over real sockets.
 
+mod auth;
 mod bad_input;
 mod bench;
 #[cfg(feature = "browser-tests")]
