@@ -99,8 +99,9 @@ pub struct SessionActor {
     limit: SessionLimit,
     /// Set once a close frame is queued: nothing more is accepted or sent.
     closing: bool,
-    /// The broker is shutting down: no new sends; close (1001) once the pending ones settle.
-    draining: bool,
+    /// Closing once the pending sends settle (the broker shuts down, or the client closed):
+    /// no new sends are taken; the code and reason of the close to send then.
+    draining: Option<(u16, &'static str)>,
     /// Auto mode: messages written to the socket whose receipt the client has not confirmed
     /// yet, in write order. They become done when a pong answers a ping written after them;
     /// if the connection dies first, they are delivered again on the next connection.
@@ -171,7 +172,7 @@ impl SessionActor {
             pending_sends: 0,
             limit,
             closing: false,
-            draining: false,
+            draining: None,
             unconfirmed: VecDeque::new(),
             pings: VecDeque::new(),
             next_ping: 0,
@@ -440,6 +441,20 @@ impl SessionActor {
                 agent_id: self.identity.agent_id.clone(),
                 seqs: std::mem::take(&mut self.attempted),
             });
+        }
+    }
+
+    /// Takes no more sends; closes with `code` once every pending send has its receipt (or
+    /// error), so the client learns the fate of everything it sent.
+    fn drain(&mut self, ctx: &mut Context<Self>, code: u16, reason: &'static str) {
+        if self.draining.is_none() {
+            self.draining = Some((code, reason));
+            // Every send is settled within the database timeouts; this only guards the close.
+            let limit = self.deps.settings.db_timeout() * 3;
+            ctx.run_later(limit, move |act, ctx| act.close(ctx, code, reason));
+        }
+        if self.pending_sends == 0 {
+            self.close(ctx, code, reason);
         }
     }
 
@@ -718,10 +733,10 @@ impl SessionActor {
                     let rejection = Rejection::rate_limited(scope, wait);
                     return self.reject(&rejection, send.client_msg_id.as_deref(), ctx);
                 }
-                if self.draining {
+                if self.draining.is_some() {
                     let rejection = Rejection::new(
                         ErrorCode::Unavailable,
-                        "the broker is shutting down; nothing was stored, send again after reconnecting",
+                        "this connection is closing; nothing was stored, send again after reconnecting",
                     );
                     return self.reject(&rejection, send.client_msg_id.as_deref(), ctx);
                 }
@@ -897,7 +912,8 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for SessionActor {
                     "session {}: client closed ({reason:?})",
                     self.identity.session_id
                 );
-                self.close(ctx, 1000, "bye");
+                // Answer with the receipts of what it already sent, then close.
+                self.drain(ctx, 1000, "bye");
             }
             Err(ProtocolError::Overflow) => {
                 let rejection = Rejection::new(
@@ -908,21 +924,29 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for SessionActor {
                     ),
                 );
                 self.reject(&rejection, None, ctx);
-                self.close(ctx, 1009, "frame too large");
+                self.drain(ctx, 1009, "frame too large");
             }
+            // The connection cannot be read any further, but what the client sent before
+            // still gets its receipts before the close.
             Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
-                self.close(ctx, 1007, "text frames must be valid UTF-8");
+                self.drain(ctx, 1007, "text frames must be valid UTF-8");
             }
             Err(e) => {
                 log::info!("session {}: protocol error: {e}", self.identity.session_id);
-                self.close(ctx, 1002, "protocol error");
+                self.drain(ctx, 1002, "protocol error");
             }
         }
     }
 
     fn finished(&mut self, ctx: &mut Self::Context) {
-        // The client's half of the connection ended.
-        ctx.stop();
+        // The client's half of the connection ended. Receipts still owed for its sends are
+        // written if the other half still carries them; otherwise the write fails and the
+        // session stops.
+        if self.pending_sends > 0 && self.draining.is_none() {
+            self.drain(ctx, 1000, "bye");
+        } else if self.draining.is_none() {
+            ctx.stop();
+        }
     }
 }
 
@@ -954,8 +978,8 @@ impl Handler<Settled> for SessionActor {
     fn handle(&mut self, settled: Settled, ctx: &mut Self::Context) {
         self.pending_sends = self.pending_sends.saturating_sub(1);
         self.push_text(settled.0, ctx);
-        if self.draining && self.pending_sends == 0 {
-            self.close(ctx, 1001, "the broker is shutting down");
+        if let (Some((code, reason)), 0) = (self.draining, self.pending_sends) {
+            self.close(ctx, code, reason);
         }
     }
 }
@@ -982,10 +1006,7 @@ impl Handler<Drain> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, _: Drain, ctx: &mut Self::Context) {
-        self.draining = true;
-        if self.pending_sends == 0 {
-            self.close(ctx, 1001, "the broker is shutting down");
-        }
+        self.drain(ctx, 1001, "the broker is shutting down");
     }
 }
 

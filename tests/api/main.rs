@@ -7,6 +7,7 @@ mod bench;
 #[cfg(feature = "browser-tests")]
 mod console;
 mod crash;
+mod fuzz;
 mod helpers;
 mod history;
 mod limits;
