@@ -108,6 +108,22 @@ pub struct Settings {
     #[arg(long, env = "AGENTBUS_BURST_PER_PROJECT", default_value_t = 20_000)]
     pub burst_per_project: u32,
 
+    /// Most open WebSocket connections per project (0: no limit).
+    #[arg(
+        long,
+        env = "AGENTBUS_MAX_CONNECTIONS_PER_PROJECT",
+        default_value_t = 1_000
+    )]
+    pub max_connections_per_project: usize,
+
+    /// Most open WebSocket connections per client IP address (0: no limit).
+    #[arg(
+        long,
+        env = "AGENTBUS_MAX_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 1_000
+    )]
+    pub max_connections_per_address: usize,
+
     /// The admin token. When set, every API call and WebSocket upgrade must present a token
     /// (this one, or a project token); when not set the broker is open, which it refuses to
     /// be on anything but a loopback address.
@@ -145,6 +161,8 @@ impl Default for Settings {
             burst_per_session: 2_000,
             rate_per_project: 10_000,
             burst_per_project: 20_000,
+            max_connections_per_project: 1_000,
+            max_connections_per_address: 1_000,
             admin_token: None,
             shutdown_timeout_ms: 10_000,
             workers: 0,

@@ -73,3 +73,107 @@ mod tests {
         assert!(projects.check(q).is_ok(), "each project has its own bucket");
     }
 }
+
+/// Open WebSocket connections per project and per client address, bounded so that one
+/// project or one host cannot take every connection the broker can hold.
+#[derive(Clone)]
+pub struct ConnectionLimits {
+    counts: Arc<std::sync::Mutex<ConnectionCounts>>,
+    per_project: usize,
+    per_address: usize,
+}
+
+#[derive(Default)]
+struct ConnectionCounts {
+    projects: std::collections::HashMap<Uuid, usize>,
+    addresses: std::collections::HashMap<std::net::IpAddr, usize>,
+}
+
+/// One admitted connection; dropping it (when its session ends) frees the place.
+pub struct ConnectionPermit {
+    limits: ConnectionLimits,
+    project_id: Uuid,
+    address: Option<std::net::IpAddr>,
+}
+
+impl ConnectionLimits {
+    /// 0 means no limit.
+    pub fn new(per_project: usize, per_address: usize) -> Self {
+        ConnectionLimits {
+            counts: Arc::default(),
+            per_project: if per_project == 0 {
+                usize::MAX
+            } else {
+                per_project
+            },
+            per_address: if per_address == 0 {
+                usize::MAX
+            } else {
+                per_address
+            },
+        }
+    }
+
+    /// Admits a connection, or names the limit it would exceed (`"project"`, `"address"`).
+    pub fn acquire(
+        &self,
+        project_id: Uuid,
+        address: Option<std::net::IpAddr>,
+    ) -> Result<ConnectionPermit, &'static str> {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if counts.projects.get(&project_id).copied().unwrap_or(0) >= self.per_project {
+            return Err("project");
+        }
+        if let Some(address) = address {
+            if counts.addresses.get(&address).copied().unwrap_or(0) >= self.per_address {
+                return Err("address");
+            }
+            *counts.addresses.entry(address).or_default() += 1;
+        }
+        *counts.projects.entry(project_id).or_default() += 1;
+        Ok(ConnectionPermit {
+            limits: self.clone(),
+            project_id,
+            address,
+        })
+    }
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        let mut counts = self.limits.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.projects.get_mut(&self.project_id) {
+            *n -= 1;
+            if *n == 0 {
+                counts.projects.remove(&self.project_id);
+            }
+        }
+        if let Some(address) = self.address {
+            if let Some(n) = counts.addresses.get_mut(&address) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.addresses.remove(&address);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod connection_tests {
+    use super::*;
+
+    #[test]
+    fn connections_are_counted_per_project_and_address_and_freed() {
+        let limits = ConnectionLimits::new(2, 3);
+        let (p, q) = (Uuid::new_v4(), Uuid::new_v4());
+        let host: std::net::IpAddr = "10.0.0.1".parse().expect("ip");
+        let a = limits.acquire(p, Some(host)).expect("first");
+        let _b = limits.acquire(p, Some(host)).expect("second");
+        assert_eq!(limits.acquire(p, Some(host)).err(), Some("project"));
+        let _c = limits.acquire(q, Some(host)).expect("another project");
+        assert_eq!(limits.acquire(q, Some(host)).err(), Some("address"));
+        drop(a);
+        assert!(limits.acquire(p, None).is_ok(), "a place was freed");
+    }
+}

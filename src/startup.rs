@@ -92,6 +92,10 @@ impl Application {
             settings.rate_per_project,
             settings.burst_per_project,
         );
+        let connection_limits = crate::limits::ConnectionLimits::new(
+            settings.max_connections_per_project,
+            settings.max_connections_per_address,
+        );
         let state = AppState {
             pool,
             settings: Arc::new(settings),
@@ -100,6 +104,7 @@ impl Application {
             cursors,
             stats,
             project_limits,
+            connection_limits,
         };
         let server = HttpServer::new(move || {
             App::new()

@@ -18,7 +18,7 @@ use super::persistence::{Persist, PersistenceActor, Reply};
 use crate::config::Settings;
 use crate::db::cursors::{self, MemberCursor, OwedQuery, Progress};
 use crate::db::{queries, DbPool};
-use crate::limits::{ProjectLimits, SessionLimit};
+use crate::limits::{ConnectionPermit, ProjectLimits, SessionLimit};
 use crate::models::{NewMessage, StoredMessage};
 use crate::protocol::{self, close_code, AckMode, ClientOp, ErrorCode, Rejection, ServerFrame};
 
@@ -97,6 +97,8 @@ pub struct SessionActor {
     pending_sends: usize,
     /// This connection's rate limit.
     limit: SessionLimit,
+    /// Its place among the connections of its project and address, freed when it stops.
+    _permit: ConnectionPermit,
     /// Set once a close frame is queued: nothing more is accepted or sent.
     closing: bool,
     /// Closing once the pending sends settle (the broker shuts down, or the client closed):
@@ -156,6 +158,7 @@ impl SessionActor {
         deps: SessionDeps,
         delivery: DeliveryOptions,
         ws: actix_ws::Session,
+        permit: ConnectionPermit,
     ) -> Self {
         let limit = SessionLimit::new(
             deps.settings.rate_per_session,
@@ -171,6 +174,7 @@ impl SessionActor {
             writing: false,
             pending_sends: 0,
             limit,
+            _permit: permit,
             closing: false,
             draining: None,
             unconfirmed: VecDeque::new(),

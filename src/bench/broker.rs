@@ -52,6 +52,10 @@ impl SpawnedBroker {
                 "0",
                 "--rate-per-project",
                 "0",
+                "--max-connections-per-project",
+                "0",
+                "--max-connections-per-address",
+                "0",
             ])
             .args(extra_args)
             // Start-up lines are logged at info; per-connection lines are few.

@@ -24,6 +24,9 @@ pub enum ApiError {
     /// The request conflicts with the current state (409).
     #[error("{0}")]
     Conflict(String),
+    /// Too many open connections for the project or the client's address (429).
+    #[error("{0}")]
+    TooManyConnections(String),
     /// Over the project's rate (429): retry after this many milliseconds.
     #[error("too many messages for this project; retry in {0} ms")]
     RateLimited(u64),
@@ -51,6 +54,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::Conflict(_) => "conflict",
             ApiError::RateLimited(_) => ErrorCode::RateLimited.as_str(),
+            ApiError::TooManyConnections(_) => "too_many_connections",
             ApiError::Unavailable(_) => ErrorCode::Unavailable.as_str(),
             ApiError::Internal(_) => "internal",
         }
@@ -112,7 +116,9 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited(_) | ApiError::TooManyConnections(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

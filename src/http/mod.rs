@@ -40,6 +40,8 @@ pub struct AppState {
     pub stats: Stats,
     /// Every project's rate limit, shared with the sessions.
     pub project_limits: crate::limits::ProjectLimits,
+    /// Open connections per project and per address.
+    pub connection_limits: crate::limits::ConnectionLimits,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {

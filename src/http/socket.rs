@@ -83,6 +83,12 @@ pub async fn connect(
     }
     let project = projects::load(&state, &path).await?;
 
+    let permit = state
+        .connection_limits
+        .acquire(project.id, req.peer_addr().map(|a| a.ip()))
+        .map_err(|scope| {
+            ApiError::TooManyConnections(format!("too many open connections for this {scope}"))
+        })?;
     let (response, ws, stream) = actix_ws::handle(&req, body).map_err(|e| {
         ApiError::bad_request("not_a_websocket", format!("WebSocket upgrade failed: {e}"))
     })?;
@@ -142,7 +148,7 @@ pub async fn connect(
     };
     SessionActor::create(move |ctx| {
         ctx.add_stream(stream);
-        SessionActor::new(identity, deps, delivery, ws)
+        SessionActor::new(identity, deps, delivery, ws, permit)
     });
     Ok(response)
 }

@@ -91,3 +91,31 @@ async fn a_project_over_its_rate_gets_429_over_rest() {
         .await;
     assert_eq!(code, 201);
 }
+
+#[tokio::test]
+async fn connections_beyond_the_project_limit_are_refused_until_one_leaves() {
+    let app = TestApp::spawn_with(|s| s.max_connections_per_project = 2).await;
+    let project = app.create_project("crowded").await;
+    let a = app.connect(project, "a", "coder").await;
+    let _b = app.connect(project, "b", "coder").await;
+    match crate::helpers::Agent::connect_raw(&app.ws_url(project, "agent_id=c")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 429)
+        }
+        other => panic!(
+            "a third connection was not refused: {:?}",
+            other.map(|_| ())
+        ),
+    }
+    // Another project has its own count.
+    let elsewhere = app.create_project("quiet").await;
+    app.connect(elsewhere, "c", "coder").await;
+    a.close().await;
+    crate::helpers::eventually("a's place to be freed", || async {
+        crate::helpers::Agent::connect_raw(&app.ws_url(project, "agent_id=c"))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+}
