@@ -4,7 +4,7 @@
 //! own project only. A project token may be bound to one agent id, which it then cannot
 //! speak past. Without an admin token (allowed on loopback only) the broker is open.
 //!
-//! Tokens are 256-bit random strings; only their SHA-256 is stored, so a leaked database
+//! Tokens carry 244 random bits; only their SHA-256 is stored, so a leaked database
 //! does not leak usable tokens.
 
 use actix_web::HttpRequest;
@@ -76,8 +76,11 @@ pub enum AuthError {
 /// The token a request presents: the bearer header, else the `token` query parameter.
 pub fn presented_token(req: &HttpRequest) -> Option<String> {
     if let Some(value) = req.headers().get(actix_web::http::header::AUTHORIZATION) {
-        if let Some(token) = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) {
-            return Some(token.trim().to_owned());
+        // The scheme name is case-insensitive (RFC 7235).
+        if let Some((scheme, token)) = value.to_str().ok().and_then(|v| v.split_once(' ')) {
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() {
+                return Some(token.trim().to_owned());
+            }
         }
     }
     url_query_token(req.query_string())
@@ -96,10 +99,12 @@ pub async fn authenticate(
     admin_token: Option<&str>,
     presented: Option<&str>,
 ) -> Result<Access, AuthError> {
-    let Some(admin) = admin_token else {
+    let Some(admin) = admin_token.filter(|t| !t.is_empty()) else {
         return Ok(Access::Open);
     };
-    let token = presented.ok_or(AuthError::Missing)?;
+    let token = presented
+        .filter(|t| !t.is_empty())
+        .ok_or(AuthError::Missing)?;
     if constant_time_eq(token.as_bytes(), admin.as_bytes()) {
         return Ok(Access::Admin);
     }
@@ -134,7 +139,8 @@ pub fn hash(token: &str) -> String {
         .collect()
 }
 
-/// A new token: 256 random bits, prefixed so it is recognisable in configuration files.
+/// A new token: 244 random bits (two v4 UUIDs), prefixed so it is recognisable in
+/// configuration files.
 pub fn generate() -> String {
     format!("ab_{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple())
 }
@@ -222,6 +228,23 @@ pub async fn list(conn: &mut AsyncPgConnection, project_id: Uuid) -> QueryResult
     .bind::<SqlUuid, _>(project_id)
     .load(conn)
     .await
+}
+
+/// Shortest admin token accepted: a guessable one would undo everything it protects.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
+
+/// The name the broker signs its own messages with (timeout responses); no client may use it.
+pub const RESERVED_AGENT_ID: &str = crate::actors::deadlines::BROKER_AGENT_ID;
+
+/// Refuses the broker's own agent id to clients.
+pub fn check_not_reserved(agent_id: &str) -> Result<(), crate::protocol::Rejection> {
+    if agent_id == RESERVED_AGENT_ID {
+        return Err(crate::protocol::Rejection::new(
+            crate::protocol::ErrorCode::InvalidField,
+            format!("{RESERVED_AGENT_ID:?} is the broker's own agent id"),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether an address is loopback (127.0.0.0/8, ::1, localhost).

@@ -57,6 +57,14 @@ pub struct Settings {
     #[arg(long, env = "AGENTBUS_MAX_CONTENT_BYTES", default_value_t = 64 * 1024)]
     pub max_content_bytes: usize,
 
+    /// Largest `metadata` accepted, in bytes (about the size of its JSON).
+    #[arg(long, env = "AGENTBUS_MAX_METADATA_BYTES", default_value_t = 16 * 1024)]
+    pub max_metadata_bytes: usize,
+
+    /// Deepest nesting of `metadata` accepted (the object itself is level 1).
+    #[arg(long, env = "AGENTBUS_MAX_METADATA_DEPTH", default_value_t = 16)]
+    pub max_metadata_depth: usize,
+
     /// Interval between WebSocket pings sent to each client, in milliseconds.
     #[arg(long, env = "AGENTBUS_HEARTBEAT_INTERVAL_MS", default_value_t = 5_000)]
     pub heartbeat_interval_ms: u64,
@@ -150,6 +158,8 @@ impl Default for Settings {
             batch_max_rows: 1_000,
             max_frame_bytes: 256 * 1024,
             max_content_bytes: 64 * 1024,
+            max_metadata_bytes: 16 * 1024,
+            max_metadata_depth: 16,
             heartbeat_interval_ms: 5_000,
             client_timeout_ms: 30_000,
             outbox_max_frames: 4_096,
@@ -248,6 +258,15 @@ impl FileSettings {
 }
 
 impl Settings {
+    /// The bounds of one send.
+    pub fn send_limits(&self) -> crate::protocol::SendLimits {
+        crate::protocol::SendLimits {
+            max_content_bytes: self.max_content_bytes,
+            max_metadata_bytes: self.max_metadata_bytes,
+            max_metadata_depth: self.max_metadata_depth,
+        }
+    }
+
     pub fn heartbeat_interval(&self) -> Duration {
         Duration::from_millis(self.heartbeat_interval_ms.max(1))
     }

@@ -136,6 +136,10 @@ fn main() -> anyhow::Result<()> {
                     agent_id,
                     ..
                 } => {
+                    if let Some(agent_id) = &agent_id {
+                        agentbus::protocol::check_agent_id("agent_id", agent_id)
+                            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+                    }
                     let (id, token) =
                         agentbus::auth::issue(&mut conn, project_id, agent_id.as_deref()).await?;
                     println!(

@@ -363,14 +363,41 @@ pub struct ValidSend {
     pub error: Option<String>,
 }
 
+/// The configurable bounds of a send.
+#[derive(Debug, Clone, Copy)]
+pub struct SendLimits {
+    pub max_content_bytes: usize,
+    /// About the bytes of the metadata's JSON.
+    pub max_metadata_bytes: usize,
+    /// Nesting levels of the metadata (the object itself is level 1).
+    pub max_metadata_depth: usize,
+}
+
+impl SendLimits {
+    /// No limit beyond the protocol's own rules (for tools that replay trusted frames).
+    pub const UNBOUNDED: SendLimits = SendLimits {
+        max_content_bytes: usize::MAX,
+        max_metadata_bytes: usize::MAX,
+        max_metadata_depth: usize::MAX,
+    };
+
+    #[cfg(test)]
+    fn content(max_content_bytes: usize) -> SendLimits {
+        SendLimits {
+            max_content_bytes,
+            ..SendLimits::UNBOUNDED
+        }
+    }
+}
+
 /// Checks a send's fields against the protocol's rules and the broker's limits. A refused
 /// send gives back its client_msg_id, to be echoed in the error.
 pub fn validate_send(
     mut fields: SendFields,
-    max_content_bytes: usize,
+    limits: &SendLimits,
 ) -> Result<ValidSend, (Rejection, Option<String>)> {
     let client_msg_id = fields.client_msg_id.take();
-    match check_send(fields, client_msg_id.as_deref(), max_content_bytes) {
+    match check_send(fields, client_msg_id.as_deref(), limits) {
         Ok(mut send) => {
             send.client_msg_id = client_msg_id;
             Ok(send)
@@ -382,8 +409,9 @@ pub fn validate_send(
 fn check_send(
     fields: SendFields,
     client_msg_id: Option<&str>,
-    max_content_bytes: usize,
+    limits: &SendLimits,
 ) -> Result<ValidSend, Rejection> {
+    let max_content_bytes = limits.max_content_bytes;
     let content = fields
         .content
         .ok_or_else(|| Rejection::missing("content"))?;
@@ -418,10 +446,30 @@ fn check_send(
     let metadata = match fields.metadata {
         None | Some(serde_json::Value::Null) => serde_json::Value::Object(Default::default()),
         Some(value @ serde_json::Value::Object(_)) => {
-            if contains_nul(&value) {
+            let mut found = Shape::default();
+            shape(&value, 1, &mut found);
+            if found.nul {
                 return Err(Rejection::invalid(
                     "metadata",
                     "`metadata` must not contain NUL characters (PostgreSQL jsonb cannot store them)",
+                ));
+            }
+            if found.bytes > limits.max_metadata_bytes {
+                return Err(Rejection::invalid(
+                    "metadata",
+                    format!(
+                        "`metadata` is about {} bytes; at most {} are accepted",
+                        found.bytes, limits.max_metadata_bytes
+                    ),
+                ));
+            }
+            if found.depth > limits.max_metadata_depth {
+                return Err(Rejection::invalid(
+                    "metadata",
+                    format!(
+                        "`metadata` nests {} levels deep; at most {} are accepted",
+                        found.depth, limits.max_metadata_depth
+                    ),
                 ));
             }
             value
@@ -520,15 +568,38 @@ fn check_send(
     })
 }
 
-/// Whether a JSON value has a NUL character in any string or key.
-fn contains_nul(value: &serde_json::Value) -> bool {
+/// What validation needs to know of a metadata value, found in one walk: its size (about
+/// the bytes of its JSON), its nesting depth, and whether any string or key holds a NUL.
+#[derive(Default)]
+struct Shape {
+    bytes: usize,
+    depth: usize,
+    nul: bool,
+}
+
+fn shape(value: &serde_json::Value, depth: usize, acc: &mut Shape) {
+    acc.depth = acc.depth.max(depth);
     match value {
-        serde_json::Value::String(s) => s.contains('\0'),
-        serde_json::Value::Array(items) => items.iter().any(contains_nul),
-        serde_json::Value::Object(map) => {
-            map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v))
+        serde_json::Value::String(s) => {
+            acc.bytes += s.len() + 2;
+            acc.nul |= s.contains('\0');
         }
-        _ => false,
+        serde_json::Value::Array(items) => {
+            acc.bytes += 2 + items.len();
+            for item in items {
+                shape(item, depth + 1, acc);
+            }
+        }
+        serde_json::Value::Object(map) => {
+            acc.bytes += 2 + map.len();
+            for (k, v) in map {
+                acc.bytes += k.len() + 3;
+                acc.nul |= k.contains('\0');
+                shape(v, depth + 1, acc);
+            }
+        }
+        serde_json::Value::Number(_) => acc.bytes += 8,
+        serde_json::Value::Bool(_) | serde_json::Value::Null => acc.bytes += 5,
     }
 }
 
@@ -741,7 +812,7 @@ mod tests {
         let ClientOp::Send(fields) = op else {
             panic!("a send")
         };
-        let send = validate_send(fields, 1024).expect("valid send");
+        let send = validate_send(fields, &SendLimits::content(1024)).expect("valid send");
         assert_eq!(send.client_msg_id, None);
         assert_eq!(send.message_type, "status");
         assert_eq!(send.agent_type.as_deref(), Some("coder"));
@@ -799,7 +870,9 @@ mod tests {
             let Ok(ClientOp::Send(fields)) = parse_client_frame(json) else {
                 panic!("parses")
             };
-            validate_send(fields, 100).unwrap_err().0
+            validate_send(fields, &SendLimits::content(100))
+                .unwrap_err()
+                .0
         };
         assert_eq!(check(r#"{"content":"a\u0000b"}"#).field, Some("content"));
         assert_eq!(
@@ -818,7 +891,9 @@ mod tests {
             let Ok(ClientOp::Send(fields)) = parse_client_frame(json) else {
                 panic!("parses")
             };
-            validate_send(fields, 10).unwrap_err().0
+            validate_send(fields, &SendLimits::content(10))
+                .unwrap_err()
+                .0
         };
         assert_eq!(check(r#"{"type":"status"}"#).code, ErrorCode::MissingField);
         assert_eq!(check(r#"{"content":""}"#).field, Some("content"));

@@ -36,7 +36,14 @@ impl Application {
     /// Creates the database if needed, applies migrations, starts the actors and binds.
     /// Must be called inside an actix system.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        if settings.admin_token.is_none() && !crate::auth::is_loopback_bind(&settings.bind) {
+        let admin_token = settings.admin_token.as_deref().filter(|t| !t.is_empty());
+        if admin_token.is_some_and(|t| t.chars().count() < crate::auth::MIN_ADMIN_TOKEN_CHARS) {
+            anyhow::bail!(
+                "the admin token is too short: use at least {} characters (e.g. `openssl rand -hex 32`)",
+                crate::auth::MIN_ADMIN_TOKEN_CHARS
+            );
+        }
+        if admin_token.is_none() && !crate::auth::is_loopback_bind(&settings.bind) {
             anyhow::bail!(
                 "refusing to listen on {} without an admin token: anyone who can reach it could \
                  read and write every project. Set AGENTBUS_ADMIN_TOKEN (or --admin-token), or bind \
@@ -108,6 +115,7 @@ impl Application {
         };
         let server = HttpServer::new(move || {
             App::new()
+                .wrap(actix_web::middleware::from_fn(http::log_request))
                 .app_data(web::Data::new(state.clone()))
                 .configure(http::routes)
         })

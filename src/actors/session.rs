@@ -715,13 +715,13 @@ impl SessionActor {
         };
         match op {
             ClientOp::Send(fields) => {
-                let send =
-                    match protocol::validate_send(fields, self.deps.settings.max_content_bytes) {
-                        Ok(send) => send,
-                        Err((rejection, client_msg_id)) => {
-                            return self.reject(&rejection, client_msg_id.as_deref(), ctx)
-                        }
-                    };
+                let send = match protocol::validate_send(fields, &self.deps.settings.send_limits())
+                {
+                    Ok(send) => send,
+                    Err((rejection, client_msg_id)) => {
+                        return self.reject(&rejection, client_msg_id.as_deref(), ctx)
+                    }
+                };
                 let limited = self
                     .limit
                     .check()

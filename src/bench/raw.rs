@@ -83,7 +83,7 @@ fn rows(w: &Workload, project_ids: &[Uuid]) -> anyhow::Result<Vec<NewMessage>> {
         else {
             anyhow::bail!("the bench's own frame is not a send: {frame}");
         };
-        let send = protocol::validate_send(fields, usize::MAX)
+        let send = protocol::validate_send(fields, &protocol::SendLimits::UNBOUNDED)
             .map_err(|(r, _)| anyhow::anyhow!("the bench's own frame is refused: {}", r.message))?;
         Ok(NewMessage::from_send(
             send,

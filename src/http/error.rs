@@ -129,6 +129,9 @@ impl ResponseError for ApiError {
             log::error!("internal error: {detail}");
         }
         let mut response = HttpResponse::build(self.status_code());
+        if let ApiError::Unauthorized(_) = self {
+            response.insert_header((actix_web::http::header::WWW_AUTHENTICATE, "Bearer"));
+        }
         if let ApiError::RateLimited(ms) = self {
             response.insert_header((
                 actix_web::http::header::RETRY_AFTER,

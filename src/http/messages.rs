@@ -124,6 +124,7 @@ impl PublishBody {
         }
         .ok_or_else(|| ApiError::bad_request("missing_field", "`sender_agent_id` is required"))?;
         protocol::check_agent_id("sender_agent_id", &sender_agent_id)?;
+        crate::auth::check_not_reserved(&sender_agent_id)?;
         let sender_agent_type = self.sender_agent_type.ok_or_else(|| {
             ApiError::bad_request("missing_field", "`sender_agent_type` is required")
         })?;
@@ -132,7 +133,7 @@ impl PublishBody {
             &sender_agent_type,
             protocol::MAX_TYPE_CHARS,
         )?;
-        let send = protocol::validate_send(self.send, state.settings.max_content_bytes)
+        let send = protocol::validate_send(self.send, &state.settings.send_limits())
             .map_err(|(rejection, _)| rejection)?;
         Ok(NewMessage::from_send(
             send,

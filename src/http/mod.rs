@@ -77,6 +77,37 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .default_service(web::to(not_found));
 }
 
+/// Logs one line per request, with a request id (the client's `X-Request-Id`, or a new one)
+/// that is also returned in the response. The query string is not logged: it may carry a
+/// token.
+pub async fn log_request(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
+) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| Uuid::new_v4().simple().to_string()[..12].to_owned());
+    let (method, path) = (req.method().clone(), req.path().to_owned());
+    let started = std::time::Instant::now();
+    let mut response = next.call(req).await?;
+    log::info!(
+        "request {id} {method} {path} -> {} in {:.1} ms",
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&id) {
+        response.headers_mut().insert(
+            actix_web::http::header::HeaderName::from_static("x-request-id"),
+            value,
+        );
+    }
+    Ok(response)
+}
+
 /// Checks the credentials of every request under `/api/projects/{project_id}`: the admin
 /// token, or a token of that project. The access is left in the request's extensions.
 async fn project_access(

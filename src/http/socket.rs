@@ -42,6 +42,7 @@ pub async fn connect(
         )
     })?;
     protocol::check_agent_id("agent_id", &agent_id)?;
+    auth::check_not_reserved(&agent_id)?;
     let agent_type = params
         .agent_type
         .unwrap_or_else(|| DEFAULT_AGENT_TYPE.to_owned());

@@ -20,6 +20,7 @@ fn require_admin(req: &HttpRequest) -> Result<(), ApiError> {
 }
 
 #[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct IssueBody {
     /// Bind the token to this agent id.
     agent_id: Option<String>,
@@ -29,11 +30,19 @@ pub async fn issue(
     req: HttpRequest,
     state: web::Data<AppState>,
     path: web::Path<String>,
-    body: Option<web::Json<IssueBody>>,
+    body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
     require_admin(&req)?;
     let project = projects::load(&state, &path).await?;
-    let agent_id = body.and_then(|b| b.into_inner().agent_id);
+    // An empty body issues an unbound token; anything else must be exactly this shape, so
+    // a misspelt `agent_id` cannot silently yield an unbound token.
+    let body: IssueBody = if body.iter().all(u8::is_ascii_whitespace) {
+        IssueBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")))?
+    };
+    let agent_id = body.agent_id;
     if let Some(agent_id) = &agent_id {
         protocol::check_agent_id("agent_id", agent_id)?;
     }

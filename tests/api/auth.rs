@@ -183,6 +183,30 @@ async fn a_bound_token_speaks_only_as_its_agent_and_revocation_cuts_it_off() {
         issued["token"].as_str().expect("t").to_owned(),
     );
 
+    // A misspelt field does not silently give an unbound token.
+    let (code, _) = request(
+        &app,
+        "POST",
+        &format!("/api/projects/{project}/tokens"),
+        Some(ADMIN),
+        Some(json!({"agent": "alice"})),
+    )
+    .await;
+    assert_eq!(code, 400);
+    // The scheme is case-insensitive; the broker's own name is not for clients.
+    let (code, _) = request(&app, "GET", "/api/projects", None, None).await;
+    assert_eq!(code, 401);
+    let lower = app
+        .http
+        .get(app.url("/api/projects"))
+        .header("authorization", format!("bearer {ADMIN}"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(lower.status(), 200);
+    let (code, _) = request(&app, "POST", &format!("/api/projects/{project}/messages"), Some(ADMIN), Some(json!({"sender_agent_id": "agentbus", "sender_agent_type": "broker", "content": "fake timeout"}))).await;
+    assert_eq!(code, 400, "no client may speak as the broker");
+
     // Over REST: no forging a sender; without one it is the bound agent.
     let url = format!("/api/projects/{project}/messages");
     let (code, _) = request(
@@ -278,6 +302,34 @@ async fn a_bound_token_speaks_only_as_its_agent_and_revocation_cuts_it_off() {
         .expect("tokens")
         .iter()
         .all(|t| t.get("token").is_none() && t.get("token_hash").is_none()));
+}
+
+#[tokio::test]
+async fn a_short_admin_token_is_refused_and_an_empty_one_means_none() {
+    let build = |token: &str, bind: &str| {
+        let settings = Settings {
+            bind: bind.into(),
+            database_url: format!("{}/postgres", crate::helpers::server_url()),
+            admin_token: Some(token.into()),
+            ..Settings::default()
+        };
+        Application::build(settings)
+    };
+    let error = build("short", "127.0.0.1:0")
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(error.contains("too short"), "{error}");
+    let error = build("", "0.0.0.0:0")
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        error.contains("AGENTBUS_ADMIN_TOKEN"),
+        "an empty token is no token: {error}"
+    );
 }
 
 #[tokio::test]

@@ -202,3 +202,31 @@ async fn an_oversize_frame_is_refused_and_closes_the_connection() {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].content, "still here");
 }
+
+#[tokio::test]
+async fn metadata_too_large_or_too_deep_is_refused() {
+    let app = TestApp::spawn_with(|s| {
+        s.max_metadata_bytes = 1024;
+        s.max_metadata_depth = 4;
+    })
+    .await;
+    let project = app.create_project("metadata").await;
+    let mut a = app.connect(project, "a", "coder").await;
+    a.send(json!({"content": "x", "metadata": {"blob": "z".repeat(2000)}}))
+        .await;
+    let error = a.expect_error("invalid_field").await;
+    assert_eq!(error["field"], "metadata");
+    a.send(json!({"content": "x", "metadata": {"a": {"b": {"c": {"d": 1}}}}}))
+        .await;
+    let error = a.expect_error("invalid_field").await;
+    assert!(
+        error["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("levels")),
+        "{error}"
+    );
+    let ok = a
+        .send_ok(json!({"content": "x", "metadata": {"a": {"b": {"c": 1}}}}))
+        .await;
+    assert_eq!(ok["seq"], 1, "nothing refused was stored");
+}

@@ -112,6 +112,17 @@ async fn projects_are_created_listed_and_shown() {
     let app = TestApp::spawn().await;
     let (code, body) = app.get_json("/healthz").await;
     assert_eq!((code, body["status"].as_str()), (200, Some("ok")));
+    // Every response names its request, for the logs; a client's own id is kept.
+    let response = app
+        .http
+        .get(app.url("/healthz"))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(response.headers()["x-request-id"], "abc-123");
+    let response = app.http.get(app.url("/healthz")).send().await.expect("GET");
+    assert_eq!(response.headers()["x-request-id"].len(), 12);
 
     let (code, mut created) = app
         .post_json("/api/projects", &json!({"name": "  alpha  "}))
