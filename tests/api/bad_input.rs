@@ -230,3 +230,86 @@ async fn metadata_too_large_or_too_deep_is_refused() {
         .await;
     assert_eq!(ok["seq"], 1, "nothing refused was stored");
 }
+
+#[tokio::test]
+async fn fragmented_frames_are_reassembled_and_bounded() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let app = TestApp::spawn_with(|s| s.max_frame_bytes = 4 * 1024).await;
+    let project = app.create_project("fragments").await;
+    let mut a = app.connect(project, "a", "coder").await;
+    // One message in three fragments.
+    let text = json!({"content": "in three parts"}).to_string();
+    let (first, rest) = text.split_at(5);
+    let (second, third) = rest.split_at(5);
+    a.send_message(Message::Frame(Frame::message(
+        first.as_bytes().to_vec(),
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await;
+    a.send_message(Message::Frame(Frame::message(
+        second.as_bytes().to_vec(),
+        OpCode::Data(Data::Continue),
+        false,
+    )))
+    .await;
+    a.send_message(Message::Frame(Frame::message(
+        third.as_bytes().to_vec(),
+        OpCode::Data(Data::Continue),
+        true,
+    )))
+    .await;
+    assert_eq!(a.expect_op("sent").await["seq"], 1);
+    // Fragments that add up to more than the frame limit are refused like one large frame.
+    let chunk = "x".repeat(3 * 1024);
+    a.send_message(Message::Frame(Frame::message(
+        format!("{{\"content\":\"{chunk}").into_bytes(),
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await;
+    a.send_message(Message::Frame(Frame::message(
+        format!("{chunk}\"}}").into_bytes(),
+        OpCode::Data(Data::Continue),
+        true,
+    )))
+    .await;
+    let close = a.expect_close().await;
+    assert!(
+        matches!(close, Some(CloseCode::Size) | Some(CloseCode::Protocol)),
+        "{close:?}"
+    );
+    let mut conn = app.db().await;
+    assert_eq!(
+        queries::all_messages(&mut conn, project)
+            .await
+            .expect("rows")
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_connection_that_never_completes_its_request_is_dropped() {
+    use tokio::io::AsyncReadExt;
+    let app = TestApp::spawn().await;
+    let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", app.port))
+        .await
+        .expect("connect");
+    // Half a request line, then nothing: the server's client request timeout (5 s) ends it.
+    tokio::io::AsyncWriteExt::write_all(&mut idle, b"GET /ws/agent/messages/")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 1024];
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(15), async {
+        loop {
+            match idle.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the idle connection was never closed");
+}
