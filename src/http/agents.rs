@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::messages::{DEFAULT_PAGE, MAX_PAGE};
+use super::messages::page_limit;
 use super::{granted, projects, ApiError, AppState};
 use crate::actors::channel::Presence;
 use crate::db::cursors::{self, OwedQuery, Progress};
@@ -95,13 +95,7 @@ pub async fn inbox(
 ) -> Result<HttpResponse, ApiError> {
     let (project_raw, agent_id) = path.into_inner();
     speaks_as(&req, &agent_id)?;
-    let limit = params.limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("`limit` must be between 1 and {MAX_PAGE}"),
-        ));
-    }
+    let limit = page_limit(params.limit)?;
     let project = projects::load(&state, &project_raw).await?;
     let mut conn = state.pool.get().await?;
     let member = cursors::find_member(&mut conn, project.id, &agent_id)

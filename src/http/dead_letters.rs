@@ -7,7 +7,7 @@ use diesel_async::RunQueryDsl;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::messages::{store, DEFAULT_PAGE, MAX_PAGE};
+use super::messages::{page_limit, store};
 use super::{projects, ApiError, AppState};
 use crate::models::{NewMessage, StoredMessage};
 use crate::schema::{agent_messages, dead_letters};
@@ -36,13 +36,7 @@ pub async fn list(
     path: web::Path<String>,
     params: web::Query<ListParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let limit = params.limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("`limit` must be between 1 and {MAX_PAGE}"),
-        ));
-    }
+    let limit = page_limit(params.limit)?;
     let project = projects::load(&state, &path).await?;
     let mut conn = state.pool.get().await?;
     let rows: Vec<(StoredMessage, DeadLetterRecord)> = dead_letters::table

@@ -17,6 +17,18 @@ use crate::db::queries::{self, HistoryQuery};
 use crate::models::{NewMessage, StoredMessage};
 use crate::protocol::{self, SendFields};
 
+/// The `limit` of a paged request: the default when absent, a 400 when out of range.
+pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    let limit = limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("`limit` must be between 1 and {MAX_PAGE}"),
+        ));
+    }
+    Ok(limit)
+}
+
 /// Page size when the request names none.
 pub const DEFAULT_PAGE: i64 = 50;
 /// Largest page a request may ask for.
@@ -43,13 +55,7 @@ pub async fn history(
     params: web::Query<HistoryParams>,
 ) -> Result<HttpResponse, ApiError> {
     let params = params.into_inner();
-    let limit = params.limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("`limit` must be between 1 and {MAX_PAGE}"),
-        ));
-    }
+    let limit = page_limit(params.limit)?;
     if params.after_seq.is_some_and(|s| s < 0) || params.before_seq.is_some_and(|s| s < 0) {
         return Err(ApiError::bad_request(
             "invalid_query",

@@ -143,6 +143,18 @@ impl TestApp {
         (status, response.json().await.expect("JSON body"))
     }
 
+    /// A member of a project as `GET /api/projects/{id}/agents` lists it.
+    pub async fn member(&self, project: Uuid, agent_id: &str) -> Option<Value> {
+        let (_, body) = self
+            .get_json(&format!("/api/projects/{project}/agents"))
+            .await;
+        body["agents"]
+            .as_array()?
+            .iter()
+            .find(|m| m["agent_id"] == agent_id)
+            .cloned()
+    }
+
     /// A direct connection to the broker's database, to check what was stored.
     pub async fn db(&self) -> AsyncPgConnection {
         AsyncPgConnection::establish(&self.database_url)

@@ -28,14 +28,7 @@ async fn a_returning_agent_gets_what_it_missed_by_priority_then_live_with_no_gap
     let mut c = app.connect(project, "c", "coder").await;
     b.close().await;
     eventually("b to be offline", || async {
-        let (_, body) = app
-            .get_json(&format!("/api/projects/{project}/agents"))
-            .await;
-        let b = body["agents"]
-            .as_array()?
-            .iter()
-            .find(|m| m["agent_id"] == "b")?
-            .clone();
+        let b = app.member(project, "b").await?;
         (b["online"] == false).then_some(())
     })
     .await;
@@ -172,14 +165,7 @@ async fn manual_ack_redelivers_what_was_not_acknowledged_and_respects_the_window
     assert_eq!(seq(&b.expect_op("message").await), 4);
     // Progress is recorded asynchronously: wait for it before reconnecting.
     eventually("the ack of seq 2 to be recorded", || async {
-        let (_, body) = app
-            .get_json(&format!("/api/projects/{project}/agents"))
-            .await;
-        let row = body["agents"]
-            .as_array()?
-            .iter()
-            .find(|m| m["agent_id"] == "b")?
-            .clone();
+        let row = app.member(project, "b").await?;
         (row["queue_depth"] == 4).then_some(())
     })
     .await;
@@ -195,14 +181,7 @@ async fn manual_ack_redelivers_what_was_not_acknowledged_and_respects_the_window
     b.send(json!({"op": "ack", "up_to": 5})).await;
     // Recorded: the floor reaches 5.
     eventually("b's ack floor to reach 5", || async {
-        let (_, body) = app
-            .get_json(&format!("/api/projects/{project}/agents"))
-            .await;
-        let row = body["agents"]
-            .as_array()?
-            .iter()
-            .find(|m| m["agent_id"] == "b")?
-            .clone();
+        let row = app.member(project, "b").await?;
         (row["ack_floor"] == 5 && row["queue_depth"] == 0).then_some(())
     })
     .await;
@@ -410,14 +389,7 @@ async fn a_consumer_that_stops_reading_slows_nobody_and_recovers_everything() {
 
     // The slow consumer was cut off: what the broker keeps for it is bounded.
     eventually("the slow consumer to be disconnected", || async {
-        let (_, body) = app
-            .get_json(&format!("/api/projects/{project}/agents"))
-            .await;
-        let row = body["agents"]
-            .as_array()?
-            .iter()
-            .find(|m| m["agent_id"] == "slow")?
-            .clone();
+        let row = app.member(project, "slow").await?;
         (row["online"] == false).then_some(())
     })
     .await;
@@ -481,14 +453,7 @@ async fn up_to_acknowledges_only_what_the_session_delivered() {
     b.send(json!({"op": "ack", "up_to": 3})).await;
     assert_eq!(b.expect_op("message").await["content"], "low 1");
     eventually("the ack to be recorded", || async {
-        let (_, body) = app
-            .get_json(&format!("/api/projects/{project}/agents"))
-            .await;
-        let row = body["agents"]
-            .as_array()?
-            .iter()
-            .find(|m| m["agent_id"] == "b")?
-            .clone();
+        let row = app.member(project, "b").await?;
         (row["queue_depth"] == 2).then_some(())
     })
     .await;

@@ -515,14 +515,7 @@ async fn a_message_never_acknowledged_is_dead_lettered_after_the_delivery_limit(
             assert_eq!(b.expect_op("message").await["id"], fine["id"]);
             b.send(json!({"op": "ack", "seqs": [seq(&fine)]})).await;
             eventually("the ack to be recorded", || async {
-                let (_, body) = app
-                    .get_json(&format!("/api/projects/{project}/agents"))
-                    .await;
-                let row = body["agents"]
-                    .as_array()?
-                    .iter()
-                    .find(|m| m["agent_id"] == "b")?
-                    .clone();
+                let row = app.member(project, "b").await?;
                 (row["queue_depth"] == 1).then_some(())
             })
             .await;
