@@ -207,8 +207,9 @@ pub struct Agent {
 
 impl Agent {
     pub async fn connect(url: &str) -> Agent {
-        let (ws, _) = tokio_tungstenite::connect_async(url)
+        let (ws, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url))
             .await
+            .expect("the WebSocket upgrade hung")
             .expect("WebSocket connect");
         let (sink, mut stream) = ws.split();
         let (tx, frames) = mpsc::unbounded_channel();
@@ -232,8 +233,9 @@ impl Agent {
     pub async fn connect_raw(
         url: &str,
     ) -> Result<WebSocketStream<MaybeTlsStream<TcpStream>>, tungstenite::Error> {
-        tokio_tungstenite::connect_async(url)
+        tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url))
             .await
+            .expect("the WebSocket upgrade hung")
             .map(|(ws, _)| ws)
     }
 
@@ -329,8 +331,10 @@ impl Agent {
         self.frames.recv().await
     }
 
+    /// Starts the closing handshake. Not awaited to the end: with the read half in another
+    /// task, the sink may never be woken for the server's answer, and nothing here needs it.
     pub async fn close(mut self) {
-        let _ = self.sink.close().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.sink.close()).await;
     }
 }
 
