@@ -141,13 +141,23 @@ pub async fn history(
             .sql(")"),
         );
     }
-    if q.after_seq.is_some() {
-        query.order(m::seq.asc()).limit(q.limit).load(conn).await
-    } else {
-        let mut page = query.order(m::seq.desc()).limit(q.limit).load(conn).await?;
+    // With a text search, order by `seq + 0`: an expression no index provides, so the planner
+    // finds the matches through the full-text index and sorts them, instead of walking the
+    // seq index and re-tokenising every row until enough match (seconds on a large project
+    // when the word is rare).
+    let searching = q.q.is_some();
+    let ascending = q.after_seq.is_some();
+    query = match (searching, ascending) {
+        (false, true) => query.order(m::seq.asc()),
+        (false, false) => query.order(m::seq.desc()),
+        (true, true) => query.order((m::seq + 0_i64).asc()),
+        (true, false) => query.order((m::seq + 0_i64).desc()),
+    };
+    let mut page = query.limit(q.limit).load(conn).await?;
+    if !ascending {
         page.reverse();
-        Ok(page)
     }
+    Ok(page)
 }
 
 pub async fn find_message(

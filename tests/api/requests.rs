@@ -423,7 +423,7 @@ async fn search_and_thread_queries_use_indexes() {
         &mut conn,
         &format!(
             "SELECT * FROM agent_messages WHERE project_id = '{project}' \
-             AND to_tsvector('simple', content) @@ plainto_tsquery('simple', 'bug') ORDER BY seq DESC LIMIT 50"
+             AND to_tsvector('simple', content) @@ plainto_tsquery('simple', 'bug') ORDER BY seq + 0 DESC LIMIT 50"
         ),
     )
     .await;
