@@ -190,8 +190,7 @@ pub async fn read(
     })?;
     protocol::check_agent_id("agent_id", &agent_id)?;
     speaks_as(&req, &agent_id)?;
-    let message_id = Uuid::parse_str(&message_raw)
-        .map_err(|_| ApiError::bad_request("invalid_field", "the message id must be a UUID"))?;
+    let message_id = super::parse_message_id(&message_raw)?;
     let project = projects::load(&state, &project_raw).await?;
     let mut conn = state.pool.get().await?;
     let marked = cursors::mark_read(&mut conn, project.id, &agent_id, &[message_id]).await?;

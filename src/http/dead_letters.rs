@@ -75,8 +75,7 @@ pub async fn retry(
 ) -> Result<HttpResponse, ApiError> {
     let (project_raw, message_raw) = path.into_inner();
     let project = projects::load(&state, &project_raw).await?;
-    let message_id = Uuid::parse_str(&message_raw)
-        .map_err(|_| ApiError::bad_request("invalid_field", "the message id must be a UUID"))?;
+    let message_id = super::parse_message_id(&message_raw)?;
     let original = {
         let mut conn = state.pool.get().await?;
         let found: Option<(StoredMessage, Option<Uuid>)> = dead_letters::table

@@ -193,6 +193,12 @@ async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
 }
 
+/// A message id from the path: malformed is a 400, not a 404.
+fn parse_message_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw)
+        .map_err(|_| ApiError::bad_request("invalid_field", "the message id must be a UUID"))
+}
+
 /// A project id from the path: malformed is a 400, not a 404.
 fn parse_project_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| {
