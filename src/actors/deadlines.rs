@@ -96,6 +96,8 @@ impl DeadlineActor {
         let (from, until) = (self.swept_until, Utc::now());
         let sweep = async move {
             let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+            // "Was owed to someone" at expiry: the visibility part of `agentbus_owed`
+            // without its expiry test (every row here has expired), written out here.
             diesel::sql_query(
                 "INSERT INTO dead_letters (message_id, project_id, reason, dead_at) \
                  SELECT a.id, a.project_id, 'expired', a.expires_at FROM agent_messages a \

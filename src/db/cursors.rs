@@ -2,8 +2,10 @@
 //!
 //! What an agent is owed: every message of its project with seq above its ack floor that is
 //! visible to it (a broadcast it did not send, from its first connection on, or a direct
-//! message to it), that has not expired and that it has not acknowledged. The SQL below is
-//! the single definition of that rule; the channel applies the same rule to live traffic.
+//! message to it), that has not expired and that it has not acknowledged. The SQL function
+//! `agentbus_owed` (migration `2026-11-22-000007_owed_rule`) is the single definition of the
+//! visibility and expiry part, used by every query here; the acknowledged part is the
+//! cursor's. The channel applies the same rule to live traffic.
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -18,10 +20,8 @@ use crate::models::StoredMessage;
 /// `$5` the joined seq (broadcasts at or below it are not owed), `$6` the acknowledged seqs
 /// above the floor and `$7` the agent's type (for messages addressed to a type).
 const OWED: &str = "a.project_id = $1 \
-    AND (a.recipient_agent_id = $4 \
-         OR (a.recipient_agent_id IS NULL AND a.sender_agent_id <> $4 AND a.seq > $5 \
-             AND (a.recipient_agent_type IS NULL OR a.recipient_agent_type = $7))) \
-    AND (a.expires_at IS NULL OR a.expires_at > now()) \
+    AND agentbus_owed(a.recipient_agent_id, a.recipient_agent_type, a.sender_agent_id, a.seq, \
+                      a.expires_at, $4, $7, $5) \
     AND NOT (a.seq = ANY($6))";
 
 /// A member's delivery state as stored.
@@ -290,10 +290,8 @@ async fn record_progress(
          nxt AS ( \
            SELECT base.*, (SELECT min(a.seq) FROM agent_messages a \
               WHERE a.project_id = $1 AND a.seq > base.floor AND a.seq <= base.head_seq \
-                AND (a.recipient_agent_id = $2 \
-                     OR (a.recipient_agent_id IS NULL AND a.sender_agent_id <> $2 AND a.seq > base.joined \
-                         AND (a.recipient_agent_type IS NULL OR a.recipient_agent_type = base.agent_type))) \
-                AND (a.expires_at IS NULL OR a.expires_at > now()) \
+                AND agentbus_owed(a.recipient_agent_id, a.recipient_agent_type, a.sender_agent_id, \
+                                  a.seq, a.expires_at, $2, base.agent_type, base.joined) \
                 AND NOT (a.seq = ANY(base.acked))) AS first_owed \
            FROM base) \
          UPDATE members SET \
@@ -417,11 +415,8 @@ pub async fn list_members(
         "SELECT m.agent_id, m.agent_type, m.ack_floor, m.last_seen_at, m.capabilities, m.description, \
            (SELECT count(*) FROM agent_messages a \
             WHERE a.project_id = m.project_id AND a.seq > m.ack_floor \
-              AND (a.recipient_agent_id = m.agent_id \
-                   OR (a.recipient_agent_id IS NULL AND a.sender_agent_id <> m.agent_id \
-                       AND a.seq > COALESCE(m.joined_seq, 9223372036854775807) \
-                       AND (a.recipient_agent_type IS NULL OR a.recipient_agent_type = m.agent_type))) \
-              AND (a.expires_at IS NULL OR a.expires_at > now()) \
+              AND agentbus_owed(a.recipient_agent_id, a.recipient_agent_type, a.sender_agent_id, \
+                                a.seq, a.expires_at, m.agent_id, m.agent_type, m.joined_seq) \
               AND NOT (a.seq = ANY(m.acked_above))) AS queue_depth \
          FROM members m WHERE m.project_id = $1 AND ($2::text IS NULL OR $2 = ANY(m.capabilities)) \
          ORDER BY m.agent_id",

@@ -188,11 +188,8 @@ pub async fn owed_to(
         "SELECT m.agent_id FROM members m, agent_messages a \
          WHERE a.id = $1 AND m.project_id = a.project_id AND a.seq > m.ack_floor \
            AND NOT (a.seq = ANY(m.acked_above)) \
-           AND (a.expires_at IS NULL OR a.expires_at > now()) \
-           AND (a.recipient_agent_id = m.agent_id \
-                OR (a.recipient_agent_id IS NULL AND a.sender_agent_id <> m.agent_id \
-                    AND a.seq > COALESCE(m.joined_seq, 9223372036854775807) \
-                    AND (a.recipient_agent_type IS NULL OR a.recipient_agent_type = m.agent_type))) \
+           AND agentbus_owed(a.recipient_agent_id, a.recipient_agent_type, a.sender_agent_id, \
+                             a.seq, a.expires_at, m.agent_id, m.agent_type, m.joined_seq) \
          ORDER BY m.agent_id",
     )
     .bind::<diesel::sql_types::Uuid, _>(message.id)
