@@ -23,6 +23,7 @@ use diesel::sql_types::{
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
+use crate::db::prepared::PrepareOnce;
 use crate::models::{NewMessage, ReplyLink, StoredMessage};
 
 /// What became of one message of a batch.
@@ -103,6 +104,7 @@ pub async fn commit_batch(
             )
             .bind::<Array<SqlUuid>, _>(&ids)
             .bind::<Array<BigInt>, _>(&counts)
+            .prepared()
             .load(conn)
             .await?;
             for head in heads {
@@ -163,6 +165,7 @@ async fn find_retries<'b>(
     .bind::<Array<SqlUuid>, _>(&projects)
     .bind::<Array<Text>, _>(&senders)
     .bind::<Array<Text>, _>(&cmids)
+    .prepared()
     .load(conn)
     .await?;
     let mut by_key = HashMap::with_capacity(found.len());
@@ -240,6 +243,7 @@ async fn link_replies(
     .bind::<Array<SqlUuid>, _>(&projects)
     .bind::<Array<SqlUuid>, _>(&ids)
     .bind::<Array<Text>, _>(&correlations)
+    .prepared()
     .load(conn)
     .await?;
     if requests.is_empty() {
@@ -304,6 +308,7 @@ async fn mark_answered(
     )
     .bind::<Array<SqlUuid>, _>(answered)
     .bind::<Timestamptz, _>(at)
+    .prepared()
     .execute(conn)
     .await
     .map(drop)
@@ -359,6 +364,7 @@ async fn flag_unreachable(
     .bind::<Array<Text>, _>(&kinds)
     .bind::<Array<Text>, _>(&targets)
     .bind::<Array<Text>, _>(&senders)
+    .prepared()
     .load(conn)
     .await?;
     let mut dead: Vec<Uuid> = Vec::new();
@@ -381,6 +387,7 @@ async fn flag_unreachable(
         .bind::<Array<SqlUuid>, _>(&dead)
         .bind::<Array<SqlUuid>, _>(&dead_projects)
         .bind::<Timestamptz, _>(created_at)
+        .prepared()
         .execute(conn)
         .await?;
         mark_answered(conn, &dead, created_at).await?;
@@ -539,6 +546,7 @@ impl<'a> Columns<'a> {
         .bind::<Array<Nullable<BigInt>>, _>(&self.duration_ms)
         .bind::<Array<Bool>, _>(&self.late)
         .bind::<Timestamptz, _>(created_at)
+        .prepared()
         .execute(conn)
         .await
         .map(drop)

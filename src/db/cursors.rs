@@ -9,11 +9,12 @@
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Nullable, SmallInt, Text, Uuid as SqlUuid};
+use diesel::sql_types::{Array, BigInt, Bool, Nullable, SmallInt, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::db::prepared::PrepareOnce;
 use crate::models::StoredMessage;
 
 /// The owed-message condition, over `agent_messages a`, with `$1` the project, `$4` the agent,
@@ -71,6 +72,7 @@ pub async fn join_member(
     .bind::<Text, _>(agent_type)
     .bind::<BigInt, _>(head_seq)
     .bind::<SqlUuid, _>(session_id)
+    .prepared()
     .get_result(conn)
     .await
 }
@@ -90,6 +92,7 @@ pub async fn set_capabilities(
     .bind::<Text, _>(agent_id)
     .bind::<Array<Text>, _>(capabilities)
     .bind::<Nullable<Text>, _>(description)
+    .prepared()
     .execute(conn)
     .await
     .map(drop)
@@ -106,6 +109,7 @@ pub async fn find_member(
     )
     .bind::<SqlUuid, _>(project_id)
     .bind::<Text, _>(agent_id)
+    .prepared()
     .get_result(conn)
     .await
     .optional()
@@ -132,6 +136,7 @@ pub async fn ensure_recipients(
     .bind::<Array<SqlUuid>, _>(projects)
     .bind::<Array<Text>, _>(agents)
     .bind::<Array<BigInt>, _>(seqs)
+    .prepared()
     .execute(conn)
     .await
     .map(drop)
@@ -179,6 +184,7 @@ pub async fn owed_page(
     .bind::<SmallInt, _>(q.resume.0)
     .bind::<BigInt, _>(q.resume.1)
     .bind::<BigInt, _>(q.limit)
+    .prepared()
     .load(conn)
     .await
 }
@@ -214,6 +220,7 @@ pub async fn owed_counts(
     .bind::<Array<BigInt>, _>(&q.acked)
     .bind::<Text, _>(&q.agent_type)
     .bind::<Nullable<diesel::sql_types::Integer>, _>(max_deliveries)
+    .prepared()
     .load(conn)
     .await?;
     let mut counts = [0; 4];
@@ -249,34 +256,85 @@ impl Progress {
 /// never forgotten), so reports may arrive late or from a connection that was since replaced.
 /// Done messages get their `delivered_at` if they had none. Returns the new floor, or `None`
 /// when the agent is not a member.
+///
+/// For one member; `CursorActor` applies many members' progress with [`advance_cursor`],
+/// [`mark_delivered`] and [`settle_attempts`], one statement per project for the last two.
 pub async fn apply_progress(
     conn: &mut AsyncPgConnection,
     project_id: Uuid,
     agent_id: &str,
     progress: &Progress,
 ) -> QueryResult<Option<i64>> {
-    record_progress(conn, project_id, agent_id, progress, true).await
+    let Some(advance) = advance_cursor(conn, project_id, agent_id, progress).await? else {
+        return Ok(None);
+    };
+    let mut delivered = Vec::new();
+    advance.delivered(agent_id, progress, &mut delivered);
+    mark_delivered(conn, project_id, &delivered).await?;
+    settle_attempts(conn, project_id, &[agent_id], &[advance.ack_floor]).await?;
+    Ok(Some(advance.ack_floor))
 }
 
-/// [`apply_progress`], optionally without setting `delivered_at` (for messages given up on:
-/// they were never acknowledged).
-async fn record_progress(
+/// A member's cursor after [`advance_cursor`].
+#[derive(QueryableByName, Debug)]
+pub struct Advance {
+    /// The new floor.
+    #[diesel(sql_type = BigInt)]
+    pub ack_floor: i64,
+    /// The floor before this progress: `up_to` covers what lies between the two.
+    #[diesel(sql_type = BigInt)]
+    pub previous_floor: i64,
+    #[diesel(sql_type = Text)]
+    pub agent_type: String,
+}
+
+impl Advance {
+    /// Adds to `out` the messages this progress says the agent received: the seqs it named
+    /// (expired or not), and with `up_to` everything unexpired visible to it between its
+    /// previous floor and that seq.
+    pub fn delivered(&self, agent_id: &str, progress: &Progress, out: &mut Vec<DeliveredRange>) {
+        for &seq in &progress.done {
+            out.push(DeliveredRange {
+                agent_id: agent_id.to_owned(),
+                agent_type: self.agent_type.clone(),
+                after: seq - 1,
+                upto: seq,
+                named: true,
+            });
+        }
+        let upto = progress.up_to.unwrap_or(0).min(self.ack_floor);
+        if upto > self.previous_floor {
+            out.push(DeliveredRange {
+                agent_id: agent_id.to_owned(),
+                agent_type: self.agent_type.clone(),
+                after: self.previous_floor,
+                upto,
+                named: false,
+            });
+        }
+    }
+}
+
+/// Seqs `(after, upto]` of a project that `agent_id` received: those of them visible to it
+/// count as delivered.
+#[derive(Debug, Clone)]
+pub struct DeliveredRange {
+    pub agent_id: String,
+    pub agent_type: String,
+    pub after: i64,
+    pub upto: i64,
+    /// Named one by one by the agent (an ack), so delivered even if it has expired since.
+    pub named: bool,
+}
+
+/// Moves a member's cursor (see [`apply_progress`]); `None` when the agent is not a member.
+pub async fn advance_cursor(
     conn: &mut AsyncPgConnection,
     project_id: Uuid,
     agent_id: &str,
     progress: &Progress,
-    mark_delivered: bool,
-) -> QueryResult<Option<i64>> {
-    #[derive(QueryableByName)]
-    struct Floor {
-        #[diesel(sql_type = BigInt)]
-        ack_floor: i64,
-        #[diesel(sql_type = BigInt)]
-        previous_floor: i64,
-        #[diesel(sql_type = Text)]
-        agent_type: String,
-    }
-    let floor: Option<Floor> = diesel::sql_query(
+) -> QueryResult<Option<Advance>> {
+    diesel::sql_query(
         "WITH m AS ( \
            SELECT ack_floor, acked_above, joined_seq, agent_type FROM members \
            WHERE project_id = $1 AND agent_id = $2 \
@@ -306,42 +364,90 @@ async fn record_progress(
     .bind::<Text, _>(agent_id)
     .bind::<Nullable<BigInt>, _>(progress.up_to)
     .bind::<Array<BigInt>, _>(&progress.done)
+    .prepared()
     .get_result(conn)
     .await
-    .optional()?;
-    if let (Some(f), true) = (&floor, mark_delivered) {
-        // What the agent is now done with was delivered: the seqs it named, and with
-        // `up_to` everything visible to it between its previous floor and that seq.
-        diesel::sql_query(
-            "UPDATE agent_messages a SET delivered_at = now() \
-             WHERE a.project_id = $1 AND a.delivered_at IS NULL \
-               AND (a.seq = ANY($3) \
-                    OR (a.seq > $5 AND a.seq <= $6 AND (a.expires_at IS NULL OR a.expires_at > now()))) \
-               AND (a.recipient_agent_id = $2 \
-                    OR (a.recipient_agent_id IS NULL AND a.sender_agent_id <> $2 \
-                        AND (a.recipient_agent_type IS NULL OR a.recipient_agent_type = $4)))",
-        )
-        .bind::<SqlUuid, _>(project_id)
-        .bind::<Text, _>(agent_id)
-        .bind::<Array<BigInt>, _>(&progress.done)
-        .bind::<Text, _>(&f.agent_type)
-        .bind::<BigInt, _>(f.previous_floor)
-        .bind::<BigInt, _>(progress.up_to.unwrap_or(0).min(f.ack_floor))
-        .execute(conn)
-        .await?;
+    .optional()
+}
+
+/// Sets `delivered_at` on the messages of one project that these ranges say were received
+/// (each by an agent it is visible to) and that had none. One statement for all the agents
+/// of the project: the ranges' union is scanned once, however many agents cover the same
+/// seqs (every agent of a project covers the same broadcasts).
+pub async fn mark_delivered(
+    conn: &mut AsyncPgConnection,
+    project_id: Uuid,
+    ranges: &[DeliveredRange],
+) -> QueryResult<()> {
+    if ranges.is_empty() {
+        return Ok(());
     }
-    if let Some(floor) = &floor {
-        // Delivery counts below the floor are settled history.
-        diesel::sql_query(
-            "DELETE FROM delivery_attempts WHERE project_id = $1 AND agent_id = $2 AND seq <= $3",
-        )
-        .bind::<SqlUuid, _>(project_id)
-        .bind::<Text, _>(agent_id)
-        .bind::<BigInt, _>(floor.ack_floor)
-        .execute(conn)
-        .await?;
+    // The union of the ranges as disjoint segments, so no row is read twice.
+    let mut spans: Vec<(i64, i64)> = ranges.iter().map(|r| (r.after, r.upto)).collect();
+    spans.sort_unstable();
+    let mut union: Vec<(i64, i64)> = Vec::with_capacity(spans.len());
+    for (after, upto) in spans {
+        match union.last_mut() {
+            Some(last) if after <= last.1 => last.1 = last.1.max(upto),
+            _ => union.push((after, upto)),
+        }
     }
-    Ok(floor.map(|f| f.ack_floor))
+    let (span_after, span_upto): (Vec<i64>, Vec<i64>) = union.into_iter().unzip();
+    let agents: Vec<&str> = ranges.iter().map(|r| r.agent_id.as_str()).collect();
+    let types: Vec<&str> = ranges.iter().map(|r| r.agent_type.as_str()).collect();
+    let afters: Vec<i64> = ranges.iter().map(|r| r.after).collect();
+    let uptos: Vec<i64> = ranges.iter().map(|r| r.upto).collect();
+    let named: Vec<bool> = ranges.iter().map(|r| r.named).collect();
+    diesel::sql_query(
+        "UPDATE agent_messages a SET delivered_at = now() \
+         FROM unnest($2::int8[], $3::int8[]) AS s(after, upto) \
+         WHERE a.project_id = $1 AND a.seq > s.after AND a.seq <= s.upto \
+           AND a.delivered_at IS NULL \
+           AND EXISTS (SELECT 1 \
+             FROM unnest($4::text[], $5::text[], $6::int8[], $7::int8[], $8::bool[]) \
+               AS r(agent, agent_type, after, upto, named) \
+             WHERE a.seq > r.after AND a.seq <= r.upto \
+               AND (r.named OR a.expires_at IS NULL OR a.expires_at > now()) \
+               AND (a.recipient_agent_id = r.agent \
+                    OR (a.recipient_agent_id IS NULL AND a.sender_agent_id <> r.agent \
+                        AND (a.recipient_agent_type IS NULL OR a.recipient_agent_type = r.agent_type))))",
+    )
+    .bind::<SqlUuid, _>(project_id)
+    .bind::<Array<BigInt>, _>(&span_after)
+    .bind::<Array<BigInt>, _>(&span_upto)
+    .bind::<Array<Text>, _>(&agents)
+    .bind::<Array<Text>, _>(&types)
+    .bind::<Array<BigInt>, _>(&afters)
+    .bind::<Array<BigInt>, _>(&uptos)
+    .bind::<Array<Bool>, _>(&named)
+    .prepared()
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// Forgets delivery counts at or below each agent's floor: settled history. One statement per
+/// project.
+pub async fn settle_attempts(
+    conn: &mut AsyncPgConnection,
+    project_id: Uuid,
+    agents: &[&str],
+    floors: &[i64],
+) -> QueryResult<()> {
+    if agents.is_empty() {
+        return Ok(());
+    }
+    diesel::sql_query(
+        "DELETE FROM delivery_attempts d USING unnest($2::text[], $3::int8[]) AS f(agent, floor) \
+         WHERE d.project_id = $1 AND d.agent_id = f.agent AND d.seq <= f.floor",
+    )
+    .bind::<SqlUuid, _>(project_id)
+    .bind::<Array<Text>, _>(agents)
+    .bind::<Array<BigInt>, _>(floors)
+    .prepared()
+    .execute(conn)
+    .await
+    .map(drop)
 }
 
 /// Records that `agent_id` read these messages: sets `read_at` of each one it may read (a
@@ -363,6 +469,7 @@ pub async fn mark_read(
     .bind::<SqlUuid, _>(project_id)
     .bind::<Text, _>(agent_id)
     .bind::<Array<SqlUuid>, _>(ids)
+    .prepared()
     .execute(conn)
     .await
 }
@@ -380,6 +487,7 @@ pub async fn mark_disconnected(
     .bind::<SqlUuid, _>(project_id)
     .bind::<Text, _>(agent_id)
     .bind::<SqlUuid, _>(session_id)
+    .prepared()
     .execute(conn)
     .await
     .map(drop)
@@ -423,6 +531,7 @@ pub async fn list_members(
     )
     .bind::<SqlUuid, _>(project_id)
     .bind::<Nullable<Text>, _>(capability)
+    .prepared()
     .load(conn)
     .await
 }
@@ -448,6 +557,7 @@ pub async fn delivery_attempts(
     .bind::<SqlUuid, _>(project_id)
     .bind::<Text, _>(agent_id)
     .bind::<Array<BigInt>, _>(seqs)
+    .prepared()
     .load(conn)
     .await?;
     Ok(rows.into_iter().map(|r| (r.seq, r.attempts)).collect())
@@ -469,6 +579,7 @@ pub async fn record_attempts(
     .bind::<SqlUuid, _>(project_id)
     .bind::<Text, _>(agent_id)
     .bind::<Array<BigInt>, _>(seqs)
+    .prepared()
     .execute(conn)
     .await
     .map(drop)
@@ -491,13 +602,16 @@ pub async fn give_up(
     )
     .bind::<SqlUuid, _>(project_id)
     .bind::<Array<SqlUuid>, _>(&ids)
+    .prepared()
     .execute(conn)
     .await?;
     let progress = Progress {
         done: messages.iter().map(|m| m.1).collect(),
         up_to: None,
     };
-    record_progress(conn, project_id, agent_id, &progress, false)
-        .await
-        .map(drop)
+    // Never acknowledged, so not delivered: the cursor moves, `delivered_at` does not.
+    if let Some(advance) = advance_cursor(conn, project_id, agent_id, &progress).await? {
+        settle_attempts(conn, project_id, &[agent_id], &[advance.ack_floor]).await?;
+    }
+    Ok(())
 }

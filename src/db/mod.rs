@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod cursors;
+pub mod prepared;
 pub mod queries;
 
 use std::time::Duration;
