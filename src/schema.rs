@@ -95,4 +95,11 @@ diesel::joinable!(agent_messages -> projects (project_id));
 diesel::joinable!(sessions -> projects (project_id));
 diesel::joinable!(members -> projects (project_id));
 diesel::joinable!(dead_letters -> agent_messages (message_id));
+diesel::table! {
+    message_search_progress (project_id) {
+        project_id -> Uuid,
+        indexed_seq -> Int8,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(agent_messages, dead_letters);

@@ -16,6 +16,7 @@ use crate::actors::cursor::CursorActor;
 use crate::actors::deadlines::{AttachPersistence, DeadlineActor};
 use crate::actors::persistence::PersistenceActor;
 use crate::actors::registry::ChannelRegistry;
+use crate::actors::search::SearchIndexActor;
 use crate::config::Settings;
 use crate::db;
 use crate::http::{self, AppState};
@@ -85,6 +86,12 @@ impl Application {
             let pool = pool.clone();
             CursorActor::start_in_arbiter(&broker_arbiter.handle(), move |_| CursorActor::new(pool))
         };
+        {
+            let pool = pool.clone();
+            SearchIndexActor::start_in_arbiter(&broker_arbiter.handle(), move |_| {
+                SearchIndexActor::new(pool)
+            });
+        }
 
         let listener = TcpListener::bind(&settings.bind)
             .with_context(|| format!("binding {}", settings.bind))?;

@@ -9,10 +9,15 @@
 //! ```
 //!
 //! A message reaches nobody, not even its sender's receipt, before its batch committed.
+//!
+//! Beside that path: `CursorActor` records delivery progress, `DeadlineActor` fires request
+//! timeouts and sweeps expired messages, and `SearchIndexActor` indexes committed messages
+//! for full-text search.
 
 pub mod channel;
 pub mod cursor;
 pub mod deadlines;
 pub mod persistence;
 pub mod registry;
+pub mod search;
 pub mod session;

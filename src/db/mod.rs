@@ -5,6 +5,7 @@ pub mod batch;
 pub mod cursors;
 pub mod prepared;
 pub mod queries;
+pub mod search;
 
 use std::time::Duration;
 
@@ -31,6 +32,7 @@ pub fn build_pool(database_url: &str, size: usize, timeout: Duration) -> anyhow:
     // A connection whose server went away reports itself broken and is dropped on return; a
     // test query on every checkout would add a round trip to each group commit.
     config.recycling_method = RecyclingMethod::Fast;
+    config.custom_setup = Box::new(|url| Box::pin(establish(url.to_owned())));
     let manager =
         AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(database_url, config);
     Pool::builder(manager)
@@ -41,6 +43,19 @@ pub fn build_pool(database_url: &str, size: usize, timeout: Duration) -> anyhow:
         .runtime(deadpool::Runtime::Tokio1)
         .build()
         .context("building the database pool")
+}
+
+/// Opens a pool connection. Hot statements are prepared once per connection
+/// (`db::prepared`), but each execution is still planned for its own parameters: a generic
+/// plan cannot know how many rows the batch arrays hold, and for the retry lookup it picks a
+/// scan of the whole table.
+async fn establish(url: String) -> diesel::ConnectionResult<AsyncPgConnection> {
+    use diesel_async::SimpleAsyncConnection;
+    let mut conn = AsyncPgConnection::establish(&url).await?;
+    conn.batch_execute("SET plan_cache_mode = force_custom_plan")
+        .await
+        .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+    Ok(conn)
 }
 
 /// Creates the database named in `database_url` if it does not exist, by connecting to the

@@ -132,18 +132,29 @@ pub async fn history(
         query = query.filter(m::id.eq(t).or(m::reply_to.eq(t)));
     }
     if let Some(words) = &q.q {
-        // The expression must match the index's: to_tsvector('simple', content).
+        // The indexed documents (db::search), then the tail the indexer has not reached yet,
+        // tokenised here: every stored message is searched. The matches' seqs are gathered
+        // first (an InitPlan), so the rows are then fetched by (project_id, seq).
+        use diesel::sql_types::{Text, Uuid as SqlUuid};
         query = query.filter(
             diesel::dsl::sql::<diesel::sql_types::Bool>(
-                "to_tsvector('simple', content) @@ plainto_tsquery('simple', ",
+                "seq = ANY(ARRAY(SELECT s.seq FROM message_search s WHERE s.project_id = ",
             )
-            .bind::<diesel::sql_types::Text, _>(words.clone())
-            .sql(")"),
+            .bind::<SqlUuid, _>(project_id)
+            .sql(" AND s.document @@ plainto_tsquery('simple', ")
+            .bind::<Text, _>(words.clone())
+            .sql(") UNION ALL SELECT t.seq FROM agent_messages t WHERE t.project_id = ")
+            .bind::<SqlUuid, _>(project_id)
+            .sql(" AND t.seq > COALESCE((SELECT p.indexed_seq FROM message_search_progress p WHERE p.project_id = ")
+            .bind::<SqlUuid, _>(project_id)
+            .sql("), 0) AND to_tsvector('simple', t.content) @@ plainto_tsquery('simple', ")
+            .bind::<Text, _>(words.clone())
+            .sql(")))"),
         );
     }
     // With a text search, order by `seq + 0`: an expression no index provides, so the planner
-    // finds the matches through the full-text index and sorts them, instead of walking the
-    // seq index and re-tokenising every row until enough match (seconds on a large project
+    // looks up the matches found by the full-text index and sorts them, instead of walking
+    // the seq index and testing every row until enough match (seconds on a large project
     // when the word is rare).
     let searching = q.q.is_some();
     let ascending = q.after_seq.is_some();

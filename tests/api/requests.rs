@@ -415,19 +415,42 @@ async fn search_and_thread_queries_use_indexes() {
     .execute(&mut conn)
     .await
     .expect("filler rows");
-    diesel::sql_query("ANALYZE agent_messages")
+    diesel::sql_query(format!(
+        "UPDATE projects SET head_seq = 50003 WHERE id = '{project}'"
+    ))
+    .execute(&mut conn)
+    .await
+    .expect("head");
+    // Index them as the broker's search indexer does.
+    while agentbus::db::search::index_pending(&mut conn, 100_000)
+        .await
+        .expect("index")
+        .more
+    {}
+    assert_eq!(
+        agentbus::db::search::index_lag(&mut conn).await.ok(),
+        Some(0)
+    );
+    diesel::sql_query("ANALYZE agent_messages, message_search")
         .execute(&mut conn)
         .await
         .expect("analyze");
+    // The search of db::queries::history: the index, then the unindexed tail.
     let plan = explain(
         &mut conn,
         &format!(
             "SELECT * FROM agent_messages WHERE project_id = '{project}' \
-             AND to_tsvector('simple', content) @@ plainto_tsquery('simple', 'bug') ORDER BY seq + 0 DESC LIMIT 50"
+             AND seq = ANY(ARRAY(SELECT s.seq FROM message_search s WHERE s.project_id = '{project}' \
+               AND s.document @@ plainto_tsquery('simple', 'bug') \
+               UNION ALL SELECT t.seq FROM agent_messages t WHERE t.project_id = '{project}' \
+               AND t.seq > COALESCE((SELECT p.indexed_seq FROM message_search_progress p \
+                 WHERE p.project_id = '{project}'), 0) \
+               AND to_tsvector('simple', t.content) @@ plainto_tsquery('simple', 'bug'))) \
+             ORDER BY seq + 0 DESC LIMIT 50"
         ),
     )
     .await;
-    assert!(plan.contains("idx_agent_messages_content_search"), "{plan}");
+    assert!(plan.contains("idx_message_search_document"), "{plan}");
     assert!(!plan.contains("Seq Scan"), "{plan}");
     let any = uuid::Uuid::new_v4();
     let plan = explain(
@@ -444,6 +467,55 @@ async fn search_and_thread_queries_use_indexes() {
     );
     // And the API still finds the needle among them.
     assert_eq!(search("bug").await, [1]);
+}
+
+/// Storing a message does not index it; the broker's search indexer does, shortly after.
+/// A search finds messages either way: unindexed ones are read directly.
+#[tokio::test]
+async fn the_search_indexer_catches_up_and_search_never_misses() {
+    let app = TestApp::spawn().await;
+    let project = app.create_project("indexer").await;
+    let mut a = app.connect(project, "a", "coder").await;
+    for n in 0..30 {
+        a.send_ok(json!({"type": "status", "content": format!("step {n} of the migration")}))
+            .await;
+    }
+    a.send_ok(json!({"type": "discovery", "content": "the flaky test is a race"}))
+        .await;
+    let found = |q: &'static str| {
+        let app = &app;
+        async move {
+            let (status, body) = app
+                .get_json(&format!("/api/projects/{project}/messages?q={q}&limit=100"))
+                .await;
+            assert_eq!(status, 200, "{body}");
+            body["messages"].as_array().map_or(0, Vec::len)
+        }
+    };
+    // Whatever the indexer has done so far, every message is found.
+    assert_eq!(found("migration").await, 30);
+    assert_eq!(found("flaky%20race").await, 1);
+    eventually("the search indexer to catch up", || async {
+        let mut conn = app.db().await;
+        (agentbus::db::search::index_lag(&mut conn).await.ok() == Some(0)).then_some(())
+    })
+    .await;
+    let mut conn = app.db().await;
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let indexed: Count = diesel::sql_query(format!(
+        "SELECT count(*) AS n FROM message_search WHERE project_id = '{project}'"
+    ))
+    .get_result(&mut conn)
+    .await
+    .expect("count documents");
+    assert_eq!(indexed.n, 31, "one document per stored message");
+    assert_eq!(found("migration").await, 30);
+    assert_eq!(found("flaky%20race").await, 1);
+    assert_eq!(found("nowhere").await, 0);
 }
 
 async fn explain(conn: &mut diesel_async::AsyncPgConnection, query: &str) -> String {

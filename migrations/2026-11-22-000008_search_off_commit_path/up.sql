@@ -1,0 +1,24 @@
+-- Full-text search moves off the commit path. The GIN index on agent_messages made each stored
+-- message cost about twice as much (tokenising the content and adding every word to the
+-- index, inside the group-commit transaction), and every update of a message row that was not
+-- HOT paid it again. Search documents now live in their own table, written after the commit
+-- by the broker's search indexer in large batches; `q=` searches the indexed documents and,
+-- directly, the few messages not indexed yet, so every stored message is always found.
+
+DROP INDEX idx_agent_messages_content_search;
+
+CREATE TABLE message_search (
+    project_id UUID NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+    seq BIGINT NOT NULL,
+    document TSVECTOR NOT NULL,
+    PRIMARY KEY (project_id, seq)
+);
+CREATE INDEX idx_message_search_document ON message_search USING GIN (document);
+
+-- Messages of the project with seq <= indexed_seq have their document in message_search.
+-- Kept apart from projects so that the indexer never waits on the row lock a group commit
+-- holds while it bumps head_seq. Existing messages are indexed by the indexer, from 0.
+CREATE TABLE message_search_progress (
+    project_id UUID PRIMARY KEY REFERENCES projects(id) ON DELETE CASCADE,
+    indexed_seq BIGINT NOT NULL
+);

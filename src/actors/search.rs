@@ -1,0 +1,70 @@
+//! `SearchIndexActor`: writes the full-text documents of committed messages, off the commit
+//! path (see `db::search`).
+//!
+//! It wakes every [`INDEX_EVERY`] and indexes what was committed since, in one statement of
+//! up to [`PER_PASS`] messages per project; while a pass comes back full it goes on at once.
+//! Under load that turns thousands of small index insertions per second into a few large
+//! ones, and at rest it costs one cheap query per wake-up.
+
+use std::time::Duration;
+
+use actix::prelude::*;
+
+use crate::db::search::{self, IndexPass};
+use crate::db::DbPool;
+
+/// How long a stored message may wait for its document. Searches do not depend on it (they
+/// read the unindexed tail directly), only how much tail there is to read.
+const INDEX_EVERY: Duration = Duration::from_millis(250);
+/// Most messages per project in one pass (one transaction).
+const PER_PASS: i64 = 5_000;
+
+pub struct SearchIndexActor {
+    pool: DbPool,
+    /// A pass is in flight; the next one starts when it is done.
+    indexing: bool,
+}
+
+impl SearchIndexActor {
+    pub fn new(pool: DbPool) -> Self {
+        SearchIndexActor {
+            pool,
+            indexing: false,
+        }
+    }
+
+    fn index(&mut self, ctx: &mut Context<Self>) {
+        if self.indexing {
+            return;
+        }
+        self.indexing = true;
+        let pool = self.pool.clone();
+        let pass = async move {
+            let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+            search::index_pending(&mut conn, PER_PASS)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        ctx.spawn(pass.into_actor(self).map(|result, act, ctx| {
+            act.indexing = false;
+            match result {
+                Ok(IndexPass { more: true, .. }) => act.index(ctx),
+                Ok(IndexPass { documents, .. }) => {
+                    if documents > 0 {
+                        log::trace!("indexed {documents} messages for search");
+                    }
+                }
+                // Nothing is lost: the next pass starts where this one would have.
+                Err(e) => log::warn!("search indexing failed ({e}); retrying"),
+            }
+        }));
+    }
+}
+
+impl Actor for SearchIndexActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(INDEX_EVERY, |act, ctx| act.index(ctx));
+    }
+}

@@ -1,0 +1,77 @@
+//! Full-text search, kept off the commit path.
+//!
+//! Storing a message does not index its words: the search indexer (`SearchIndexActor`)
+//! copies the documents of newly committed messages into `message_search` in large batches
+//! shortly afterwards, and records per project how far it got. A search looks in the index
+//! for what is indexed and tokenises the remaining tail directly, so it finds every stored
+//! message whatever the indexer's lag; the lag only decides how much of the tail is read.
+
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Bool};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+
+use crate::db::prepared::PrepareOnce;
+
+/// What one indexing pass did.
+#[derive(QueryableByName, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexPass {
+    /// Documents written.
+    #[diesel(sql_type = BigInt)]
+    pub documents: i64,
+    /// Some project has more to index than one pass takes.
+    #[diesel(sql_type = Bool)]
+    pub more: bool,
+}
+
+/// Indexes up to `per_project` not-yet-indexed messages of every project, in one statement
+/// (so in one transaction, and atomic with the progress it records). Safe to run from several
+/// brokers at once: documents already present are skipped and progress only moves forward.
+pub async fn index_pending(
+    conn: &mut AsyncPgConnection,
+    per_project: i64,
+) -> QueryResult<IndexPass> {
+    // Everything up to a project's committed head_seq is stored (seqs are allocated in the
+    // transaction that inserts the rows), so (indexed_seq, upto] has no holes. PostgreSQL runs
+    // every data-modifying CTE once, referenced or not.
+    diesel::sql_query(
+        "WITH lag AS MATERIALIZED ( \
+           SELECT p.id, COALESCE(s.indexed_seq, 0) AS after, \
+                  LEAST(p.head_seq, COALESCE(s.indexed_seq, 0) + $1) AS upto \
+           FROM projects p LEFT JOIN message_search_progress s ON s.project_id = p.id \
+           WHERE p.head_seq > COALESCE(s.indexed_seq, 0)), \
+         documents AS ( \
+           INSERT INTO message_search (project_id, seq, document) \
+           SELECT a.project_id, a.seq, to_tsvector('simple', a.content) \
+           FROM lag JOIN agent_messages a \
+             ON a.project_id = lag.id AND a.seq > lag.after AND a.seq <= lag.upto \
+           ON CONFLICT DO NOTHING \
+           RETURNING 1), \
+         progress AS ( \
+           INSERT INTO message_search_progress (project_id, indexed_seq) \
+           SELECT id, upto FROM lag \
+           ON CONFLICT (project_id) DO UPDATE \
+             SET indexed_seq = GREATEST(message_search_progress.indexed_seq, EXCLUDED.indexed_seq)) \
+         SELECT (SELECT count(*) FROM documents) AS documents, \
+                COALESCE((SELECT bool_or(upto - after >= $1) FROM lag), false) AS more",
+    )
+    .bind::<BigInt, _>(per_project)
+    .prepared()
+    .get_result(conn)
+    .await
+}
+
+/// How many stored messages are not indexed yet, over all projects.
+pub async fn index_lag(conn: &mut AsyncPgConnection) -> QueryResult<i64> {
+    #[derive(QueryableByName)]
+    struct Lag {
+        #[diesel(sql_type = BigInt)]
+        lag: i64,
+    }
+    let lag: Lag = diesel::sql_query(
+        "SELECT COALESCE(sum(p.head_seq - COALESCE(s.indexed_seq, 0)), 0)::int8 AS lag \
+         FROM projects p LEFT JOIN message_search_progress s ON s.project_id = p.id",
+    )
+    .get_result(conn)
+    .await?;
+    Ok(lag.lag)
+}
