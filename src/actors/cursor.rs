@@ -13,9 +13,11 @@ use uuid::Uuid;
 use crate::db::cursors::{self, Progress};
 use crate::db::DbPool;
 
-/// Pause between two writes, so reports coalesce. Progress is recorded asynchronously in any
-/// case (see docs/PROTOCOL.md); this only bounds how far behind it may lag.
-const COALESCE_FOR: Duration = Duration::from_millis(20);
+/// Pause between two writes, so reports coalesce: under load each member then costs a few
+/// statements per second, however many messages it receives. Progress is recorded
+/// asynchronously in any case (see docs/PROTOCOL.md); this bounds how far behind it may lag,
+/// and so how much may be delivered again after a crash.
+const COALESCE_FOR: Duration = Duration::from_millis(100);
 /// How long to wait before writing again after the database refused a write.
 const RETRY_AFTER: Duration = Duration::from_millis(500);
 

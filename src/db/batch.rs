@@ -1,7 +1,8 @@
 //! The hot path: storing a group-commit batch in one transaction, whatever its size.
 //!
 //! In order, inside the transaction:
-//! 1. retries are recognised by their client_msg_id (they get the original back);
+//! 1. retries are recognised by their client_msg_id (they get the original back): by the
+//!    unique index, and when it objects by looking them up (see [`commit_batch`]);
 //! 2. replies are linked to the request they answer and addressed to its sender;
 //! 3. each project's seqs are allocated (`UPDATE projects SET head_seq = head_seq + n`), so a
 //!    batch that rolls back gives its numbers back and seqs stay dense; the row lock taken
@@ -51,17 +52,51 @@ struct Head {
     head_seq: i64,
 }
 
+/// The unique index that recognises a retried send.
+const RETRY_INDEX: &str = "idx_agent_messages_client_msg_id";
+
 /// Stores a batch and returns one outcome per message, in batch order. Replies in the batch
 /// are completed in place (recipient, reply link) before they are stored.
+///
+/// Retries of messages stored by an earlier batch are rare (a client resending after a lost
+/// connection), so the batch is first written assuming there are none, without looking for
+/// them: the unique index on (project, sender, client_msg_id) is the arbiter. If it objects,
+/// that transaction rolls back (its seqs with it) and the batch is written again, looking
+/// up every client_msg_id first.
 pub async fn commit_batch(
     conn: &mut AsyncPgConnection,
     batch: &mut [NewMessage],
     created_at: DateTime<Utc>,
 ) -> QueryResult<Vec<Outcome>> {
+    let batch_ref = &mut *batch;
+    match store_batch(conn, batch_ref, created_at, false).await {
+        Err(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::UniqueViolation,
+            info,
+        )) if info.constraint_name() == Some(RETRY_INDEX) => {
+            store_batch(conn, batch, created_at, true).await
+        }
+        result => result,
+    }
+}
+
+/// [`commit_batch`] in one transaction; `look_for_retries`: whether to look up the batch's
+/// client_msg_ids among the stored messages first.
+async fn store_batch(
+    conn: &mut AsyncPgConnection,
+    batch: &mut [NewMessage],
+    created_at: DateTime<Utc>,
+    look_for_retries: bool,
+) -> QueryResult<Vec<Outcome>> {
     conn.transaction(async move |conn| {
+        // Linking is idempotent: run again on a rewritten batch, it finds the same requests.
         let links = link_replies(conn, batch, created_at).await?;
         let batch = &*batch;
-        let existing = find_retries(conn, batch).await?;
+        let existing = if look_for_retries {
+            find_retries(conn, batch).await?
+        } else {
+            HashMap::new()
+        };
 
         // Which messages are new, and the first occurrence of each client_msg_id within
         // the batch (a client may retry before its first attempt committed).
@@ -158,9 +193,13 @@ async fn find_retries<'b>(
     let senders: Vec<&str> = keys.iter().map(|k| k.1).collect();
     let cmids: Vec<&str> = keys.iter().map(|k| k.2).collect();
     let found: Vec<StoredMessage> = diesel::sql_query(
-        "SELECT m.* FROM agent_messages m \
-         JOIN unnest($1::uuid[], $2::text[], $3::text[]) AS k(project_id, sender, cmid) \
-           ON m.project_id = k.project_id AND m.sender_agent_id = k.sender AND m.client_msg_id = k.cmid",
+        // One index probe per key, whatever the plan: `LIMIT 1` keeps the lateral subquery
+        // from being flattened into a join the planner might run as a scan of the table
+        // (a prepared statement's generic plan cannot know how many keys there are).
+        "SELECT m.* FROM unnest($1::uuid[], $2::text[], $3::text[]) AS k(project_id, sender, cmid) \
+         CROSS JOIN LATERAL (SELECT * FROM agent_messages a \
+           WHERE a.project_id = k.project_id AND a.sender_agent_id = k.sender \
+             AND a.client_msg_id = k.cmid LIMIT 1) AS m",
     )
     .bind::<Array<SqlUuid>, _>(&projects)
     .bind::<Array<Text>, _>(&senders)

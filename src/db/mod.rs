@@ -46,9 +46,10 @@ pub fn build_pool(database_url: &str, size: usize, timeout: Duration) -> anyhow:
 }
 
 /// Opens a pool connection. Hot statements are prepared once per connection
-/// (`db::prepared`), but each execution is still planned for its own parameters: a generic
-/// plan cannot know how many rows the batch arrays hold, and for the retry lookup it picks a
-/// scan of the whole table.
+/// (`db::prepared`), but each execution is still planned for its own parameters and the
+/// table's current size: a generic plan made while a table is small (a new database) keeps
+/// scanning the whole table long after it has grown, and cannot know how many rows the batch
+/// arrays hold.
 async fn establish(url: String) -> diesel::ConnectionResult<AsyncPgConnection> {
     use diesel_async::SimpleAsyncConnection;
     let mut conn = AsyncPgConnection::establish(&url).await?;

@@ -30,6 +30,9 @@ pub async fn index_pending(
     conn: &mut AsyncPgConnection,
     per_project: i64,
 ) -> QueryResult<IndexPass> {
+    // The LIMIT keeps the lateral subquery from being flattened into a join, which the
+    // planner would run as a scan of the whole table; this way each project is one range of
+    // the (project_id, seq) index.
     // Everything up to a project's committed head_seq is stored (seqs are allocated in the
     // transaction that inserts the rows), so (indexed_seq, upto] has no holes. PostgreSQL runs
     // every data-modifying CTE once, referenced or not.
@@ -42,8 +45,10 @@ pub async fn index_pending(
          documents AS ( \
            INSERT INTO message_search (project_id, seq, document) \
            SELECT a.project_id, a.seq, to_tsvector('simple', a.content) \
-           FROM lag JOIN agent_messages a \
-             ON a.project_id = lag.id AND a.seq > lag.after AND a.seq <= lag.upto \
+           FROM lag CROSS JOIN LATERAL ( \
+             SELECT project_id, seq, content FROM agent_messages \
+             WHERE project_id = lag.id AND seq > lag.after AND seq <= lag.upto \
+             ORDER BY seq LIMIT $1) AS a \
            ON CONFLICT DO NOTHING \
            RETURNING 1), \
          progress AS ( \

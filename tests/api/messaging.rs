@@ -223,17 +223,37 @@ async fn a_retried_send_is_stored_once_and_gets_the_original_receipt() {
     let t2 = a.expect_op("sent").await;
     assert_eq!(t1["id"], t2["id"]);
 
-    assert_eq!(
-        b.expect_op("message").await["content"],
-        "found a bug in the API"
-    );
-    assert_eq!(b.expect_op("message").await["content"], "x");
+    // A retry among new messages (pipelined, so most likely one batch): the new ones are
+    // stored with dense seqs, the retry gets the original.
+    a.send(json!({"content": "p1", "client_msg_id": "p1"}))
+        .await;
+    a.send(frame.clone()).await;
+    a.send(json!({"content": "p2", "client_msg_id": "p2"}))
+        .await;
+    let mut receipts = std::collections::HashMap::new();
+    for _ in 0..3 {
+        let receipt = a.expect_op("sent").await;
+        receipts.insert(
+            receipt["client_msg_id"].as_str().map(str::to_owned),
+            receipt,
+        );
+    }
+    let seq_of = |cmid: &str| receipts[&Some(cmid.to_owned())]["seq"].as_i64();
+    assert_eq!(seq_of("once"), first["seq"].as_i64());
+    assert_eq!((seq_of("p1"), seq_of("p2")), (Some(3), Some(4)));
+
+    for expected in ["found a bug in the API", "x", "p1", "p2"] {
+        assert_eq!(b.expect_op("message").await["content"], expected);
+    }
     let mut conn = app.db().await;
     let rows = queries::all_messages(&mut conn, project)
         .await
         .expect("rows");
-    assert_eq!(rows.len(), 2);
-    assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(rows.len(), 4);
+    assert_eq!(
+        rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
 }
 
 #[tokio::test]
