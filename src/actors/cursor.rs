@@ -117,14 +117,6 @@ struct Pending {
     give_ups: HashMap<MemberKey, Vec<(Uuid, i64)>>,
 }
 
-/// What one write cycle learnt about one project's members.
-#[derive(Default)]
-struct ProjectProgress<'a> {
-    delivered: Vec<cursors::DeliveredRange>,
-    agents: Vec<&'a str>,
-    floors: Vec<i64>,
-}
-
 async fn write_all(
     conn: &mut diesel_async::AsyncPgConnection,
     work: &Pending,
@@ -133,22 +125,30 @@ async fn write_all(
         for ((project_id, agent_id), seqs) in &work.attempts {
             cursors::record_attempts(conn, *project_id, agent_id, seqs).await?;
         }
-        // Cursors one member at a time; `delivered_at` and delivery counts one statement per
-        // project, since a project's agents mostly cover the same messages.
-        let mut per_project: HashMap<Uuid, ProjectProgress> = HashMap::new();
+        // One statement of each kind per project, whatever the number of its members that
+        // reported: cursors, `delivered_at` (a project's agents mostly cover the same
+        // messages) and delivery counts.
+        let mut reports: HashMap<Uuid, Vec<(&str, &Progress)>> = HashMap::new();
         for ((project_id, agent_id), p) in &work.progress {
-            let Some(advance) = cursors::advance_cursor(conn, *project_id, agent_id, p).await?
-            else {
-                continue;
-            };
-            let project = per_project.entry(*project_id).or_default();
-            advance.delivered(agent_id, p, &mut project.delivered);
-            project.agents.push(agent_id);
-            project.floors.push(advance.ack_floor);
+            reports
+                .entry(*project_id)
+                .or_default()
+                .push((agent_id.as_str(), p));
         }
-        for (project_id, project) in &per_project {
-            cursors::mark_delivered(conn, *project_id, &project.delivered).await?;
-            cursors::settle_attempts(conn, *project_id, &project.agents, &project.floors).await?;
+        for (project_id, reports) in &reports {
+            let advanced = cursors::advance_cursors(conn, *project_id, reports).await?;
+            let progress_of: HashMap<&str, &Progress> = reports.iter().copied().collect();
+            let mut delivered = Vec::new();
+            let (mut agents, mut floors) = (Vec::new(), Vec::new());
+            for (agent_id, advance) in &advanced {
+                if let Some(p) = progress_of.get(agent_id.as_str()) {
+                    advance.delivered(agent_id, p, &mut delivered);
+                }
+                agents.push(agent_id.as_str());
+                floors.push(advance.ack_floor);
+            }
+            cursors::mark_delivered(conn, *project_id, &delivered).await?;
+            cursors::settle_attempts(conn, *project_id, &agents, &floors).await?;
         }
         for ((project_id, agent_id), messages) in &work.give_ups {
             cursors::give_up(conn, *project_id, agent_id, messages).await?;

@@ -257,8 +257,8 @@ impl Progress {
 /// Done messages get their `delivered_at` if they had none. Returns the new floor, or `None`
 /// when the agent is not a member.
 ///
-/// For one member; `CursorActor` applies many members' progress with [`advance_cursor`],
-/// [`mark_delivered`] and [`settle_attempts`], one statement per project for the last two.
+/// For one member; `CursorActor` applies many members' progress with [`advance_cursors`],
+/// [`mark_delivered`] and [`settle_attempts`], one statement of each per project.
 pub async fn apply_progress(
     conn: &mut AsyncPgConnection,
     project_id: Uuid,
@@ -334,22 +334,57 @@ pub async fn advance_cursor(
     agent_id: &str,
     progress: &Progress,
 ) -> QueryResult<Option<Advance>> {
-    diesel::sql_query(
-        "WITH m AS ( \
-           SELECT ack_floor, acked_above, joined_seq, agent_type FROM members \
-           WHERE project_id = $1 AND agent_id = $2 \
-           FOR UPDATE), \
+    let mut advanced = advance_cursors(conn, project_id, &[(agent_id, progress)]).await?;
+    Ok(advanced.pop().map(|(_, advance)| advance))
+}
+
+/// Moves the cursors of several members of one project (see [`apply_progress`]) in one
+/// statement: planning it costs more than running it, so a write cycle plans once per
+/// project rather than once per member. Returns the members' new cursors, by agent id;
+/// agents that are not members are left out. Each agent appears at most once in `reports`.
+pub async fn advance_cursors(
+    conn: &mut AsyncPgConnection,
+    project_id: Uuid,
+    reports: &[(&str, &Progress)],
+) -> QueryResult<Vec<(String, Advance)>> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        agent_id: String,
+        #[diesel(embed)]
+        advance: Advance,
+    }
+    if reports.is_empty() {
+        return Ok(Vec::new());
+    }
+    let agents: Vec<&str> = reports.iter().map(|(agent, _)| *agent).collect();
+    let up_tos: Vec<Option<i64>> = reports.iter().map(|(_, p)| p.up_to).collect();
+    let (mut done_agents, mut done_seqs) = (Vec::new(), Vec::new());
+    for (agent, progress) in reports {
+        for &seq in &progress.done {
+            done_agents.push(*agent);
+            done_seqs.push(seq);
+        }
+    }
+    let rows: Vec<Row> = diesel::sql_query(
+        // Members are locked in agent order, so two writers can never wait on each other.
+        "WITH r AS (SELECT * FROM unnest($2::text[], $3::int8[]) AS r(agent_id, up_to)), \
+         d AS (SELECT * FROM unnest($4::text[], $5::int8[]) AS d(agent_id, seq)), \
+         m AS ( \
+           SELECT agent_id, ack_floor, acked_above, joined_seq, agent_type FROM members \
+           WHERE project_id = $1 AND agent_id = ANY($2) \
+           ORDER BY agent_id FOR UPDATE), \
          base AS ( \
-           SELECT GREATEST(m.ack_floor, LEAST(COALESCE($3, 0), p.head_seq)) AS floor, \
+           SELECT m.agent_id, GREATEST(m.ack_floor, LEAST(COALESCE(r.up_to, 0), p.head_seq)) AS floor, \
                   m.ack_floor AS previous_floor, \
-                  m.acked_above || $4::int8[] AS acked, \
+                  m.acked_above || ARRAY(SELECT d.seq FROM d WHERE d.agent_id = m.agent_id) AS acked, \
                   COALESCE(m.joined_seq, 9223372036854775807) AS joined, m.agent_type, p.head_seq \
-           FROM m, projects p WHERE p.id = $1), \
+           FROM m JOIN r ON r.agent_id = m.agent_id, projects p WHERE p.id = $1), \
          nxt AS ( \
            SELECT base.*, (SELECT min(a.seq) FROM agent_messages a \
               WHERE a.project_id = $1 AND a.seq > base.floor AND a.seq <= base.head_seq \
                 AND agentbus_owed(a.recipient_agent_id, a.recipient_agent_type, a.sender_agent_id, \
-                                  a.seq, a.expires_at, $2, base.agent_type, base.joined) \
+                                  a.seq, a.expires_at, base.agent_id, base.agent_type, base.joined) \
                 AND NOT (a.seq = ANY(base.acked))) AS first_owed \
            FROM base) \
          UPDATE members SET \
@@ -357,17 +392,18 @@ pub async fn advance_cursor(
            acked_above = ARRAY(SELECT DISTINCT x FROM unnest(nxt.acked) AS x \
                                WHERE x > COALESCE(nxt.first_owed - 1, nxt.head_seq) ORDER BY x), \
            last_seen_at = now() \
-         FROM nxt WHERE members.project_id = $1 AND members.agent_id = $2 \
-         RETURNING members.ack_floor, nxt.previous_floor, nxt.agent_type",
+         FROM nxt WHERE members.project_id = $1 AND members.agent_id = nxt.agent_id \
+         RETURNING members.agent_id, members.ack_floor, nxt.previous_floor, nxt.agent_type",
     )
     .bind::<SqlUuid, _>(project_id)
-    .bind::<Text, _>(agent_id)
-    .bind::<Nullable<BigInt>, _>(progress.up_to)
-    .bind::<Array<BigInt>, _>(&progress.done)
+    .bind::<Array<Text>, _>(&agents)
+    .bind::<Array<Nullable<BigInt>>, _>(&up_tos)
+    .bind::<Array<Text>, _>(&done_agents)
+    .bind::<Array<BigInt>, _>(&done_seqs)
     .prepared()
-    .get_result(conn)
-    .await
-    .optional()
+    .load(conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.agent_id, r.advance)).collect())
 }
 
 /// Sets `delivered_at` on the messages of one project that these ranges say were received
