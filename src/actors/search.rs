@@ -15,7 +15,7 @@ use crate::db::DbPool;
 
 /// How long a stored message may wait for its document. Searches do not depend on it (they
 /// read the unindexed tail directly), only how much tail there is to read.
-const INDEX_EVERY: Duration = Duration::from_millis(250);
+const INDEX_EVERY: Duration = Duration::from_millis(50);
 /// Most messages per project in one pass (one transaction).
 const PER_PASS: i64 = 5_000;
 
