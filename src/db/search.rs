@@ -12,6 +12,9 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 use crate::db::prepared::PrepareOnce;
 
+/// The advisory lock key an indexing pass holds for its transaction (fixed, arbitrary).
+const INDEXER_LOCK: i64 = 0x0061_6765_6e74_6275;
+
 /// What one indexing pass did.
 #[derive(QueryableByName, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IndexPass {
@@ -25,7 +28,8 @@ pub struct IndexPass {
 
 /// Indexes up to `per_project` not-yet-indexed messages of every project, in one statement
 /// (so in one transaction, and atomic with the progress it records). Safe to run from several
-/// brokers at once: documents already present are skipped and progress only moves forward.
+/// brokers at once: a pass that finds another one running (its transaction-level advisory
+/// lock) does nothing, and progress only moves forward.
 pub async fn index_pending(
     conn: &mut AsyncPgConnection,
     per_project: i64,
@@ -41,7 +45,8 @@ pub async fn index_pending(
            SELECT p.id, COALESCE(s.indexed_seq, 0) AS after, \
                   LEAST(p.head_seq, COALESCE(s.indexed_seq, 0) + $1) AS upto \
            FROM projects p LEFT JOIN message_search_progress s ON s.project_id = p.id \
-           WHERE p.head_seq > COALESCE(s.indexed_seq, 0)), \
+           WHERE p.head_seq > COALESCE(s.indexed_seq, 0) \
+             AND pg_try_advisory_xact_lock($2)), \
          documents AS ( \
            INSERT INTO message_search (project_id, seq, document) \
            SELECT a.project_id, a.seq, to_tsvector('simple', a.content) \
@@ -49,7 +54,6 @@ pub async fn index_pending(
              SELECT project_id, seq, content FROM agent_messages \
              WHERE project_id = lag.id AND seq > lag.after AND seq <= lag.upto \
              ORDER BY seq LIMIT $1) AS a \
-           ON CONFLICT DO NOTHING \
            RETURNING 1), \
          progress AS ( \
            INSERT INTO message_search_progress (project_id, indexed_seq) \
@@ -60,6 +64,7 @@ pub async fn index_pending(
                 COALESCE((SELECT bool_or(upto - after >= $1) FROM lag), false) AS more",
     )
     .bind::<BigInt, _>(per_project)
+    .bind::<BigInt, _>(INDEXER_LOCK)
     .prepared()
     .get_result(conn)
     .await
