@@ -134,8 +134,12 @@ pub async fn history(
     if let Some(words) = &q.q {
         // The indexed documents (db::search), then the tail the indexer has not reached yet,
         // tokenised here: every stored message is searched. The matches' seqs are gathered
-        // first (an InitPlan), so the rows are then fetched by (project_id, seq).
-        use diesel::sql_types::{Text, Uuid as SqlUuid};
+        // first (an InitPlan), so the rows are then fetched by (project_id, seq). The tail's
+        // start is read first and passed as a value: from a subquery, the planner cannot know
+        // the tail is short, and plans (and JIT-compiles) a scan of the whole project. Should
+        // the indexer move on meanwhile, a message is found twice, which `= ANY` absorbs.
+        use diesel::sql_types::{BigInt, Text, Uuid as SqlUuid};
+        let indexed_seq = crate::db::search::indexed_seq(conn, project_id).await?;
         query = query.filter(
             diesel::dsl::sql::<diesel::sql_types::Bool>(
                 "seq = ANY(ARRAY(SELECT s.seq FROM message_search s WHERE s.project_id = ",
@@ -145,9 +149,9 @@ pub async fn history(
             .bind::<Text, _>(words.clone())
             .sql(") UNION ALL SELECT t.seq FROM agent_messages t WHERE t.project_id = ")
             .bind::<SqlUuid, _>(project_id)
-            .sql(" AND t.seq > COALESCE((SELECT p.indexed_seq FROM message_search_progress p WHERE p.project_id = ")
-            .bind::<SqlUuid, _>(project_id)
-            .sql("), 0) AND to_tsvector('simple', t.content) @@ plainto_tsquery('simple', ")
+            .sql(" AND t.seq > ")
+            .bind::<BigInt, _>(indexed_seq)
+            .sql(" AND to_tsvector('simple', t.content) @@ plainto_tsquery('simple', ")
             .bind::<Text, _>(words.clone())
             .sql(")))"),
         );

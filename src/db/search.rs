@@ -9,6 +9,7 @@
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
 
 use crate::db::prepared::PrepareOnce;
 
@@ -68,6 +69,18 @@ pub async fn index_pending(
     .prepared()
     .get_result(conn)
     .await
+}
+
+/// The project's messages up to this seq have their search document.
+pub async fn indexed_seq(conn: &mut AsyncPgConnection, project_id: Uuid) -> QueryResult<i64> {
+    use crate::schema::message_search_progress::dsl as p;
+    let seq = p::message_search_progress
+        .filter(p::project_id.eq(project_id))
+        .select(p::indexed_seq)
+        .first::<i64>(conn)
+        .await
+        .optional()?;
+    Ok(seq.unwrap_or(0))
 }
 
 /// How many stored messages are not indexed yet, over all projects.
