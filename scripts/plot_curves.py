@@ -2,7 +2,8 @@
 """Plot the scaling curves of docs/PERFORMANCE.md from the CSV files in docs/perf/.
 
 Reads docs/perf/{fanout,projects,memory}.csv (from `agentbus bench --csv`, with a leading
-`point` column) and docs/perf/history.csv (history query timings), and writes one PNG per
+`point` column), docs/perf/history.csv (history query timings) and docs/perf/soak.csv (broker
+memory during the soak), and writes one PNG per
 curve next to them. Requires matplotlib (`pip install matplotlib`).
 
 Usage: python3 scripts/plot_curves.py [PERF_DIR]
@@ -101,6 +102,21 @@ def memory_plot(rows, out):
     plt.close(fig)
 
 
+def soak_plot(rows, out):
+    x = [int(r["seconds"]) / 60.0 for r in rows]
+    rss = [int(r["broker_rss_kib"]) / 1024.0 for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    ax.plot(x, rss, "o-", markersize=3)
+    ax.set_xlabel("minutes")
+    ax.set_ylabel("broker RSS, MiB")
+    ax.set_ylim(bottom=0)
+    ax.set_title("10-minute soak at 8,000 msg/s: broker memory")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main():
     perf = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "docs" / "perf"
     made = []
@@ -126,6 +142,9 @@ def main():
     if (perf / "memory.csv").exists():
         memory_plot(read(perf / "memory.csv"), perf / "memory.png")
         made.append("memory.png")
+    if (perf / "soak.csv").exists():
+        soak_plot(read(perf / "soak.csv"), perf / "soak.png")
+        made.append("soak.png")
     print("wrote " + ", ".join(str(perf / m) for m in made))
 
 
