@@ -194,8 +194,8 @@ async fn find_retries<'b>(
     let cmids: Vec<&str> = keys.iter().map(|k| k.2).collect();
     let found: Vec<StoredMessage> = diesel::sql_query(
         // One index probe per key, whatever the plan: `LIMIT 1` keeps the lateral subquery
-        // from being flattened into a join the planner might run as a scan of the table
-        // (a prepared statement's generic plan cannot know how many keys there are).
+        // from being flattened into a join the planner might run as a scan of the table.
+        // Not prepared: it selects `*` (see `db::prepared`), and it only runs for retries.
         "SELECT m.* FROM unnest($1::uuid[], $2::text[], $3::text[]) AS k(project_id, sender, cmid) \
          CROSS JOIN LATERAL (SELECT * FROM agent_messages a \
            WHERE a.project_id = k.project_id AND a.sender_agent_id = k.sender \
@@ -204,7 +204,6 @@ async fn find_retries<'b>(
     .bind::<Array<SqlUuid>, _>(&projects)
     .bind::<Array<Text>, _>(&senders)
     .bind::<Array<Text>, _>(&cmids)
-    .prepared()
     .load(conn)
     .await?;
     let mut by_key = HashMap::with_capacity(found.len());

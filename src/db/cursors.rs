@@ -171,6 +171,7 @@ pub async fn owed_page(
     } else {
         "AND a.seq > $9 AND $8 = $8 ORDER BY a.seq"
     };
+    // Not prepared: it selects `*` (see `db::prepared`).
     diesel::sql_query(format!(
         "SELECT a.* FROM agent_messages a WHERE a.seq > $2 AND a.seq <= $3 AND {OWED} {order} LIMIT $10"
     ))
@@ -184,7 +185,6 @@ pub async fn owed_page(
     .bind::<SmallInt, _>(q.resume.0)
     .bind::<BigInt, _>(q.resume.1)
     .bind::<BigInt, _>(q.limit)
-    .prepared()
     .load(conn)
     .await
 }

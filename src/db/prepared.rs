@@ -9,6 +9,9 @@
 //!
 //! Only for constant SQL: a text built with `format!` from client input would fill the cache
 //! with one statement per distinct text. Texts chosen from a few constant variants are fine.
+//! And not for statements that return `*`: once a migration adds a column, PostgreSQL refuses
+//! to run a prepared statement whose result would change ("cached plan must not change result
+//! type"), and a broker still running the old version would fail on it until restarted.
 
 use diesel::pg::Pg;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};

@@ -30,7 +30,9 @@ pub struct IndexPass {
 /// Indexes up to `per_project` not-yet-indexed messages of every project, in one statement
 /// (so in one transaction, and atomic with the progress it records). Safe to run from several
 /// brokers at once: a pass that finds another one running (its transaction-level advisory
-/// lock) does nothing, and progress only moves forward.
+/// lock) does nothing, and progress only moves forward. A pass whose snapshot is taken just
+/// before another commits, and its lock just after, indexes that range again: harmless, since
+/// a search collects matching seqs and returns each message once.
 pub async fn index_pending(
     conn: &mut AsyncPgConnection,
     per_project: i64,
