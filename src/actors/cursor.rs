@@ -126,8 +126,7 @@ async fn write_all(
             cursors::record_attempts(conn, *project_id, agent_id, seqs).await?;
         }
         // One statement of each kind per project, whatever the number of its members that
-        // reported: cursors, `delivered_at` (a project's agents mostly cover the same
-        // messages) and delivery counts.
+        // reported.
         let mut reports: HashMap<Uuid, Vec<(&str, &Progress)>> = HashMap::new();
         for ((project_id, agent_id), p) in &work.progress {
             reports
@@ -136,19 +135,7 @@ async fn write_all(
                 .push((agent_id.as_str(), p));
         }
         for (project_id, reports) in &reports {
-            let advanced = cursors::advance_cursors(conn, *project_id, reports).await?;
-            let progress_of: HashMap<&str, &Progress> = reports.iter().copied().collect();
-            let mut delivered = Vec::new();
-            let (mut agents, mut floors) = (Vec::new(), Vec::new());
-            for (agent_id, advance) in &advanced {
-                if let Some(p) = progress_of.get(agent_id.as_str()) {
-                    advance.delivered(agent_id, p, &mut delivered);
-                }
-                agents.push(agent_id.as_str());
-                floors.push(advance.ack_floor);
-            }
-            cursors::mark_delivered(conn, *project_id, &delivered).await?;
-            cursors::settle_attempts(conn, *project_id, &agents, &floors).await?;
+            cursors::apply_project_progress(conn, *project_id, reports).await?;
         }
         for ((project_id, agent_id), messages) in &work.give_ups {
             cursors::give_up(conn, *project_id, agent_id, messages).await?;

@@ -96,18 +96,17 @@ impl DeadlineActor {
         let (from, until) = (self.swept_until, Utc::now());
         let sweep = async move {
             let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-            // "Was owed to someone" at expiry: the visibility part of `agentbus_owed`
-            // without its expiry test (every row here has expired), written out here.
+            // "Was owed to someone" at expiry: visible to a member (`agentbus_owed` without
+            // its expiry test, since every row here has expired).
             diesel::sql_query(
                 "INSERT INTO dead_letters (message_id, project_id, reason, dead_at) \
                  SELECT a.id, a.project_id, 'expired', a.expires_at FROM agent_messages a \
                  WHERE a.expires_at IS NOT NULL AND a.delivered_at IS NULL \
                    AND a.expires_at > $1 AND a.expires_at <= $2 \
                    AND EXISTS (SELECT 1 FROM members m \
-                     WHERE m.project_id = a.project_id AND m.agent_id <> a.sender_agent_id \
-                       AND (m.agent_id = a.recipient_agent_id \
-                         OR (a.recipient_agent_id IS NULL AND m.joined_seq < a.seq \
-                             AND (a.recipient_agent_type IS NULL OR m.agent_type = a.recipient_agent_type)))) \
+                     WHERE m.project_id = a.project_id \
+                       AND agentbus_visible(a.recipient_agent_id, a.recipient_agent_type, \
+                             a.sender_agent_id, a.seq, m.agent_id, m.agent_type, m.joined_seq)) \
                  ON CONFLICT (message_id) DO NOTHING",
             )
             .bind::<Timestamptz, _>(from)

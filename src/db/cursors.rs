@@ -3,9 +3,10 @@
 //! What an agent is owed: every message of its project with seq above its ack floor that is
 //! visible to it (a broadcast it did not send, from its first connection on, or a direct
 //! message to it), that has not expired and that it has not acknowledged. The SQL function
-//! `agentbus_owed` (migration `2026-11-22-000007_owed_rule`) is the single definition of the
-//! visibility and expiry part, used by every query here; the acknowledged part is the
-//! cursor's. The channel applies the same rule to live traffic.
+//! `agentbus_visible` (migration `2026-11-22-000009_visibility_rule`) is the single definition
+//! of the visibility part, and `agentbus_owed` adds expiry to it; every query here, and the
+//! expiry sweep, uses one of them; the acknowledged part is the cursor's. The channel applies
+//! the same rule to live traffic.
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -256,93 +257,101 @@ impl Progress {
 /// never forgotten), so reports may arrive late or from a connection that was since replaced.
 /// Done messages get their `delivered_at` if they had none. Returns the new floor, or `None`
 /// when the agent is not a member.
-///
-/// For one member; `CursorActor` applies many members' progress with [`advance_cursors`],
-/// [`mark_delivered`] and [`settle_attempts`], one statement of each per project.
 pub async fn apply_progress(
     conn: &mut AsyncPgConnection,
     project_id: Uuid,
     agent_id: &str,
     progress: &Progress,
 ) -> QueryResult<Option<i64>> {
-    let Some(advance) = advance_cursor(conn, project_id, agent_id, progress).await? else {
-        return Ok(None);
-    };
-    let mut delivered = Vec::new();
-    advance.delivered(agent_id, progress, &mut delivered);
-    mark_delivered(conn, project_id, &delivered).await?;
-    settle_attempts(conn, project_id, &[agent_id], &[advance.ack_floor]).await?;
-    Ok(Some(advance.ack_floor))
+    let floors = apply_project_progress(conn, project_id, &[(agent_id, progress)]).await?;
+    Ok(floors.into_iter().next().map(|(_, floor)| floor))
 }
 
-/// A member's cursor after [`advance_cursor`].
+/// [`apply_progress`] for several members of one project (each at most once), with one
+/// statement of each kind however many report: the cursors, `delivered_at` (a project's
+/// agents mostly cover the same messages) and the delivery counts. Returns the new floors by
+/// agent id; agents that are not members are left out.
+pub async fn apply_project_progress(
+    conn: &mut AsyncPgConnection,
+    project_id: Uuid,
+    reports: &[(&str, &Progress)],
+) -> QueryResult<Vec<(String, i64)>> {
+    let advanced = advance_cursors(conn, project_id, reports).await?;
+    let progress_of: std::collections::HashMap<&str, &Progress> = reports.iter().copied().collect();
+    let mut delivered = Vec::new();
+    for (agent_id, advance) in &advanced {
+        if let Some(progress) = progress_of.get(agent_id.as_str()) {
+            advance.delivered(agent_id, progress, &mut delivered);
+        }
+    }
+    mark_delivered(conn, project_id, &delivered).await?;
+    let floors: Vec<(String, i64)> = advanced
+        .into_iter()
+        .map(|(agent_id, advance)| (agent_id, advance.ack_floor))
+        .collect();
+    settle_attempts(conn, project_id, &floors).await?;
+    Ok(floors)
+}
+
+/// A member's cursor after [`advance_cursors`].
 #[derive(QueryableByName, Debug)]
-pub struct Advance {
+struct Advance {
     /// The new floor.
     #[diesel(sql_type = BigInt)]
-    pub ack_floor: i64,
+    ack_floor: i64,
     /// The floor before this progress: `up_to` covers what lies between the two.
     #[diesel(sql_type = BigInt)]
-    pub previous_floor: i64,
+    previous_floor: i64,
     #[diesel(sql_type = Text)]
-    pub agent_type: String,
+    agent_type: String,
+    /// The member's `joined_seq` (NULL: not connected yet), for what is visible to it.
+    #[diesel(sql_type = Nullable<BigInt>)]
+    joined_seq: Option<i64>,
 }
 
 impl Advance {
-    /// Adds to `out` the messages this progress says the agent received: the seqs it named
-    /// (expired or not), and with `up_to` everything unexpired visible to it between its
-    /// previous floor and that seq.
-    pub fn delivered(&self, agent_id: &str, progress: &Progress, out: &mut Vec<DeliveredRange>) {
-        for &seq in &progress.done {
-            out.push(DeliveredRange {
-                agent_id: agent_id.to_owned(),
-                agent_type: self.agent_type.clone(),
-                after: seq - 1,
-                upto: seq,
-                named: true,
-            });
-        }
+    /// Adds to `out` what this progress says the agent received: the seqs it named (expired
+    /// or not), and with `up_to` everything unexpired between its previous floor and that
+    /// seq; of those, only what is visible to it counts (see [`mark_delivered`]).
+    fn delivered<'a>(
+        &'a self,
+        agent_id: &'a str,
+        progress: &Progress,
+        out: &mut Vec<DeliveredRange<'a>>,
+    ) {
+        let range = |after, upto, named| DeliveredRange {
+            agent_id,
+            agent_type: &self.agent_type,
+            joined_seq: self.joined_seq,
+            after,
+            upto,
+            named,
+        };
+        out.extend(progress.done.iter().map(|&seq| range(seq - 1, seq, true)));
         let upto = progress.up_to.unwrap_or(0).min(self.ack_floor);
         if upto > self.previous_floor {
-            out.push(DeliveredRange {
-                agent_id: agent_id.to_owned(),
-                agent_type: self.agent_type.clone(),
-                after: self.previous_floor,
-                upto,
-                named: false,
-            });
+            out.push(range(self.previous_floor, upto, false));
         }
     }
 }
 
 /// Seqs `(after, upto]` of a project that `agent_id` received: those of them visible to it
 /// count as delivered.
-#[derive(Debug, Clone)]
-pub struct DeliveredRange {
-    pub agent_id: String,
-    pub agent_type: String,
-    pub after: i64,
-    pub upto: i64,
+struct DeliveredRange<'a> {
+    agent_id: &'a str,
+    agent_type: &'a str,
+    joined_seq: Option<i64>,
+    after: i64,
+    upto: i64,
     /// Named one by one by the agent (an ack), so delivered even if it has expired since.
-    pub named: bool,
-}
-
-/// Moves a member's cursor (see [`apply_progress`]); `None` when the agent is not a member.
-pub async fn advance_cursor(
-    conn: &mut AsyncPgConnection,
-    project_id: Uuid,
-    agent_id: &str,
-    progress: &Progress,
-) -> QueryResult<Option<Advance>> {
-    let mut advanced = advance_cursors(conn, project_id, &[(agent_id, progress)]).await?;
-    Ok(advanced.pop().map(|(_, advance)| advance))
+    named: bool,
 }
 
 /// Moves the cursors of several members of one project (see [`apply_progress`]) in one
 /// statement: planning it costs more than running it, so a write cycle plans once per
 /// project rather than once per member. Returns the members' new cursors, by agent id;
 /// agents that are not members are left out. Each agent appears at most once in `reports`.
-pub async fn advance_cursors(
+async fn advance_cursors(
     conn: &mut AsyncPgConnection,
     project_id: Uuid,
     reports: &[(&str, &Progress)],
@@ -393,7 +402,8 @@ pub async fn advance_cursors(
                                WHERE x > COALESCE(nxt.first_owed - 1, nxt.head_seq) ORDER BY x), \
            last_seen_at = now() \
          FROM nxt WHERE members.project_id = $1 AND members.agent_id = nxt.agent_id \
-         RETURNING members.agent_id, members.ack_floor, nxt.previous_floor, nxt.agent_type",
+         RETURNING members.agent_id, members.ack_floor, nxt.previous_floor, nxt.agent_type, \
+                   members.joined_seq",
     )
     .bind::<SqlUuid, _>(project_id)
     .bind::<Array<Text>, _>(&agents)
@@ -410,10 +420,10 @@ pub async fn advance_cursors(
 /// (each by an agent it is visible to) and that had none. One statement for all the agents
 /// of the project: the ranges' union is scanned once, however many agents cover the same
 /// seqs (every agent of a project covers the same broadcasts).
-pub async fn mark_delivered(
+async fn mark_delivered(
     conn: &mut AsyncPgConnection,
     project_id: Uuid,
-    ranges: &[DeliveredRange],
+    ranges: &[DeliveredRange<'_>],
 ) -> QueryResult<()> {
     if ranges.is_empty() {
         return Ok(());
@@ -429,8 +439,9 @@ pub async fn mark_delivered(
         }
     }
     let (span_after, span_upto): (Vec<i64>, Vec<i64>) = union.into_iter().unzip();
-    let agents: Vec<&str> = ranges.iter().map(|r| r.agent_id.as_str()).collect();
-    let types: Vec<&str> = ranges.iter().map(|r| r.agent_type.as_str()).collect();
+    let agents: Vec<&str> = ranges.iter().map(|r| r.agent_id).collect();
+    let types: Vec<&str> = ranges.iter().map(|r| r.agent_type).collect();
+    let joined: Vec<Option<i64>> = ranges.iter().map(|r| r.joined_seq).collect();
     let afters: Vec<i64> = ranges.iter().map(|r| r.after).collect();
     let uptos: Vec<i64> = ranges.iter().map(|r| r.upto).collect();
     let named: Vec<bool> = ranges.iter().map(|r| r.named).collect();
@@ -440,13 +451,12 @@ pub async fn mark_delivered(
          WHERE a.project_id = $1 AND a.seq > s.after AND a.seq <= s.upto \
            AND a.delivered_at IS NULL \
            AND EXISTS (SELECT 1 \
-             FROM unnest($4::text[], $5::text[], $6::int8[], $7::int8[], $8::bool[]) \
-               AS r(agent, agent_type, after, upto, named) \
+             FROM unnest($4::text[], $5::text[], $6::int8[], $7::int8[], $8::bool[], $9::int8[]) \
+               AS r(agent, agent_type, after, upto, named, joined) \
              WHERE a.seq > r.after AND a.seq <= r.upto \
                AND (r.named OR a.expires_at IS NULL OR a.expires_at > now()) \
-               AND (a.recipient_agent_id = r.agent \
-                    OR (a.recipient_agent_id IS NULL AND a.sender_agent_id <> r.agent \
-                        AND (a.recipient_agent_type IS NULL OR a.recipient_agent_type = r.agent_type))))",
+               AND agentbus_visible(a.recipient_agent_id, a.recipient_agent_type, \
+                                    a.sender_agent_id, a.seq, r.agent, r.agent_type, r.joined))",
     )
     .bind::<SqlUuid, _>(project_id)
     .bind::<Array<BigInt>, _>(&span_after)
@@ -456,6 +466,7 @@ pub async fn mark_delivered(
     .bind::<Array<BigInt>, _>(&afters)
     .bind::<Array<BigInt>, _>(&uptos)
     .bind::<Array<Bool>, _>(&named)
+    .bind::<Array<Nullable<BigInt>>, _>(&joined)
     .prepared()
     .execute(conn)
     .await
@@ -464,22 +475,23 @@ pub async fn mark_delivered(
 
 /// Forgets delivery counts at or below each agent's floor: settled history. One statement per
 /// project.
-pub async fn settle_attempts(
+async fn settle_attempts(
     conn: &mut AsyncPgConnection,
     project_id: Uuid,
-    agents: &[&str],
-    floors: &[i64],
+    floors: &[(String, i64)],
 ) -> QueryResult<()> {
-    if agents.is_empty() {
+    if floors.is_empty() {
         return Ok(());
     }
+    let (agents, floors): (Vec<&str>, Vec<i64>) =
+        floors.iter().map(|(a, f)| (a.as_str(), *f)).unzip();
     diesel::sql_query(
         "DELETE FROM delivery_attempts d USING unnest($2::text[], $3::int8[]) AS f(agent, floor) \
          WHERE d.project_id = $1 AND d.agent_id = f.agent AND d.seq <= f.floor",
     )
     .bind::<SqlUuid, _>(project_id)
-    .bind::<Array<Text>, _>(agents)
-    .bind::<Array<BigInt>, _>(floors)
+    .bind::<Array<Text>, _>(&agents)
+    .bind::<Array<BigInt>, _>(&floors)
     .prepared()
     .execute(conn)
     .await
@@ -487,7 +499,9 @@ pub async fn settle_attempts(
 }
 
 /// Records that `agent_id` read these messages: sets `read_at` of each one it may read (a
-/// direct message to it, or a broadcast by someone else) that has none yet.
+/// direct message to it, or a broadcast by someone else, to its type if addressed to a type)
+/// that has none yet. Reading is not limited to what came after the agent's first connection
+/// (history is there to be read), hence the joined seq 0 given to `agentbus_visible`.
 pub async fn mark_read(
     conn: &mut AsyncPgConnection,
     project_id: Uuid,
@@ -497,10 +511,8 @@ pub async fn mark_read(
     diesel::sql_query(
         "UPDATE agent_messages SET read_at = now() \
          WHERE project_id = $1 AND id = ANY($3) AND read_at IS NULL \
-           AND (recipient_agent_id = $2 \
-                OR (recipient_agent_id IS NULL AND sender_agent_id <> $2 \
-                    AND (recipient_agent_type IS NULL OR recipient_agent_type = \
-                         (SELECT agent_type FROM members WHERE project_id = $1 AND agent_id = $2))))",
+           AND agentbus_visible(recipient_agent_id, recipient_agent_type, sender_agent_id, seq, $2, \
+                 (SELECT agent_type FROM members WHERE project_id = $1 AND agent_id = $2), 0)",
     )
     .bind::<SqlUuid, _>(project_id)
     .bind::<Text, _>(agent_id)
@@ -646,8 +658,10 @@ pub async fn give_up(
         up_to: None,
     };
     // Never acknowledged, so not delivered: the cursor moves, `delivered_at` does not.
-    if let Some(advance) = advance_cursor(conn, project_id, agent_id, &progress).await? {
-        settle_attempts(conn, project_id, &[agent_id], &[advance.ack_floor]).await?;
-    }
-    Ok(())
+    let floors: Vec<(String, i64)> = advance_cursors(conn, project_id, &[(agent_id, &progress)])
+        .await?
+        .into_iter()
+        .map(|(agent_id, advance)| (agent_id, advance.ack_floor))
+        .collect();
+    settle_attempts(conn, project_id, &floors).await
 }

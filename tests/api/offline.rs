@@ -485,3 +485,33 @@ async fn a_backlog_of_large_messages_is_paced_not_refused() {
         (1..=COUNT as i64).collect::<Vec<_>>()
     );
 }
+
+/// An acknowledgement covers only what the agent could have received: a broadcast committed
+/// before its first connection is not owed to it, so its ack does not mark it delivered.
+#[tokio::test]
+async fn an_ack_does_not_deliver_broadcasts_from_before_the_first_connection() {
+    let app = TestApp::spawn().await;
+    let project = app.create_project("visibility").await;
+    let mut a = app.connect(project, "a", "coder").await;
+    // c is a member (a direct message names it) but has never connected.
+    a.send_ok(json!({"content": "for c", "to": "c"})).await;
+    assert_eq!(a.expect_op("error").await["code"], "no_recipient");
+    a.send_ok(status("a broadcast c was never owed")).await;
+    let (code, body) = app
+        .post_json(
+            &format!("/api/projects/{project}/agents/c/ack"),
+            &json!({"up_to": 2}),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let (_, history) = app
+        .get_json(&format!("/api/projects/{project}/messages?after_seq=0"))
+        .await;
+    let delivered: Vec<(i64, bool)> = history["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| (seq(m), m["delivered_at"].is_string()))
+        .collect();
+    assert_eq!(delivered, [(1, true), (2, false)]);
+}
