@@ -16,11 +16,20 @@ pub struct BrokerProcess {
 }
 
 impl BrokerProcess {
+    /// `serve` on a free port against this database.
     pub fn start(database_url: &str) -> BrokerProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_agentbus"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_agentbus"));
+        command
             .args(["serve", "--bind", "127.0.0.1:0", "--workers", "2"])
             .env("DATABASE_URL", database_url)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info");
+        BrokerProcess::spawn(command)
+    }
+
+    /// Starts the command and waits for its start-up line; panics with its log if it exits
+    /// first.
+    pub fn spawn(mut command: Command) -> BrokerProcess {
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -30,20 +39,26 @@ impl BrokerProcess {
         // Read the port from the start-up line, then keep draining the log so the broker
         // never blocks on a full pipe.
         std::thread::spawn(move || {
+            let mut log = String::new();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(port) = line
                     .split("(port ")
                     .nth(1)
                     .and_then(|r| r.trim_end_matches(')').parse::<u16>().ok())
                 {
-                    let _ = tx.send(port);
+                    let _ = tx.send(Ok(port));
                 }
+                log.push_str(&line);
+                log.push('\n');
             }
+            // The log ended: the broker exited.
+            let _ = tx.send(Err(log));
         });
-        let port = rx
-            .recv_timeout(PATIENCE)
-            .expect("the broker did not report its port");
-        BrokerProcess { child, port }
+        match rx.recv_timeout(PATIENCE) {
+            Ok(Ok(port)) => BrokerProcess { child, port },
+            Ok(Err(log)) => panic!("the broker exited:\n{log}"),
+            Err(_) => panic!("the broker did not report its port"),
+        }
     }
 
     fn kill(mut self) {

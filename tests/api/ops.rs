@@ -1,9 +1,8 @@
 //! Operations: `/readyz` follows the database and the migrations, `/metrics` follows the
 //! traffic, and `agentbus serve` layers flags over environment over a configuration file.
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use diesel_async::RunQueryDsl;
@@ -11,7 +10,8 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
-use crate::helpers::{eventually, status, TestApp, PATIENCE};
+use crate::crash::BrokerProcess;
+use crate::helpers::{eventually, status, TestApp};
 use crate::pg_cluster::PgCluster;
 
 #[tokio::test]
@@ -219,51 +219,6 @@ fn agentbus(args: &[&str], env: &[(&str, &str)]) -> Command {
     command
 }
 
-/// A broker process that reported the port it listens on; killed when dropped.
-struct Broker {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts the command and waits for its start-up line; panics with its log if it exits first.
-fn start(mut command: Command) -> Broker {
-    let mut child = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the agentbus binary");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut log = String::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(port) = line
-                .split("(port ")
-                .nth(1)
-                .and_then(|r| r.trim_end_matches(')').parse::<u16>().ok())
-            {
-                let _ = tx.send(Ok(port));
-            }
-            log.push_str(&line);
-            log.push('\n');
-        }
-        // The log ended: the broker exited.
-        let _ = tx.send(Err(log));
-    });
-    match rx.recv_timeout(PATIENCE) {
-        Ok(Ok(port)) => Broker { child, port },
-        Ok(Err(log)) => panic!("the broker exited:\n{log}"),
-        Err(_) => panic!("the broker did not report its port"),
-    }
-}
-
 async fn project_names(port: u16) -> Vec<String> {
     let body: Value = reqwest::get(format!("http://127.0.0.1:{port}/api/projects"))
         .await
@@ -294,7 +249,7 @@ async fn the_binary_takes_flags_over_environment_over_the_file() {
     ));
     // The environment beats the file: the broker listens on the port the environment names,
     // on the database the file names (AGENTBUS_CONFIG names the file).
-    let broker = start(agentbus(
+    let broker = BrokerProcess::spawn(agentbus(
         &["serve"],
         &[
             ("AGENTBUS_CONFIG", file.path()),
@@ -310,7 +265,7 @@ async fn the_binary_takes_flags_over_environment_over_the_file() {
     drop(broker);
 
     // A flag beats the environment.
-    let broker = start(agentbus(
+    let broker = BrokerProcess::spawn(agentbus(
         &["serve", "--config", file.path(), "--bind", "127.0.0.1:0"],
         &[("AGENTBUS_BIND", &taken)],
     ));
