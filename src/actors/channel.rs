@@ -48,8 +48,8 @@ impl ChannelActor {
     }
 
     /// Delivers one committed message and settles its send. The message is serialised once;
-    /// every recipient gets the same bytes.
-    fn route(&mut self, item: CommittedItem, now: DateTime<Utc>) {
+    /// every recipient gets the same bytes. Returns (deliveries, bytes delivered).
+    fn route(&mut self, item: CommittedItem, now: DateTime<Utc>) -> (u64, usize) {
         let CommittedItem {
             message,
             duplicate,
@@ -58,11 +58,12 @@ impl ChannelActor {
         } = item;
         // A seq at or below the head was committed before this channel started, or before a
         // session joined: sessions read it from the store.
+        let mut delivered = (0, 0);
         if !duplicate && message.seq > self.head_seq {
             self.head_seq = message.seq;
             let expired = message.expires_at.is_some_and(|at| at <= now);
             if !expired {
-                self.deliver(&message);
+                delivered = self.deliver(&message);
             }
             if let Some(waiter) = message
                 .reply_to
@@ -75,21 +76,23 @@ impl ChannelActor {
             message,
             no_recipient,
         });
+        delivered
     }
 
     /// Hands a message to its connected recipients: the agent it is addressed to, every
     /// agent of the type it is addressed to, or every agent; never its sender (unless it
-    /// addressed itself by name). The frame is serialised once, for all of them.
-    fn deliver(&self, message: &StoredMessage) {
+    /// addressed itself by name). The frame is serialised once, for all of them. Returns
+    /// (deliveries, bytes delivered).
+    fn deliver(&self, message: &StoredMessage) -> (u64, usize) {
         let seq = message.seq;
         if let Some(to) = &message.recipient_agent_id {
-            if let Some(member) = self.members.get(to) {
-                let frame = protocol::message_frame(message);
-                self.stats.record_delivered_bytes(frame.len());
-                member.addr.do_send(Deliver { frame, seq });
-                self.stats.record_deliveries(self.project_id, 1);
-            }
-            return;
+            let Some(member) = self.members.get(to) else {
+                return (0, 0);
+            };
+            let frame = protocol::message_frame(message);
+            let bytes = frame.len();
+            member.addr.do_send(Deliver { frame, seq });
+            return (1, bytes);
         }
         let mut frame = None;
         let mut count = 0;
@@ -107,9 +110,7 @@ impl ChannelActor {
                 count += 1;
             }
         }
-        self.stats.record_deliveries(self.project_id, count);
-        self.stats
-            .record_delivered_bytes(frame.map_or(0, |f| f.len() * count as usize));
+        (count, frame.map_or(0, |f| f.len() * count as usize))
     }
 }
 
@@ -206,9 +207,15 @@ impl Handler<Committed> for ChannelActor {
 
     fn handle(&mut self, committed: Committed, _ctx: &mut Self::Context) {
         let now = Utc::now();
+        let (mut count, mut bytes) = (0, 0);
         for item in committed.items {
-            self.route(item, now);
+            let (n, b) = self.route(item, now);
+            count += n;
+            bytes += b;
         }
+        // Once per batch: the counters sit behind a lock shared by every channel.
+        self.stats.record_deliveries(self.project_id, count);
+        self.stats.record_delivered_bytes(bytes);
     }
 }
 

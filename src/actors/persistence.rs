@@ -5,7 +5,7 @@
 //! load a batch is a single message and is written at once; under load batches grow by
 //! themselves. No timer ever holds a message back.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use actix::prelude::*;
@@ -238,10 +238,20 @@ impl PersistenceActor {
         outcomes: Vec<Outcome>,
         created_at: DateTime<Utc>,
     ) {
+        // The messages a later retry in this same batch refers to (rare): only those are kept.
+        let originals: HashSet<usize> = outcomes
+            .iter()
+            .filter_map(|outcome| match outcome {
+                Outcome::SameAs(first) => Some(*first),
+                _ => None,
+            })
+            .collect();
         let mut resolved: Vec<Option<StoredMessage>> = Vec::with_capacity(batch.len());
         // Per project: the head just before this batch (the first new seq - 1) and the items.
         let mut per_project: HashMap<Uuid, (Option<i64>, Vec<CommittedItem>)> = HashMap::new();
-        for ((message, reply), outcome) in batch.into_iter().zip(replies).zip(outcomes) {
+        for (index, ((message, reply), outcome)) in
+            batch.into_iter().zip(replies).zip(outcomes).enumerate()
+        {
             let (settled, client_msg_id) = match outcome {
                 Outcome::Stored { seq, no_recipient } => {
                     let stored = message.into_stored(seq, created_at);
@@ -283,8 +293,7 @@ impl PersistenceActor {
             if !duplicate && entry.0.is_none() {
                 entry.0 = Some(stored.seq - 1);
             }
-            // Only a message with a client_msg_id can be the original of a later retry.
-            resolved.push(stored.client_msg_id.is_some().then(|| stored.clone()));
+            resolved.push(originals.contains(&index).then(|| stored.clone()));
             entry.1.push(CommittedItem {
                 message: stored,
                 duplicate,
