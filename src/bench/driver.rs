@@ -41,8 +41,8 @@ const POLL: Duration = Duration::from_millis(5);
 /// Anomalies kept, per agent, as examples (all are counted).
 const EXAMPLES: usize = 5;
 
-/// What to run: the workload part of the options.
-#[derive(Debug, Clone)]
+/// What to run: the workload part of the options (reported as it is, see `WorkloadReport`).
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Workload {
     pub projects: usize,
     pub agents: usize,
@@ -52,6 +52,7 @@ pub struct Workload {
     pub window: usize,
     pub rate: Option<f64>,
     pub connections: usize,
+    #[serde(skip)]
     pub settle: Duration,
     pub fault_drop_every: Option<u64>,
 }

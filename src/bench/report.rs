@@ -5,7 +5,6 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use super::brokerstats::BatchSizes;
-use super::cli::Mode;
 use super::driver::{DriveResult, Workload};
 use super::raw::{RawResult, RAW_BATCH};
 use super::verify::Verification;
@@ -174,36 +173,21 @@ impl RunReport {
     }
 }
 
-/// The workload as reported.
+/// The workload as reported: as given, and what it should produce.
 #[derive(Debug, Serialize)]
 pub struct WorkloadReport {
-    pub projects: usize,
-    pub agents: usize,
-    pub messages: usize,
-    pub size: usize,
-    pub mode: Mode,
-    pub window: usize,
-    pub rate: Option<f64>,
-    pub connections: usize,
+    #[serde(flatten)]
+    pub workload: Workload,
     pub expected_messages: u64,
     pub expected_deliveries: u64,
-    pub fault_drop_every: Option<u64>,
 }
 
 impl WorkloadReport {
     pub fn of(w: &Workload) -> Self {
         WorkloadReport {
-            projects: w.projects,
-            agents: w.agents,
-            messages: w.messages,
-            size: w.size,
-            mode: w.mode,
-            window: w.window,
-            rate: w.rate,
-            connections: w.connections,
+            workload: w.clone(),
             expected_messages: w.expected_messages(),
             expected_deliveries: w.expected_deliveries(),
-            fault_drop_every: w.fault_drop_every,
         }
     }
 }
@@ -274,7 +258,7 @@ impl Report {
     pub fn to_csv(&self) -> String {
         let mut out = String::from(CSV_HEADER);
         out.push('\n');
-        let w = &self.workload;
+        let w = &self.workload.workload;
         for r in &self.runs {
             let lat = |l: &Option<Latency>| match l {
                 Some(l) => format!("{},{},{},{},{}", l.p50, l.p90, l.p99, l.p999, l.max),
@@ -315,7 +299,7 @@ impl Report {
     }
 
     pub fn to_table(&self) -> String {
-        let w = &self.workload;
+        let w = &self.workload.workload;
         let mut out = format!(
             "agentbus bench: {} projects x {} agents x {} messages of {} B, {}, {}, {} idle connections; broker {}\n\n",
             w.projects,
