@@ -69,6 +69,12 @@ impl Application {
                 DeadlineActor::new(pool)
             })
         };
+        let search = {
+            let pool = pool.clone();
+            SearchIndexActor::start_in_arbiter(&broker_arbiter.handle(), move |_| {
+                SearchIndexActor::new(pool)
+            })
+        };
         let persistence = {
             let (pool, registry, deadlines, stats) = (
                 pool.clone(),
@@ -78,7 +84,7 @@ impl Application {
             );
             let batch_max_rows = settings.batch_max_rows;
             PersistenceActor::start_in_arbiter(&broker_arbiter.handle(), move |_| {
-                PersistenceActor::new(pool, registry, deadlines, stats, batch_max_rows)
+                PersistenceActor::new(pool, registry, deadlines, search, stats, batch_max_rows)
             })
         };
         deadlines.do_send(AttachPersistence(persistence.clone()));
@@ -86,12 +92,6 @@ impl Application {
             let pool = pool.clone();
             CursorActor::start_in_arbiter(&broker_arbiter.handle(), move |_| CursorActor::new(pool))
         };
-        {
-            let pool = pool.clone();
-            SearchIndexActor::start_in_arbiter(&broker_arbiter.handle(), move |_| {
-                SearchIndexActor::new(pool)
-            });
-        }
 
         let listener = TcpListener::bind(&settings.bind)
             .with_context(|| format!("binding {}", settings.bind))?;

@@ -17,6 +17,7 @@ use uuid::Uuid;
 use super::channel::{Committed, CommittedItem};
 use super::deadlines::{DeadlineActor, TrackRequest};
 use super::registry::ChannelRegistry;
+use super::search::{IndexSoon, SearchIndexActor};
 use super::session::{Notify, SessionActor, Settled};
 use crate::db::batch::{self, Outcome};
 use crate::db::DbPool;
@@ -125,6 +126,8 @@ pub struct PersistenceActor {
     isolate: usize,
     /// Where committed requests go to have their timeout armed.
     deadlines: Addr<DeadlineActor>,
+    /// Told after each commit that there is something new to index for search.
+    search: Addr<SearchIndexActor>,
     stats: Stats,
 }
 
@@ -133,11 +136,13 @@ impl PersistenceActor {
         pool: DbPool,
         registry: ChannelRegistry,
         deadlines: Addr<DeadlineActor>,
+        search: Addr<SearchIndexActor>,
         stats: Stats,
         batch_max_rows: usize,
     ) -> Self {
         PersistenceActor {
             deadlines,
+            search,
             stats,
             pool,
             registry,
@@ -190,7 +195,10 @@ impl PersistenceActor {
                         started.elapsed()
                     );
                     match result {
-                        Ok(outcomes) => act.dispatch(batch, replies, outcomes, created_at),
+                        Ok(outcomes) => {
+                            act.search.do_send(IndexSoon);
+                            act.dispatch(batch, replies, outcomes, created_at)
+                        }
                         Err(WriteError::Database(e)) if batch.len() > 1 && is_data_error(&e) => {
                             // One message the database refuses must not cost the others theirs:
                             // write the batch again, one message per transaction.

@@ -1,10 +1,11 @@
 //! `SearchIndexActor`: writes the full-text documents of committed messages, off the commit
 //! path (see `db::search`).
 //!
-//! It wakes every [`INDEX_EVERY`] and indexes what was committed since, in one statement of
-//! up to [`PER_PASS`] messages per project; while a pass comes back full it goes on at once.
-//! Under load that turns thousands of small index insertions per second into a few large
-//! ones, and at rest it costs one cheap query per wake-up.
+//! Told by the persistence actor that something was committed ([`IndexSoon`]), it indexes
+//! what was committed since, at most every [`INDEX_EVERY`], in one statement of up to
+//! [`PER_PASS`] messages per project; while a pass comes back full it goes on at once. Under
+//! load that turns thousands of small index insertions per second into a few large ones; at
+//! rest it does nothing. It also runs once at start, for what was stored before.
 
 use std::time::Duration;
 
@@ -23,6 +24,9 @@ pub struct SearchIndexActor {
     pool: DbPool,
     /// A pass is in flight; the next one starts when it is done.
     indexing: bool,
+    /// Something may be left to index: messages were committed since the last pass started,
+    /// or a pass failed.
+    pending: bool,
 }
 
 impl SearchIndexActor {
@@ -30,14 +34,16 @@ impl SearchIndexActor {
         SearchIndexActor {
             pool,
             indexing: false,
+            pending: true,
         }
     }
 
     fn index(&mut self, ctx: &mut Context<Self>) {
-        if self.indexing {
+        if self.indexing || !self.pending {
             return;
         }
         self.indexing = true;
+        self.pending = false;
         let pool = self.pool.clone();
         let pass = async move {
             let mut conn = pool.get().await.map_err(|e| e.to_string())?;
@@ -48,14 +54,20 @@ impl SearchIndexActor {
         ctx.spawn(pass.into_actor(self).map(|result, act, ctx| {
             act.indexing = false;
             match result {
-                Ok(IndexPass { more: true, .. }) => act.index(ctx),
+                Ok(IndexPass { more: true, .. }) => {
+                    act.pending = true;
+                    act.index(ctx)
+                }
                 Ok(IndexPass { documents, .. }) => {
                     if documents > 0 {
                         log::trace!("indexed {documents} messages for search");
                     }
                 }
                 // Nothing is lost: the next pass starts where this one would have.
-                Err(e) => log::warn!("search indexing failed ({e}); retrying"),
+                Err(e) => {
+                    act.pending = true;
+                    log::warn!("search indexing failed ({e}); retrying");
+                }
             }
         }));
     }
@@ -66,5 +78,18 @@ impl Actor for SearchIndexActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(INDEX_EVERY, |act, ctx| act.index(ctx));
+    }
+}
+
+/// Messages were committed: index them soon.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct IndexSoon;
+
+impl Handler<IndexSoon> for SearchIndexActor {
+    type Result = ();
+
+    fn handle(&mut self, _: IndexSoon, _ctx: &mut Self::Context) {
+        self.pending = true;
     }
 }
