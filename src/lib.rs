@@ -6,6 +6,7 @@
 //!
 //! ## Layout
 //!
+//! - [`domain`]: rules with no dependency on the rest (what an agent id may be).
 //! - [`config`]: the settings of a running broker (flags, environment, a TOML file).
 //! - [`startup`]: `Application::build` / `run_until_stopped`.
 //! - [`protocol`]: the wire protocol: frames, validation, error and close codes.
@@ -24,6 +25,7 @@ pub mod auth;
 pub mod bench;
 pub mod config;
 pub mod db;
+pub mod domain;
 pub mod http;
 pub mod limits;
 pub mod metrics;
