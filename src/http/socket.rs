@@ -16,10 +16,13 @@
 //! the stream and records why in a [`Refusal`] shared with the session. The session handles
 //! the frames before the cut in order, then sees the end of the stream and the refusal, and
 //! answers `frame_too_large` and closes with 1009 (after the receipts of what was sent
-//! before). Nothing of the refused frame's payload is read: the decoder never holds more than
-//! one frame of at most `max_frame_bytes` plus what one read brings, and the HTTP layer stops
-//! reading the socket once its own small buffer (32 KiB) is full and nobody takes from it.
-//! The decoder's own limits stay in place behind the guard.
+//! before). Nothing of the refused frame's payload reaches the decoder, which therefore never
+//! holds more than one frame of at most `max_frame_bytes` plus what one read brings (while
+//! the stream is read, the HTTP layer stops reading the socket once its own 32 KiB buffer is
+//! full and nobody takes from it). Once the cut stream has been dropped, the HTTP layer reads
+//! and discards whatever still arrives, keeping none of it, until it shuts the connection
+//! down after the close frame (within its client disconnect timeout, 1 s). The decoder's own
+//! limits stay in place behind the guard.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
