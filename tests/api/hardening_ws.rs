@@ -396,6 +396,20 @@ async fn a_ping_flood_from_a_client_that_never_reads_costs_at_most_one_pong() {
         payload[..8].copy_from_slice(&n.to_be_bytes());
         frame(OP_PING, true, &payload)
     };
+    // A client that reads gets a pong for every ping.
+    for n in 0..3 {
+        writer.write_all(&ping(n)).await.expect("write a ping");
+        loop {
+            match timeout(PATIENCE, reader.next()).await {
+                Ok(Some(ServerFrame::Pong(payload))) => {
+                    assert_eq!(payload[..8], n.to_be_bytes(), "the pong answers ping {n}");
+                    break;
+                }
+                Ok(Some(ServerFrame::Ping)) => {}
+                other => panic!("expected the pong of ping {n}, got {other:?}"),
+            }
+        }
+    }
     let written = Arc::new(AtomicU64::new(0));
     let flood = {
         let written = written.clone();
