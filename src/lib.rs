@@ -14,6 +14,7 @@
 //!   per project: presence and routing), `PersistenceActor` (group commit to PostgreSQL).
 //! - [`http`]: REST routes and the WebSocket upgrade.
 //! - [`db`]: the pool, database creation, migrations and every SQL statement.
+//! - [`frames`]: WebSocket frame headers judged as they arrive (size limits before payloads).
 //! - [`stats`], [`metrics`]: in-memory counters behind `/api/stats`, and the Prometheus
 //!   metrics behind `/metrics`, fed from the same calls.
 //! - [`models`], [`schema`]: rows and Diesel's view of the tables.
@@ -26,6 +27,7 @@ pub mod bench;
 pub mod config;
 pub mod db;
 pub mod domain;
+pub mod frames;
 pub mod http;
 pub mod limits;
 pub mod metrics;
