@@ -628,3 +628,20 @@ async fn tail_prints_messages_as_they_are_committed() {
     let seqs: Vec<i64> = seen.iter().filter_map(|m| m["seq"].as_i64()).collect();
     assert_eq!(seqs, [1, 2, 3]);
 }
+
+#[tokio::test]
+async fn a_hook_that_cannot_reach_the_broker_exits_1_never_2() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let env = vec![
+        ("AGENTBUS_URL", format!("http://127.0.0.1:{port}")),
+        ("AGENTBUS_PROJECT", Uuid::new_v4().to_string()),
+        ("AGENTBUS_AGENT_ID", "shell-1".to_owned()),
+    ];
+    let out = run(agentbus(&["inbox", "--hook", "claude"], &env), Some("{}")).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.stdout, "");
+    assert!(out.error_line().contains("no broker at"), "{out:?}");
+}
