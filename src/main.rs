@@ -122,16 +122,14 @@ fn administer(command: Command, matches: &clap::ArgMatches) -> anyhow::Result<()
             actix_web::rt::System::new().block_on(serve(settings))
         }
         Command::Migrate(args) => actix_web::rt::System::new().block_on(async {
-            db::ensure_database_exists(&args.database_url).await?;
-            db::run_migrations(&args.database_url)?;
+            prepare(&args.database_url).await?;
             log::info!("migrations are up to date");
             Ok(())
         }),
         Command::Project {
             command: ProjectCommand::Create { name, db: args },
         } => actix_web::rt::System::new().block_on(async {
-            db::ensure_database_exists(&args.database_url).await?;
-            db::run_migrations(&args.database_url)?;
+            prepare(&args.database_url).await?;
             let name =
                 agentbus::http::validate_project_name(&name).map_err(|e| anyhow::anyhow!("{e}"))?;
             let mut conn = connect(&args.database_url).await?;
@@ -146,8 +144,7 @@ fn administer(command: Command, matches: &clap::ArgMatches) -> anyhow::Result<()
             let args = match &command {
                 TokenCommand::Create { db, .. } | TokenCommand::Revoke { db, .. } => db,
             };
-            db::ensure_database_exists(&args.database_url).await?;
-            db::run_migrations(&args.database_url)?;
+            prepare(&args.database_url).await?;
             let mut conn = connect(&args.database_url).await?;
             match command {
                 TokenCommand::Create {
@@ -191,6 +188,23 @@ fn administer(command: Command, matches: &clap::ArgMatches) -> anyhow::Result<()
             Ok(())
         }),
     }
+}
+
+/// Creates the database if needed and applies pending migrations; an error says what to
+/// fix first.
+async fn prepare(database_url: &str) -> anyhow::Result<()> {
+    let fix = || -> String {
+        format!(
+            "the database at {} is not usable; start PostgreSQL or set DATABASE_URL (--database-url)",
+            redact(database_url)
+        )
+    };
+    // The root cause only: the outer layers repeat the URL, with its password.
+    let explain = |e: anyhow::Error| anyhow::anyhow!("{}: {}", fix(), e.root_cause());
+    db::ensure_database_exists(database_url)
+        .await
+        .map_err(explain)?;
+    db::run_migrations(database_url).map_err(explain)
 }
 
 /// A connection to the database, or an error that says where it was looked for.

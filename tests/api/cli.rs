@@ -645,3 +645,28 @@ async fn a_hook_that_cannot_reach_the_broker_exits_1_never_2() {
     assert_eq!(out.stdout, "");
     assert!(out.error_line().contains("no broker at"), "{out:?}");
 }
+
+#[tokio::test]
+async fn an_unreachable_database_is_one_sentence_without_its_password() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("postgres://postgres:hunter2@127.0.0.1:{port}/agentbus");
+    let env = vec![("RUST_BACKTRACE", "1".to_owned())];
+    for args in [
+        vec!["migrate", "--database-url", &url],
+        vec!["project", "create", "x", "--database-url", &url],
+    ] {
+        let out = run(agentbus(&args, &env), None).await;
+        assert_eq!(out.code, 2, "{out:?}");
+        let line = out.error_line();
+        assert!(
+            line.starts_with(&format!(
+                "agentbus: the database at postgres://postgres:***@127.0.0.1:{port}/agentbus is not usable; start PostgreSQL or set DATABASE_URL"
+            )),
+            "{line}"
+        );
+        assert!(!line.contains("hunter2"), "{line}");
+    }
+}
