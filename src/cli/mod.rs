@@ -92,7 +92,7 @@ pub struct InboxArgs {
     pub urgent_only: bool,
     /// Print only what is new since this agent was last told, in the format of a coding
     /// agent's hook, and nothing when nothing is new (docs/AGENTS.md).
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, conflicts_with_all = ["wait", "urgent_only"])]
     pub hook: Option<HookFormat>,
     /// With --hook claude/codex: the hook event, instead of reading it from the JSON the
     /// tool passes on standard input.
@@ -700,6 +700,38 @@ async fn tail(a: TailArgs) -> Result<u8, CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Line {
+        #[command(subcommand)]
+        command: AgentCommand,
+    }
+
+    fn parses(args: &[&str]) -> bool {
+        Line::try_parse_from(std::iter::once("agentbus").chain(args.iter().copied())).is_ok()
+    }
+
+    #[test]
+    fn usage_is_checked_before_anything_is_sent() {
+        assert!(parses(&["inbox", "--wait", "60", "--peek"]));
+        assert!(!parses(&["inbox", "--wait", "61"]));
+        assert!(parses(&["inbox", "--hook", "claude", "--peek"]));
+        assert!(!parses(&["inbox", "--hook", "claude", "--wait", "5"]));
+        assert!(!parses(&["inbox", "--hook", "slack"]));
+        // Codex's notify appends a JSON argument: accepted with --hook only.
+        assert!(parses(&[
+            "inbox",
+            "--hook",
+            "text",
+            r#"{"type":"agent-turn-complete"}"#
+        ]));
+        assert!(!parses(&["inbox", "stray"]));
+        assert!(!parses(&["send", "--to", "a", "--to-type", "b", "x"]));
+        assert!(!parses(&["ask", "--timeout", "0", "x"]));
+        assert!(!parses(&["reply"]));
+        assert!(parses(&["tail", "--count", "3", "--interval-ms", "50"]));
+    }
 
     #[test]
     fn path_segments_are_encoded() {
