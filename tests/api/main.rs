@@ -4,6 +4,7 @@
 mod auth;
 mod bad_input;
 mod bench;
+mod cli;
 #[cfg(feature = "browser-tests")]
 mod console;
 mod crash;
