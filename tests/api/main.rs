@@ -11,6 +11,8 @@ mod crash;
 mod fuzz;
 mod helpers;
 mod history;
+mod inbox_wait;
+mod joining;
 mod limits;
 mod messaging;
 mod offline;
