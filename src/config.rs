@@ -146,6 +146,30 @@ pub struct Settings {
     /// HTTP worker threads (0: one per core).
     #[arg(long, env = "AGENTBUS_WORKERS", default_value_t = 0)]
     pub workers: usize,
+
+    /// An agent that called in over REST or MCP (the CLI included) within this many
+    /// milliseconds is listed as online.
+    #[arg(long, env = "AGENTBUS_PRESENCE_INTERVAL_MS", default_value_t = 60_000)]
+    pub presence_interval_ms: u64,
+
+    /// Most inbox requests that may wait for mail at once (`wait_ms`, `check_inbox` with
+    /// `wait_seconds`), over the whole broker (0: no limit). One more is refused with 429.
+    #[arg(long, env = "AGENTBUS_MAX_INBOX_WAITS", default_value_t = 4_096)]
+    pub max_inbox_waits: usize,
+
+    /// Most inbox requests of one project that may wait at once (0: no limit).
+    #[arg(
+        long,
+        env = "AGENTBUS_MAX_INBOX_WAITS_PER_PROJECT",
+        default_value_t = 1_024
+    )]
+    pub max_inbox_waits_per_project: usize,
+
+    /// Web origins (`scheme://host[:port]`) allowed to call the MCP endpoint, comma-separated.
+    /// A request with any other `Origin` header is refused (403); requests without one
+    /// (command-line clients) and same-origin loopback requests are always allowed.
+    #[arg(long, env = "AGENTBUS_MCP_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub mcp_allowed_origins: Vec<String>,
 }
 
 impl Default for Settings {
@@ -176,6 +200,10 @@ impl Default for Settings {
             admin_token: None,
             shutdown_timeout_ms: 10_000,
             workers: 0,
+            presence_interval_ms: 60_000,
+            max_inbox_waits: 4_096,
+            max_inbox_waits_per_project: 1_024,
+            mcp_allowed_origins: Vec::new(),
         }
     }
 }
@@ -273,6 +301,10 @@ impl Settings {
 
     pub fn client_timeout(&self) -> Duration {
         Duration::from_millis(self.client_timeout_ms.max(1))
+    }
+
+    pub fn presence_interval(&self) -> Duration {
+        Duration::from_millis(self.presence_interval_ms)
     }
 
     pub fn db_timeout(&self) -> Duration {

@@ -110,6 +110,11 @@ impl Application {
             settings.max_connections_per_project,
             settings.max_connections_per_address,
         );
+        let inbox_waits = crate::actors::inbox::WaitLimits::new(
+            settings.max_inbox_waits,
+            settings.max_inbox_waits_per_project,
+            stats.metrics().inbox_waits(),
+        );
         let state = AppState {
             pool,
             settings: Arc::new(settings),
@@ -119,6 +124,7 @@ impl Application {
             stats,
             project_limits,
             connection_limits,
+            inbox_waits,
         };
         let server = HttpServer::new(move || {
             App::new()

@@ -17,6 +17,7 @@
 pub mod channel;
 pub mod cursor;
 pub mod deadlines;
+pub mod inbox;
 pub mod persistence;
 pub mod registry;
 pub mod search;

@@ -13,6 +13,7 @@ use crate::actors::channel::AwaitReply;
 use crate::actors::deadlines::BROKER_AGENT_ID;
 use crate::actors::persistence::{no_recipient_text, Persist, Reply, Settlement};
 use crate::auth::Access;
+use crate::db::cursors::{self, Progress};
 use crate::db::queries::{self, HistoryQuery};
 use crate::models::{NewMessage, StoredMessage};
 use crate::protocol::{self, SendFields};
@@ -104,9 +105,11 @@ pub async fn publish(
     body: web::Json<PublishBody>,
 ) -> Result<HttpResponse, ApiError> {
     let project = projects::load(&state, &path).await?;
+    let access = granted(&req)?;
     let message = body
         .into_inner()
-        .into_message(&state, project.id, &granted(&req)?)?;
+        .into_message(&state, project.id, &access)?;
+    joined_sender(&state, &access, &message).await?;
     let (stored, _) = store(&state, message).await?;
     Ok(HttpResponse::Created().json(stored))
 }
@@ -151,6 +154,29 @@ impl PublishBody {
     }
 }
 
+/// A send over HTTP makes its sender a member (joined at the head) and counts as its presence.
+pub(super) async fn joined_sender(
+    state: &AppState,
+    access: &Access,
+    message: &NewMessage,
+) -> Result<(), ApiError> {
+    super::agents::call_as(
+        state,
+        access,
+        message.project_id,
+        &super::agents::CallAs {
+            agent_id: &message.sender_agent_id,
+            agent_type: &message.sender_agent_type,
+            interface: crate::db::inbox::Interface::Rest,
+            explicit: false,
+            capabilities: None,
+            description: None,
+        },
+    )
+    .await
+    .map(drop)
+}
+
 /// Sends a message through the persistence actor (the same path as WebSocket sends) and
 /// waits for its commit. Returns the stored message and whether nobody can receive it.
 pub async fn store(
@@ -193,7 +219,9 @@ pub async fn send_and_wait(
     let project = projects::load(&state, &path).await?;
     let mut body = body.into_inner();
     body.send.expects_reply = Some(true);
-    let message = body.into_message(&state, project.id, &granted(&req)?)?;
+    let access = granted(&req)?;
+    let message = body.into_message(&state, project.id, &access)?;
+    joined_sender(&state, &access, &message).await?;
     let timeout_ms = message
         .reply_timeout_ms
         .unwrap_or(protocol::DEFAULT_REPLY_TIMEOUT_MS);
@@ -225,6 +253,15 @@ pub async fn send_and_wait(
             ApiError::Unavailable("no reply and no timeout response were committed in time".into())
         })?
         .map_err(|_| ApiError::Internal("the project channel dropped the wait".into()))?;
+    // The reply is handed over in this response: it is delivered to the requester, and no
+    // longer owed to it.
+    let mut conn = state.pool.get().await?;
+    let progress = Progress {
+        done: vec![response.seq],
+        up_to: None,
+    };
+    cursors::apply_progress(&mut conn, project.id, &request.sender_agent_id, &progress).await?;
+    drop(conn);
     let timed_out =
         response.sender_agent_id == BROKER_AGENT_ID && response.error.as_deref() == Some("timeout");
     let body = serde_json::json!({ "request": request, "response": response });

@@ -42,6 +42,8 @@ pub struct AppState {
     pub project_limits: crate::limits::ProjectLimits,
     /// Open connections per project and per address.
     pub connection_limits: crate::limits::ConnectionLimits,
+    /// Inbox reads waiting for mail, over the broker and per project.
+    pub inbox_waits: crate::actors::inbox::WaitLimits,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -171,7 +173,12 @@ fn project_routes(cfg: &mut web::ServiceConfig) {
         .route("/messages/{message_id}/read", web::post().to(agents::read))
         .route("/requests", web::post().to(messages::send_and_wait))
         .route("/agents", web::get().to(agents::list))
+        .route("/agents", web::post().to(agents::join))
         .route("/agents/{agent_id}/inbox", web::get().to(agents::inbox))
+        .route(
+            "/agents/{agent_id}/notifications",
+            web::post().to(agents::notifications),
+        )
         .route("/agents/{agent_id}/ack", web::post().to(agents::ack))
         .route("/dead-letters", web::get().to(dead_letters::list))
         .route(

@@ -630,6 +630,173 @@ async fn tail_prints_messages_as_they_are_committed() {
 }
 
 #[tokio::test]
+async fn inbox_joins_prints_acknowledges_and_then_has_nothing() {
+    let app = TestApp::spawn().await;
+    let project = app.create_project("inbox").await;
+    let mut web = app.connect(project, "web", "frontend").await;
+    let _api = app.connect(project, "api", "backend").await;
+    web.send_ok(json!({"content": "before shell-1 joined"}))
+        .await;
+
+    // The first call makes shell-1 a member, at the head: nothing is owed yet.
+    let out = cli(&app, project, "shell-1", &["inbox"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.stdout, "");
+    let member = app
+        .member(project, "shell-1")
+        .await
+        .expect("shell-1 is a member");
+    assert_eq!(member["agent_type"], "shell");
+
+    web.send_ok(json!({"type": "status", "content": "to everyone"}))
+        .await;
+    web.send_ok(json!({"type": "alert", "content": "to you, now", "to": "shell-1", "priority": 0}))
+        .await;
+
+    // --peek shows, most urgent first, and leaves them owed.
+    let out = cli(&app, project, "shell-1", &["inbox", "--peek"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(
+        out.lines(),
+        [
+            "#3 [alert] web → shell-1 (urgent, priority 0): to you, now",
+            "#2 [status] web → all: to everyone",
+        ]
+    );
+    let out = cli(
+        &app,
+        project,
+        "shell-1",
+        &["inbox", "--urgent-only", "--json"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let page = out.json();
+    assert_eq!(page["agent_id"], "shell-1");
+    let seqs: Vec<i64> = page["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["seq"].as_i64())
+        .collect();
+    assert_eq!(seqs, [3]);
+    assert!(
+        page["ack_floor"].is_i64() && page["remaining"].is_i64(),
+        "{page}"
+    );
+
+    // Without --peek they are acknowledged: the next read has only what is left.
+    let out = cli(&app, project, "shell-1", &["inbox"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.lines(), ["#2 [status] web → all: to everyone"]);
+    let out = cli(&app, project, "shell-1", &["inbox"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.stdout, "");
+}
+
+#[tokio::test]
+async fn inbox_wait_returns_the_websocket_message_it_waited_for() {
+    let app = TestApp::spawn().await;
+    let project = app.create_project("inbox-wait").await;
+    let mut web = app.connect(project, "web", "frontend").await;
+    let out = cli(&app, project, "shell-1", &["inbox"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+
+    let waiting = tokio::spawn({
+        let env = env_for(&app, &project.to_string(), "shell-1");
+        async move { run(agentbus(&["inbox", "--wait", "50"], &env), None).await }
+    });
+    web.send_ok(json!({"type": "status", "content": "wake up", "to": "shell-1"}))
+        .await;
+    let out = waiting.await.expect("the waiting inbox");
+    assert_eq!(
+        out.code, 0,
+        "woken with the message, not at the deadline: {out:?}"
+    );
+    assert_eq!(out.lines(), ["#1 [status] web → shell-1: wake up"]);
+
+    // Nothing owed: an empty answer at the deadline, exit 1.
+    let out = cli(&app, project, "shell-1", &["inbox", "--wait", "1"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+}
+
+#[tokio::test]
+async fn hook_tells_new_mail_once_urgent_first_then_nothing() {
+    let app = TestApp::spawn().await;
+    let project = app.create_project("hook").await;
+    let mut web = app.connect(project, "web", "frontend").await;
+    let env = env_for(&app, &project.to_string(), "shell-1");
+    let prompt = r#"{"session_id":"s","hook_event_name":"UserPromptSubmit","prompt":"go on"}"#;
+    let hook =
+        |input: &'static str| run(agentbus(&["inbox", "--hook", "claude"], &env), Some(input));
+
+    // Nothing yet (this first call also makes shell-1 a member): no output at all.
+    let out = hook(prompt).await;
+    assert_eq!((out.code, out.stdout.as_str()), (0, ""), "{out:?}");
+
+    web.send_ok(json!({"type": "status", "content": "fyi", "to": "shell-1"}))
+        .await;
+    web.send_ok(
+        json!({"type": "alert", "content": "stop the deploy", "to": "shell-1", "priority": 1}),
+    )
+    .await;
+
+    let out = hook(prompt).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let said: Value = serde_json::from_str(out.stdout.trim()).expect("one JSON object");
+    assert_eq!(
+        said["hookSpecificOutput"]["hookEventName"],
+        "UserPromptSubmit"
+    );
+    let context = said["hookSpecificOutput"]["additionalContext"]
+        .as_str()
+        .expect("additionalContext");
+    let lines: Vec<&str> = context.lines().collect();
+    assert_eq!(
+        lines[0],
+        "agentbus: 2 new messages for shell-1 (1 URGENT, shown first):"
+    );
+    assert_eq!(
+        lines[1],
+        "URGENT #2 [alert] web → shell-1 (urgent, priority 1): stop the deploy"
+    );
+    assert_eq!(lines[2], "#1 [status] web → shell-1: fyi");
+
+    // Told once: the next turn hears nothing, though the messages are still unread.
+    let out = hook(prompt).await;
+    assert_eq!((out.code, out.stdout.as_str()), (0, ""), "{out:?}");
+    let out = cli(&app, project, "shell-1", &["inbox", "--peek"]).await;
+    assert_eq!(out.lines().len(), 2, "{out:?}");
+
+    // New mail at a Stop: the decision that keeps the agent working.
+    web.send_ok(json!({"type": "status", "content": "one more", "to": "shell-1"}))
+        .await;
+    let stop = r#"{"session_id":"s","hook_event_name":"Stop","stop_hook_active":false}"#;
+    let out = run(agentbus(&["inbox", "--hook", "codex"], &env), Some(stop)).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let said: Value = serde_json::from_str(out.stdout.trim()).expect("one JSON object");
+    assert_eq!(said["decision"], "block");
+    assert!(said["reason"]
+        .as_str()
+        .expect("reason")
+        .contains("#3 [status] web → shell-1: one more"));
+    assert_eq!(said.as_object().map(|o| o.len()), Some(2), "{said}");
+
+    // --peek tells without counting it: the same mail is told again.
+    web.send_ok(json!({"type": "status", "content": "last", "to": "shell-1"}))
+        .await;
+    for _ in 0..2 {
+        let out = run(agentbus(&["inbox", "--hook", "text", "--peek"], &env), None).await;
+        assert_eq!(out.code, 0, "{out:?}");
+        assert!(
+            out.stdout
+                .starts_with("agentbus: 1 new message for shell-1:\n#4 "),
+            "{out:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_hook_that_cannot_reach_the_broker_exits_1_never_2() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -12,6 +12,8 @@ mod fuzz;
 mod hardening_ws;
 mod helpers;
 mod history;
+mod inbox_wait;
+mod joining;
 mod limits;
 mod messaging;
 mod offline;
