@@ -10,7 +10,7 @@
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Bool, Nullable, SmallInt, Text, Uuid as SqlUuid};
+use diesel::sql_types::{Array, BigInt, Nullable, SmallInt, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde::Serialize;
 use uuid::Uuid;
@@ -257,7 +257,7 @@ impl Progress {
 /// are forgotten: those messages are owed again and delivered again on the agent's next
 /// connection, which at-least-once allows; none is ever lost. The `members` table enforces
 /// the bound too (migration `2026-12-01-000010_delivery_bounds`).
-pub const MAX_ACKED_ABOVE: i64 = 10_000;
+pub const MAX_ACKED_ABOVE: i64 = 1_000;
 
 /// What applying one member's progress did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -321,6 +321,13 @@ async fn advance_project(
         }
     }
     mark_delivered(conn, project_id, &delivered).await?;
+    let mut named: Vec<i64> = advanced
+        .iter()
+        .flat_map(|(_, advance)| advance.recorded.iter().copied())
+        .collect();
+    named.sort_unstable();
+    named.dedup();
+    mark_named_delivered(conn, project_id, &named).await?;
     let floors: Vec<(String, i64)> = advanced
         .iter()
         .map(|(agent_id, advance)| (agent_id.clone(), advance.ack_floor))
@@ -352,32 +359,25 @@ struct Advance {
 }
 
 impl Advance {
-    /// Adds to `out` what this progress says the agent received: the seqs it named that were
-    /// recorded (expired or not), and with `up_to` everything unexpired between its previous
-    /// floor and that seq; of those, only what is visible to it counts (see
-    /// [`mark_delivered`]).
+    /// Adds to `out` the range `up_to` says the agent received: everything unexpired between
+    /// its previous floor and that seq, of which only what is visible to it counts (see
+    /// [`mark_delivered`]). The seqs it named are `recorded`, each already known to be
+    /// visible to it.
     fn delivered<'a>(
         &'a self,
         agent_id: &'a str,
         progress: &Progress,
         out: &mut Vec<DeliveredRange<'a>>,
     ) {
-        let range = |after, upto, named| DeliveredRange {
-            agent_id,
-            agent_type: &self.agent_type,
-            joined_seq: self.joined_seq,
-            after,
-            upto,
-            named,
-        };
-        out.extend(
-            self.recorded
-                .iter()
-                .map(|&seq| range(seq.saturating_sub(1), seq, true)),
-        );
         let upto = progress.up_to.unwrap_or(0).min(self.ack_floor);
         if upto > self.previous_floor {
-            out.push(range(self.previous_floor, upto, false));
+            out.push(DeliveredRange {
+                agent_id,
+                agent_type: &self.agent_type,
+                joined_seq: self.joined_seq,
+                after: self.previous_floor,
+                upto,
+            });
         }
     }
 }
@@ -390,8 +390,6 @@ struct DeliveredRange<'a> {
     joined_seq: Option<i64>,
     after: i64,
     upto: i64,
-    /// Named one by one by the agent (an ack), so delivered even if it has expired since.
-    named: bool,
 }
 
 /// Moves the cursors of several members of one project (see [`apply_progress`]) in one
@@ -415,11 +413,16 @@ async fn advance_cursors(
     }
     let agents: Vec<&str> = reports.iter().map(|(agent, _)| *agent).collect();
     let up_tos: Vec<Option<i64>> = reports.iter().map(|(_, p)| p.up_to).collect();
-    let (mut done_agents, mut done_seqs) = (Vec::new(), Vec::new());
+    let (mut done_agents, mut done_seqs, mut done_keys) = (Vec::new(), Vec::new(), Vec::new());
     for (agent, progress) in reports {
         for &seq in &progress.done {
             done_agents.push(*agent);
             done_seqs.push(seq);
+            // "seq:agent": the named seqs as one constant array, which PostgreSQL looks up in
+            // a hash table rather than reading it through for every message the floor
+            // passes. A named seq that was not recorded is not owed to that agent (or does
+            // not exist yet), so it changes nothing there.
+            done_keys.push(format!("{seq}:{agent}"));
         }
     }
     let rows: Vec<Row> = diesel::sql_query(
@@ -435,14 +438,16 @@ async fn advance_cursors(
            SELECT agent_id, ack_floor, acked_above, joined_seq, agent_type FROM members \
            WHERE project_id = $1 AND agent_id = ANY($2) \
            ORDER BY agent_id FOR UPDATE), \
+         done AS (SELECT m.agent_id, x AS seq FROM m, unnest(m.acked_above) AS x), \
          named AS ( \
-           SELECT m.agent_id, d.seq, \
-             (d.seq <= m.ack_floor OR d.seq = ANY(m.acked_above)) AS known, \
-             (d.seq > m.ack_floor AND d.seq <= p.head_seq AND NOT (d.seq = ANY(m.acked_above)) \
+           SELECT m.agent_id, d.seq, (d.seq <= m.ack_floor OR k.seq IS NOT NULL) AS known, \
+             (d.seq > m.ack_floor AND d.seq <= p.head_seq AND k.seq IS NULL \
               AND EXISTS (SELECT 1 FROM agent_messages a WHERE a.project_id = $1 AND a.seq = d.seq \
                 AND agentbus_visible(a.recipient_agent_id, a.recipient_agent_type, a.sender_agent_id, \
                                      a.seq, m.agent_id, m.agent_type, m.joined_seq))) AS new \
-           FROM m JOIN d ON d.agent_id = m.agent_id, projects p WHERE p.id = $1), \
+           FROM m JOIN d ON d.agent_id = m.agent_id \
+             LEFT JOIN done k ON k.agent_id = d.agent_id AND k.seq = d.seq, \
+             projects p WHERE p.id = $1), \
          base AS ( \
            SELECT m.agent_id, GREATEST(m.ack_floor, LEAST(COALESCE(r.up_to, 0), p.head_seq)) AS floor, \
                   m.ack_floor AS previous_floor, \
@@ -459,7 +464,8 @@ async fn advance_cursors(
               WHERE a.project_id = $1 AND a.seq > acked.floor AND a.seq <= acked.head_seq \
                 AND agentbus_owed(a.recipient_agent_id, a.recipient_agent_type, a.sender_agent_id, \
                                   a.seq, a.expires_at, acked.agent_id, acked.agent_type, acked.joined) \
-                AND NOT (a.seq = ANY(acked.acked))) AS first_owed \
+                AND NOT (a.seq = ANY(acked.acked_above)) \
+                AND NOT (a.seq::text || ':' || acked.agent_id = ANY($7::text[]))) AS first_owed \
            FROM acked) \
          UPDATE members SET \
            ack_floor = COALESCE(nxt.first_owed - 1, nxt.head_seq), \
@@ -477,6 +483,7 @@ async fn advance_cursors(
     .bind::<Array<Text>, _>(&done_agents)
     .bind::<Array<BigInt>, _>(&done_seqs)
     .bind::<BigInt, _>(MAX_ACKED_ABOVE)
+    .bind::<Array<Text>, _>(&done_keys)
     .prepared()
     .load(conn)
     .await?;
@@ -511,17 +518,16 @@ async fn mark_delivered(
     let joined: Vec<Option<i64>> = ranges.iter().map(|r| r.joined_seq).collect();
     let afters: Vec<i64> = ranges.iter().map(|r| r.after).collect();
     let uptos: Vec<i64> = ranges.iter().map(|r| r.upto).collect();
-    let named: Vec<bool> = ranges.iter().map(|r| r.named).collect();
     diesel::sql_query(
         "UPDATE agent_messages a SET delivered_at = now() \
          FROM unnest($2::int8[], $3::int8[]) AS s(after, upto) \
          WHERE a.project_id = $1 AND a.seq > s.after AND a.seq <= s.upto \
            AND a.delivered_at IS NULL \
            AND EXISTS (SELECT 1 \
-             FROM unnest($4::text[], $5::text[], $6::int8[], $7::int8[], $8::bool[], $9::int8[]) \
-               AS r(agent, agent_type, after, upto, named, joined) \
+             FROM unnest($4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[]) \
+               AS r(agent, agent_type, after, upto, joined) \
              WHERE a.seq > r.after AND a.seq <= r.upto \
-               AND (r.named OR a.expires_at IS NULL OR a.expires_at > now()) \
+               AND (a.expires_at IS NULL OR a.expires_at > now()) \
                AND agentbus_visible(a.recipient_agent_id, a.recipient_agent_type, \
                                     a.sender_agent_id, a.seq, r.agent, r.agent_type, r.joined))",
     )
@@ -532,8 +538,30 @@ async fn mark_delivered(
     .bind::<Array<Text>, _>(&types)
     .bind::<Array<BigInt>, _>(&afters)
     .bind::<Array<BigInt>, _>(&uptos)
-    .bind::<Array<Bool>, _>(&named)
     .bind::<Array<Nullable<BigInt>>, _>(&joined)
+    .prepared()
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// Sets `delivered_at` on these messages of one project, acknowledged one by one by an agent
+/// each is visible to (so delivered even if it has expired since), if they had none. A
+/// lookup by seq each, however many there are.
+async fn mark_named_delivered(
+    conn: &mut AsyncPgConnection,
+    project_id: Uuid,
+    seqs: &[i64],
+) -> QueryResult<()> {
+    if seqs.is_empty() {
+        return Ok(());
+    }
+    diesel::sql_query(
+        "UPDATE agent_messages SET delivered_at = now() \
+         WHERE project_id = $1 AND seq = ANY($2) AND delivered_at IS NULL",
+    )
+    .bind::<SqlUuid, _>(project_id)
+    .bind::<Array<BigInt>, _>(seqs)
     .prepared()
     .execute(conn)
     .await

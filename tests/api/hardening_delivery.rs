@@ -125,7 +125,7 @@ async fn the_stored_ack_set_is_bounded_and_forgets_only_the_highest() {
     let mut db = app.db().await;
     insert_broadcasts(&mut db, project, "a", 12_001).await;
 
-    // Seq 1 is never acknowledged; 2..=12001 are, in two REST calls (10 000 per call at most).
+    // Seq 1 is never acknowledged; 2..=12001 are, in two REST calls (10 000 per call at most); the broker keeps the lowest 1 000.
     let ack = format!("/api/projects/{project}/agents/b/ack");
     for range in [2..=10_001_i64, 10_002..=12_001] {
         let seqs: Vec<i64> = range.collect();
@@ -135,24 +135,28 @@ async fn the_stored_ack_set_is_bounded_and_forgets_only_the_highest() {
         assert_eq!(body["ack_floor"], 0, "seq 1 is still owed");
     }
     let stored = cursor(&mut db, project, "b").await;
-    assert_eq!(stored.acked_above.len(), 10_000, "bounded");
+    assert_eq!(stored.acked_above.len(), 1_000, "bounded");
     assert_eq!(stored.acked_above[0], 2);
     assert_eq!(
         stored.acked_above.last(),
-        Some(&10_001),
+        Some(&1_001),
         "the lowest are kept"
     );
 
     // The forgotten ones are owed again, never lost: once 1 is acknowledged the floor moves
     // over everything remembered and stops before the first forgotten seq.
     let (_, body) = app.post_json(&ack, &json!({"seqs": [1]})).await;
-    assert_eq!(body["ack_floor"], 10_001, "{body}");
+    assert_eq!(body["ack_floor"], 1_001, "{body}");
     let (_, inbox) = app
         .get_json(&format!("/api/projects/{project}/agents/b/inbox?limit=1"))
         .await;
-    assert_eq!(seq(&inbox["messages"][0]), 10_002);
+    assert_eq!(seq(&inbox["messages"][0]), 1_002);
     let stored = cursor(&mut db, project, "b").await;
-    assert_eq!((stored.ack_floor, stored.acked_above.len()), (10_001, 0));
+    assert_eq!((stored.ack_floor, stored.acked_above.len()), (1_001, 0));
+    // Acknowledging everything at once moves the floor over all of it.
+    let seqs: Vec<i64> = (1_002..=11_001).collect();
+    let (_, body) = app.post_json(&ack, &json!({ "seqs": seqs })).await;
+    assert_eq!(body["ack_floor"], 11_001, "{body}");
 }
 
 #[tokio::test]
