@@ -329,6 +329,9 @@
 
   const state = {
     projects: [],
+    /** Whether the project list has been loaded at least once (an empty list before that,
+     * e.g. behind the token prompt, is not "no projects"). */
+    projectsLoaded: false,
     /** undefined until the first route, so that it always opens something (null: the list). */
     projectId: undefined,
     project: null,
@@ -393,6 +396,7 @@
     try {
       const body = await api('/api/projects');
       state.projects = body.projects || [];
+      state.projectsLoaded = true;
       renderProjects();
     } catch (err) {
       setStatus('error', `Projects: ${err.message}`);
@@ -418,7 +422,7 @@
     }
     select.replaceChildren(...options);
     rows.replaceChildren(...trs);
-    show($('projects-empty'), state.projects.length === 0);
+    show($('projects-empty'), state.projectsLoaded && state.projects.length === 0);
   }
 
   async function createProject(event) {
@@ -1039,9 +1043,10 @@
   // ---------------------------------------------------------------------------------------
   // "Awaiting reply": best effort, from what the log holds.
 
+  // Only a request the broker tracks (sent with `expects_reply`: it gets a reply or a timeout
+  // response) awaits a reply; a message that merely has the type "request" does not.
   function expectsReply(msg) {
-    const flag = msg.metadata && msg.metadata.expects_reply;
-    return msg.expects_reply === true || msg.message_type === 'request' || flag === true || flag === 'true';
+    return msg.expects_reply === true;
   }
 
   function isAnswered(msg) {

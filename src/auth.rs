@@ -234,11 +234,12 @@ pub async fn list(conn: &mut AsyncPgConnection, project_id: Uuid) -> QueryResult
 pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
 
 /// The name the broker signs its own messages with (timeout responses); no client may use it.
-pub const RESERVED_AGENT_ID: &str = crate::actors::deadlines::BROKER_AGENT_ID;
+pub const RESERVED_AGENT_ID: &str = crate::domain::BROKER_AGENT_ID;
 
-/// Refuses the broker's own agent id to clients.
+/// Refuses the broker's own agent id, and every id a reader could take for it, to clients
+/// (`protocol::check_agent_id` applies the same rule to every id it checks).
 pub fn check_not_reserved(agent_id: &str) -> Result<(), crate::protocol::Rejection> {
-    if agent_id == RESERVED_AGENT_ID {
+    if crate::domain::agent_id::is_reserved(agent_id) {
         return Err(crate::protocol::Rejection::new(
             crate::protocol::ErrorCode::InvalidField,
             format!("{RESERVED_AGENT_ID:?} is the broker's own agent id"),

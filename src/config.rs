@@ -44,7 +44,7 @@ pub struct Settings {
     pub db_timeout_ms: u64,
 
     /// Most messages written in one group-commit transaction. 1 turns group commit off (one
-    /// commit per message, the spec's original design).
+    /// commit per message: slow, the baseline `agentbus bench --compare` measures against).
     #[arg(long, env = "AGENTBUS_BATCH_MAX_ROWS", default_value_t = 1_000)]
     pub batch_max_rows: usize,
 

@@ -6,6 +6,7 @@
 //!
 //! ## Layout
 //!
+//! - [`domain`]: rules with no dependency on the rest (what an agent id may be).
 //! - [`config`]: the settings of a running broker (flags, environment, a TOML file).
 //! - [`startup`]: `Application::build` / `run_until_stopped`.
 //! - [`protocol`]: the wire protocol: frames, validation, error and close codes.
@@ -13,6 +14,7 @@
 //!   per project: presence and routing), `PersistenceActor` (group commit to PostgreSQL).
 //! - [`http`]: REST routes and the WebSocket upgrade.
 //! - [`db`]: the pool, database creation, migrations and every SQL statement.
+//! - [`frames`]: WebSocket frame headers judged as they arrive (size limits before payloads).
 //! - [`stats`], [`metrics`]: in-memory counters behind `/api/stats`, and the Prometheus
 //!   metrics behind `/metrics`, fed from the same calls.
 //! - [`models`], [`schema`]: rows and Diesel's view of the tables.
@@ -24,6 +26,8 @@ pub mod auth;
 pub mod bench;
 pub mod config;
 pub mod db;
+pub mod domain;
+pub mod frames;
 pub mod http;
 pub mod limits;
 pub mod metrics;

@@ -10,7 +10,7 @@ use uuid::Uuid;
 use crate::models::StoredMessage;
 
 /// Longest agent id, in characters (the column is VARCHAR(255)).
-pub const MAX_AGENT_ID_CHARS: usize = 255;
+pub const MAX_AGENT_ID_CHARS: usize = crate::domain::agent_id::MAX_AGENT_ID_CHARS;
 /// Longest agent type and message type, in characters (VARCHAR(50)).
 pub const MAX_TYPE_CHARS: usize = 50;
 /// Longest correlation id, in characters.
@@ -608,9 +608,11 @@ fn shape(value: &serde_json::Value, depth: usize, acc: &mut Shape) {
     }
 }
 
-/// An agent id: 1 to 255 characters, no control characters.
+/// An agent id: 1 to 255 characters, no control, invisible or bidi characters, no white
+/// space at either end, and not the broker's own id or a look-alike of it (the rules are
+/// [`crate::domain::agent_id`]'s).
 pub fn check_agent_id(field: &'static str, value: &str) -> Result<(), Rejection> {
-    check_text(field, value, MAX_AGENT_ID_CHARS)
+    crate::domain::agent_id::check(field, value).map_err(|e| Rejection::invalid(field, e.0))
 }
 
 /// Non-empty, at most `max_chars` characters, no control characters (NUL included).

@@ -25,7 +25,7 @@ use crate::models::NewMessage;
 /// How often expired messages are swept into the dead-letter list.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// The sender of the broker's own messages.
-pub const BROKER_AGENT_ID: &str = "agentbus";
+pub const BROKER_AGENT_ID: &str = crate::domain::BROKER_AGENT_ID;
 pub const BROKER_AGENT_TYPE: &str = "broker";
 
 pub struct DeadlineActor {

@@ -19,6 +19,7 @@ use super::persistence::{Persist, PersistenceActor, Reply};
 use crate::config::Settings;
 use crate::db::cursors::{self, MemberCursor, OwedQuery, Progress};
 use crate::db::{queries, DbPool};
+use crate::frames::{Oversize, Refusal};
 use crate::limits::{ConnectionPermit, ProjectLimits, SessionLimit};
 use crate::models::{NewMessage, StoredMessage};
 use crate::protocol::{self, close_code, AckMode, ClientOp, ErrorCode, Rejection, ServerFrame};
@@ -75,6 +76,8 @@ enum Outgoing {
     /// A ping carrying its sequence number: the pong that answers it proves the client's
     /// WebSocket received every frame written before it.
     Ping(u64),
+    /// Only ever the first frame of a write step, taken from `SessionActor::pong`; never
+    /// queued in the outbox.
     Pong(Bytes),
     Close(CloseReason),
 }
@@ -91,6 +94,13 @@ pub struct SessionActor {
     /// rather than allowed to grow the broker's memory.
     outbox: VecDeque<Outgoing>,
     outbox_bytes: usize,
+    /// The answer to the client's most recent ping, not written yet. One at most, outside
+    /// the outbox: a newer ping replaces it (RFC 6455 §5.5.3 lets an endpoint answer only the
+    /// most recent ping), so a client that pings without reading costs one pong, not one per
+    /// ping.
+    pong: Option<Bytes>,
+    /// Why the reading side stopped early, if it did (a frame header over the limit).
+    refusal: Refusal,
     /// Whether a write step is in flight. There is never more than one, which is what keeps
     /// frames in order.
     writing: bool,
@@ -160,6 +170,7 @@ impl SessionActor {
         delivery: DeliveryOptions,
         ws: actix_ws::Session,
         permit: ConnectionPermit,
+        refusal: Refusal,
     ) -> Self {
         let limit = SessionLimit::new(
             deps.settings.rate_per_session,
@@ -172,6 +183,8 @@ impl SessionActor {
             last_heard: Instant::now(),
             outbox: VecDeque::new(),
             outbox_bytes: 0,
+            pong: None,
+            refusal,
             writing: false,
             pending_sends: 0,
             limit,
@@ -463,6 +476,30 @@ impl SessionActor {
         }
     }
 
+    /// A frame (or fragmented message) over `max_frame_bytes`: it cannot be skipped, so the
+    /// connection closes with 1009 once what was sent before is settled.
+    fn frame_too_large(&mut self, oversize: Option<Oversize>, ctx: &mut Context<Self>) {
+        if self.closing {
+            return;
+        }
+        let limit = self.deps.settings.max_frame_bytes;
+        let message = match oversize {
+            Some(Oversize::Frame { declared }) => {
+                format!("a frame declared {declared} bytes; frames are limited to {limit} bytes")
+            }
+            Some(Oversize::Message { total }) => format!(
+                "a fragmented message reached {total} bytes; messages are limited to {limit} bytes"
+            ),
+            None => format!("frames are limited to {limit} bytes"),
+        };
+        self.reject(
+            &Rejection::new(ErrorCode::FrameTooLarge, message),
+            None,
+            ctx,
+        );
+        self.drain(ctx, 1009, "frame too large");
+    }
+
     fn slow_consumer(&mut self, ctx: &mut Context<Self>) {
         log::warn!(
             "session {}: slow consumer ({} frames, {} bytes queued); disconnecting",
@@ -557,11 +594,13 @@ impl SessionActor {
     /// time and takes frames from the front of the queue, so the client receives frames in
     /// exactly the order they were queued; when the step finishes, the next one starts.
     fn pump(&mut self, ctx: &mut Context<Self>) {
-        if self.writing || self.outbox.is_empty() {
+        if self.writing || (self.outbox.is_empty() && self.pong.is_none()) {
             return;
         }
         self.writing = true;
-        let mut step = Vec::with_capacity(self.outbox.len().min(WRITE_BATCH));
+        let mut step = Vec::with_capacity(self.outbox.len().min(WRITE_BATCH) + 1);
+        // A pong goes first: it answers a ping the client sent, whatever is queued.
+        step.extend(self.pong.take().map(Outgoing::Pong));
         while step.len() < WRITE_BATCH {
             let Some(item) = self.outbox.pop_front() else {
                 break;
@@ -912,7 +951,12 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for SessionActor {
                 );
                 self.reject(&rejection, None, ctx);
             }
-            Ok(AggregatedMessage::Ping(payload)) => self.push_control(Outgoing::Pong(payload), ctx),
+            Ok(AggregatedMessage::Ping(payload)) => {
+                // Copied: the payload is a slice of the connection's read buffer, which it
+                // would otherwise keep alive.
+                self.pong = Some(Bytes::copy_from_slice(&payload));
+                self.pump(ctx);
+            }
             Ok(AggregatedMessage::Pong(payload)) => self.on_pong(&payload),
             Ok(AggregatedMessage::Close(reason)) => {
                 log::debug!(
@@ -922,17 +966,8 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for SessionActor {
                 // Answer with the receipts of what it already sent, then close.
                 self.drain(ctx, 1000, "bye");
             }
-            Err(ProtocolError::Overflow) => {
-                let rejection = Rejection::new(
-                    ErrorCode::FrameTooLarge,
-                    format!(
-                        "frames are limited to {} bytes",
-                        self.deps.settings.max_frame_bytes
-                    ),
-                );
-                self.reject(&rejection, None, ctx);
-                self.drain(ctx, 1009, "frame too large");
-            }
+            // The decoder's own check, behind the frame guard of the upgrade.
+            Err(ProtocolError::Overflow) => self.frame_too_large(None, ctx),
             // The connection cannot be read any further, but what the client sent before
             // still gets its receipts before the close.
             Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
@@ -946,6 +981,11 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for SessionActor {
     }
 
     fn finished(&mut self, ctx: &mut Self::Context) {
+        // The connection was cut at a frame header over the limit, after every frame before
+        // it was handled.
+        if let Some(oversize) = self.refusal.get() {
+            return self.frame_too_large(Some(oversize), ctx);
+        }
         // The client's half of the connection ended. Receipts still owed for its sends are
         // written if the other half still carries them; otherwise the write fails and the
         // session stops.

@@ -1,8 +1,37 @@
 //! `GET /ws/agent/messages/{project_id}`: the WebSocket upgrade. Everything that can be
 //! refused is refused here, with an HTTP error, before the upgrade.
+//!
+//! ## What the client sends is judged by its frame headers
+//!
+//! The WebSocket decoder (actix-http's `Parser`, driven by actix-ws's `MessageStream`) keeps
+//! reading the connection into its buffer until a whole frame is there, and only then
+//! compares the frame's length with its maximum; `MessageStream` also reads everything the
+//! connection has before decoding. A header declaring 2^40 bytes followed by a stream of
+//! payload would therefore be buffered as fast as the client sends it, and a fragmented
+//! message over the limit ends with the aggregator's generic error. So the client's bytes
+//! pass through a [`FrameGuard`] on their way to the decoder: it follows the frame
+//! boundaries with a [`FrameTracker`] (headers only; payloads are skipped, not copied) and,
+//! as soon as a header declares more than `max_frame_bytes`, or a continuation's header would
+//! take its message past it, lets through only the complete frames before that header, ends
+//! the stream and records why in a [`Refusal`] shared with the session. The session handles
+//! the frames before the cut in order, then sees the end of the stream and the refusal, and
+//! answers `frame_too_large` and closes with 1009 (after the receipts of what was sent
+//! before). Nothing of the refused frame's payload reaches the decoder, which therefore never
+//! holds more than one frame of at most `max_frame_bytes` plus what one read brings (while
+//! the stream is read, the HTTP layer stops reading the socket once its own 32 KiB buffer is
+//! full and nobody takes from it). Once the cut stream has been dropped, the HTTP layer reads
+//! and discards whatever still arrives, keeping none of it, until it shuts the connection
+//! down after the close frame (within its client disconnect timeout, 1 s). The decoder's own
+//! limits stay in place behind the guard.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use actix::{Actor, AsyncContext};
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::error::PayloadError;
+use actix_web::web::Bytes;
+use actix_web::{dev, web, FromRequest, HttpRequest, HttpResponse};
+use futures_util::Stream;
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -10,6 +39,7 @@ use super::{projects, ApiError, AppState};
 use crate::actors::session::{DeliveryOptions, Identity, SessionActor, SessionDeps};
 use crate::auth;
 use crate::db::{cursors, queries};
+use crate::frames::{FrameTracker, Refusal};
 use crate::protocol::{self, AckMode};
 
 /// The agent type of a connection that names none.
@@ -90,6 +120,22 @@ pub async fn connect(
         .map_err(|scope| {
             ApiError::TooManyConnections(format!("too many open connections for this {scope}"))
         })?;
+    let max_frame = state.settings.max_frame_bytes;
+    let refusal = Refusal::default();
+    let guarded = FrameGuard {
+        inner: body.into_inner(),
+        tracker: FrameTracker::new(max_frame),
+        refusal: refusal.clone(),
+        refused: false,
+    };
+    let body = web::Payload::from_request(
+        &req,
+        &mut dev::Payload::Stream {
+            payload: Box::pin(guarded),
+        },
+    )
+    .await
+    .map_err(|e| ApiError::Internal(format!("the WebSocket body: {e}")))?;
     let (response, ws, stream) = actix_ws::handle(&req, body).map_err(|e| {
         ApiError::bad_request("not_a_websocket", format!("WebSocket upgrade failed: {e}"))
     })?;
@@ -115,7 +161,6 @@ pub async fn connect(
         cursor
     };
 
-    let max_frame = state.settings.max_frame_bytes;
     let stream = stream
         .max_frame_size(max_frame)
         .aggregate_continuations()
@@ -149,7 +194,43 @@ pub async fn connect(
     };
     SessionActor::create(move |ctx| {
         ctx.add_stream(stream);
-        SessionActor::new(identity, deps, delivery, ws, permit)
+        SessionActor::new(identity, deps, delivery, ws, permit, refusal)
     });
     Ok(response)
+}
+
+/// The client's side of the connection on its way to the WebSocket decoder, cut at the first
+/// frame header over the limit (see the module documentation).
+struct FrameGuard {
+    inner: dev::Payload,
+    tracker: FrameTracker,
+    refusal: Refusal,
+    /// Set at the cut: the stream has ended, and the connection is not read any further.
+    refused: bool,
+}
+
+impl Stream for FrameGuard {
+    type Item = Result<Bytes, PayloadError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.refused {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_next(cx) {
+            Poll::Ready(Some(Ok(bytes))) => match this.tracker.scan(&bytes) {
+                Ok(()) => Poll::Ready(Some(Ok(bytes))),
+                Err(refused) => {
+                    this.refused = true;
+                    this.refusal.record(refused.why);
+                    if refused.keep == 0 {
+                        Poll::Ready(None)
+                    } else {
+                        Poll::Ready(Some(Ok(bytes.slice(..refused.keep))))
+                    }
+                }
+            },
+            other => other,
+        }
+    }
 }

@@ -345,3 +345,104 @@ async fn an_open_broker_refuses_a_non_loopback_address() {
     };
     assert!(error.contains("AGENTBUS_ADMIN_TOKEN"), "{error}");
 }
+
+/// Ids that a reader could take for the broker's own (`agentbus`) are refused everywhere a
+/// client names itself: the WebSocket, a REST sender, a token bound to an agent. So are ids
+/// with invisible or direction-changing characters. Nothing is stored for any of them.
+#[tokio::test]
+async fn no_client_can_pass_for_the_broker_or_hide_characters_in_its_id() {
+    let app = TestApp::spawn_with(|s| s.admin_token = Some(ADMIN.into())).await;
+    let (code, created) = request(
+        &app,
+        "POST",
+        "/api/projects",
+        Some(ADMIN),
+        Some(json!({"name": "lookalikes"})),
+    )
+    .await;
+    assert_eq!(code, 201, "{created}");
+    let project = created["id"].as_str().expect("id").to_owned();
+    let lookalikes = [
+        "Agentbus",
+        "agentbus ",
+        "agentbus\u{200B}",
+        "\u{0430}gentbus",
+        "ａｇｅｎｔｂｕｓ",
+        "agent\u{00AD}bus",
+        "\u{FEFF}agentbus",
+        "\u{202E}subtnega",
+        "ali\u{200B}ce",
+    ];
+    for id in lookalikes {
+        let encoded: String = url_encode(id);
+        let url = format!(
+            "ws://127.0.0.1:{}/ws/agent/messages/{project}?agent_id={encoded}",
+            app.port
+        );
+        assert_eq!(
+            upgrade_status(&url, Some(ADMIN)).await,
+            Err(400),
+            "WebSocket agent_id {id:?}"
+        );
+        let (code, body) = request(
+            &app,
+            "POST",
+            &format!("/api/projects/{project}/messages"),
+            Some(ADMIN),
+            Some(json!({"sender_agent_id": id, "sender_agent_type": "broker", "content": "fake timeout"})),
+        )
+        .await;
+        assert_eq!(code, 400, "REST sender {id:?}: {body}");
+        assert_eq!(body["code"], "invalid_field", "{body}");
+        let (code, body) = request(
+            &app,
+            "POST",
+            &format!("/api/projects/{project}/tokens"),
+            Some(ADMIN),
+            Some(json!({"agent_id": id})),
+        )
+        .await;
+        assert_eq!(code, 400, "token bound to {id:?}: {body}");
+    }
+    let (code, history) = request(
+        &app,
+        "GET",
+        &format!("/api/projects/{project}/messages"),
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        history["messages"].as_array().map(Vec::len),
+        Some(0),
+        "{history}"
+    );
+    let (_, tokens) = request(
+        &app,
+        "GET",
+        &format!("/api/projects/{project}/tokens"),
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    // Only the token issued with the project, if any, and none bound to a look-alike.
+    assert!(tokens["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .all(|t| t["agent_id"].is_null()));
+}
+
+/// Percent-encodes every byte outside the unreserved set.
+fn url_encode(raw: &str) -> String {
+    raw.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}

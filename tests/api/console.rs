@@ -104,8 +104,8 @@ async fn populate(app: &TestApp, project: Uuid, alpha: &mut Agent, beta: &mut Ag
     let ask = alpha
         .send_ok(json!({
             "type": "request", "to": "beta", "correlation_id": "c-tokenizer",
-            "content": "Can you take the tokenizer?",
-            "metadata": {"expects_reply": true, "ticket": "T-1"},
+            "content": "Can you take the tokenizer?", "expects_reply": true, "timeout_ms": 86_400_000,
+            "metadata": {"ticket": "T-1"},
         }))
         .await;
     beta.send_ok(json!({
@@ -131,7 +131,7 @@ async fn populate(app: &TestApp, project: Uuid, alpha: &mut Agent, beta: &mut Ag
     beta.send_ok(json!({"type": "result_report", "content": report, "metadata": {"modules": 12}}))
         .await;
     alpha
-        .send_ok(json!({"type": "request", "to": "beta", "content": "Could you review PR 12 when you are done?", "metadata": {"pr": 12}}))
+        .send_ok(json!({"type": "request", "to": "beta", "content": "Could you review PR 12 when you are done?", "expects_reply": true, "timeout_ms": 86_400_000, "metadata": {"pr": 12}}))
         .await;
 }
 
