@@ -88,6 +88,17 @@ pub struct Settings {
     #[arg(long, env = "AGENTBUS_MAX_PENDING_SENDS", default_value_t = 4_096)]
     pub max_pending_sends: usize,
 
+    /// Most bytes of sends, from every connection and REST publish together, that may wait
+    /// for their commit at once (0: no limit). Beyond that a send is refused with
+    /// `unavailable` and a `retry_after_ms` (REST: 503 with `Retry-After`), so a stalled
+    /// database cannot make the broker's memory grow without bound.
+    #[arg(
+        long,
+        env = "AGENTBUS_MAX_UNCOMMITTED_BYTES",
+        default_value_t = 256 * 1024 * 1024
+    )]
+    pub max_uncommitted_bytes: usize,
+
     /// Manual-ack sessions: most messages delivered and not yet acknowledged. Beyond that the
     /// session stops taking live traffic and catches up from the store as acks come back.
     #[arg(long, env = "AGENTBUS_MAX_IN_FLIGHT", default_value_t = 256)]
@@ -189,6 +200,7 @@ impl Default for Settings {
             outbox_max_frames: 4_096,
             outbox_max_bytes: 16 * 1024 * 1024,
             max_pending_sends: 4_096,
+            max_uncommitted_bytes: 256 * 1024 * 1024,
             max_in_flight: 256,
             max_deliveries: 10,
             rate_per_session: 1_000,

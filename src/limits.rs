@@ -74,6 +74,88 @@ mod tests {
     }
 }
 
+/// How long a send refused by the [`CommitBudget`] is told to wait before trying again.
+pub const BUDGET_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The broker-wide budget of bytes held by sends waiting for their commit (queued for the
+/// group-commit writer or in the batch being written), from every connection and REST
+/// publish together. The per-connection bound (`max_pending_sends`) counts sends, not bytes,
+/// and not across connections: without this, a stalled database lets a few busy clients fill
+/// the broker's memory. Owned by the one writer, so a plain counter.
+#[derive(Debug)]
+pub struct CommitBudget {
+    /// 0: no limit.
+    limit: usize,
+    held: usize,
+}
+
+impl CommitBudget {
+    pub fn new(limit: usize) -> Self {
+        CommitBudget { limit, held: 0 }
+    }
+
+    /// Takes `bytes` from the budget, or says how long to wait (nothing is taken then).
+    /// `exempt` sends (the broker's own timeout responses) always pass, and count. A send
+    /// always passes when nothing else is held, so one larger than the whole budget is not
+    /// refused forever.
+    pub fn admit(&mut self, bytes: usize, exempt: bool) -> Result<(), Duration> {
+        let fits =
+            self.limit == 0 || self.held == 0 || self.held.saturating_add(bytes) <= self.limit;
+        if fits || exempt {
+            self.held = self.held.saturating_add(bytes);
+            Ok(())
+        } else {
+            Err(BUDGET_RETRY_AFTER)
+        }
+    }
+
+    /// Gives back what settled sends held.
+    pub fn release(&mut self, bytes: usize) {
+        self.held = self.held.saturating_sub(bytes);
+    }
+
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_refuses_what_does_not_fit_until_bytes_are_released() {
+        let mut budget = CommitBudget::new(1_000);
+        assert!(budget.admit(600, false).is_ok());
+        assert!(budget.admit(400, false).is_ok(), "exactly full fits");
+        assert_eq!(budget.admit(1, false), Err(BUDGET_RETRY_AFTER));
+        assert_eq!(budget.held(), 1_000, "a refusal takes nothing");
+        assert!(
+            budget.admit(50, true).is_ok(),
+            "the broker's own sends pass"
+        );
+        budget.release(1_050);
+        assert_eq!(budget.held(), 0);
+        assert!(
+            budget.admit(5_000, false).is_ok(),
+            "alone, even too large passes"
+        );
+        assert!(budget.admit(1, false).is_err());
+        budget.release(usize::MAX);
+        assert_eq!(budget.held(), 0, "never below zero");
+        let mut unlimited = CommitBudget::new(0);
+        assert!(unlimited.admit(usize::MAX, false).is_ok());
+        assert!(
+            unlimited.admit(usize::MAX, false).is_ok(),
+            "saturates, never wraps"
+        );
+    }
+}
+
 /// Open WebSocket connections per project and per client address, bounded so that one
 /// project or one host cannot take every connection the broker can hold.
 #[derive(Clone)]

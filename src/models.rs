@@ -140,6 +140,39 @@ impl NewMessage {
         }
     }
 
+    /// About how many bytes of memory this message holds while it waits for its commit: its
+    /// text fields, its metadata as JSON, and a fixed allowance for everything else. What the
+    /// broker-wide budget of uncommitted sends (`max_uncommitted_bytes`) counts.
+    pub fn held_bytes(&self) -> usize {
+        /// Counts what is written, keeping nothing.
+        struct Count(usize);
+        impl std::io::Write for Count {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0 += bytes.len();
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        const FIXED: usize = 512;
+        let mut metadata = Count(0);
+        // Writing a `Value` to a writer that never fails cannot fail.
+        let _ = serde_json::to_writer(&mut metadata, &self.metadata);
+        let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        FIXED
+            + self.content.len()
+            + metadata.0
+            + self.sender_agent_id.len()
+            + self.sender_agent_type.len()
+            + self.message_type.len()
+            + text(&self.recipient_agent_id)
+            + text(&self.recipient_agent_type)
+            + text(&self.correlation_id)
+            + text(&self.client_msg_id)
+            + text(&self.error)
+    }
+
     /// The stored form of this message once its batch committed with `seq` at `created_at`.
     pub fn into_stored(self, seq: i64, created_at: DateTime<Utc>) -> StoredMessage {
         StoredMessage {

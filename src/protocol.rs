@@ -67,6 +67,10 @@ pub enum ErrorCode {
     /// Stored, but the agent (`to`) has never connected, or no agent of the type (`to_type`)
     /// is a member: nobody may ever read it. A request in that case is dead-lettered.
     NoRecipient,
+    /// A warning after an ack: these seqs were not awaiting an acknowledgement on this
+    /// connection (never given to it, or already acknowledged), so nothing was recorded for
+    /// them.
+    AckIgnored,
 }
 
 impl ErrorCode {
@@ -84,6 +88,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::ProjectNotFound => "project_not_found",
             ErrorCode::NoRecipient => "no_recipient",
+            ErrorCode::AckIgnored => "ack_ignored",
         }
     }
 }
@@ -762,6 +767,14 @@ pub enum ServerFrame<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         retry_after_ms: Option<u64>,
     },
+    /// The `ack_ignored` warning: an `error` frame that lists the seqs left out.
+    #[serde(rename = "error")]
+    AckIgnored {
+        code: ErrorCode,
+        error: &'a str,
+        client_msg_id: Option<&'a str>,
+        seqs: &'a [i64],
+    },
 }
 
 impl ServerFrame<'_> {
@@ -787,6 +800,19 @@ pub fn error_frame(rejection: &Rejection, client_msg_id: Option<&str>) -> ByteSt
         field: rejection.field,
         client_msg_id,
         retry_after_ms: rejection.retry_after_ms,
+    }
+    .encode()
+}
+
+/// The warning that an ack named seqs this connection was not waiting for: nothing was
+/// recorded for them.
+pub fn ack_ignored_frame(seqs: &[i64]) -> ByteString {
+    ServerFrame::AckIgnored {
+        code: ErrorCode::AckIgnored,
+        error: "not acknowledged: these seqs are not awaiting an acknowledgement on this \
+                connection (never delivered on it, or already acknowledged)",
+        client_msg_id: None,
+        seqs,
     }
     .encode()
 }

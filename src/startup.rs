@@ -83,8 +83,17 @@ impl Application {
                 stats.clone(),
             );
             let batch_max_rows = settings.batch_max_rows;
+            let max_uncommitted_bytes = settings.max_uncommitted_bytes;
             PersistenceActor::start_in_arbiter(&broker_arbiter.handle(), move |_| {
-                PersistenceActor::new(pool, registry, deadlines, search, stats, batch_max_rows)
+                PersistenceActor::new(
+                    pool,
+                    registry,
+                    deadlines,
+                    search,
+                    stats,
+                    batch_max_rows,
+                    max_uncommitted_bytes,
+                )
             })
         };
         deadlines.do_send(AttachPersistence(persistence.clone()));

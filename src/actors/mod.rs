@@ -14,6 +14,7 @@
 //! timeouts and sweeps expired messages, and `SearchIndexActor` indexes committed messages
 //! for full-text search.
 
+pub mod acks;
 pub mod channel;
 pub mod cursor;
 pub mod deadlines;

@@ -21,6 +21,7 @@ use super::search::{IndexSoon, SearchIndexActor};
 use super::session::{Notify, SessionActor, Settled};
 use crate::db::batch::{self, Outcome};
 use crate::db::DbPool;
+use crate::limits::CommitBudget;
 use crate::models::{NewMessage, StoredMessage};
 use crate::protocol::{self, ErrorCode, Rejection};
 use crate::stats::Stats;
@@ -115,8 +116,10 @@ pub struct Persist {
 pub struct PersistenceActor {
     pool: DbPool,
     registry: ChannelRegistry,
-    /// Messages waiting for the next batch, in arrival order.
-    queue: VecDeque<Persist>,
+    /// Messages waiting for the next batch, in arrival order, with the bytes each holds.
+    queue: VecDeque<(Persist, usize)>,
+    /// The bytes held by the messages queued or being written, and the bound on them.
+    budget: CommitBudget,
     /// Whether a batch is being written (at most one at a time, so batches commit in order).
     writing: bool,
     /// Most messages in one batch.
@@ -139,6 +142,7 @@ impl PersistenceActor {
         search: Addr<SearchIndexActor>,
         stats: Stats,
         batch_max_rows: usize,
+        max_uncommitted_bytes: usize,
     ) -> Self {
         PersistenceActor {
             deadlines,
@@ -147,6 +151,7 @@ impl PersistenceActor {
             pool,
             registry,
             queue: VecDeque::new(),
+            budget: CommitBudget::new(max_uncommitted_bytes),
             writing: false,
             batch_max_rows: batch_max_rows.max(1),
             isolate: 0,
@@ -165,10 +170,14 @@ impl PersistenceActor {
         } else {
             self.queue.len().min(self.batch_max_rows)
         };
+        let mut sizes = Vec::with_capacity(size);
         let (mut batch, replies): (Vec<NewMessage>, Vec<Reply>) = self
             .queue
             .drain(..size)
-            .map(|p| (p.message, p.reply))
+            .map(|(p, bytes)| {
+                sizes.push(bytes);
+                (p.message, p.reply)
+            })
             .unzip();
         let pool = self.pool.clone();
         let started = Instant::now();
@@ -187,6 +196,8 @@ impl PersistenceActor {
                 .into_actor(self)
                 .map(move |(batch, created_at, result), act, ctx| {
                     act.writing = false;
+                    // Settled now, unless written again below: then they keep their bytes.
+                    let held: usize = sizes.iter().sum();
                     act.stats
                         .record_batch(batch.len(), started.elapsed(), result.is_ok());
                     log::debug!(
@@ -196,6 +207,7 @@ impl PersistenceActor {
                     );
                     match result {
                         Ok(outcomes) => {
+                            act.budget.release(held);
                             act.search.do_send(IndexSoon);
                             act.dispatch(batch, replies, outcomes, created_at)
                         }
@@ -207,11 +219,15 @@ impl PersistenceActor {
                                 batch.len()
                             );
                             act.isolate += batch.len();
-                            for (message, reply) in batch.into_iter().zip(replies).rev() {
-                                act.queue.push_front(Persist { message, reply });
+                            // Still waiting for their commit: they keep their bytes.
+                            for ((message, reply), bytes) in
+                                batch.into_iter().zip(replies).zip(sizes).rev()
+                            {
+                                act.queue.push_front((Persist { message, reply }, bytes));
                             }
                         }
                         Err(e) => {
+                            act.budget.release(held);
                             log::warn!("a batch of {} could not be stored: {e}", batch.len());
                             let rejection = e.rejection();
                             act.stats.record_errors(rejection.code, batch.len());
@@ -339,7 +355,31 @@ impl Handler<Persist> for PersistenceActor {
     type Result = ();
 
     fn handle(&mut self, persist: Persist, ctx: &mut Self::Context) {
-        self.queue.push_back(persist);
+        let bytes = persist.message.held_bytes();
+        // The broker's own timeout responses are never refused: they settle requests.
+        let exempt = matches!(persist.reply, Reply::Broker);
+        if let Err(wait) = self.budget.admit(bytes, exempt) {
+            let ms = wait.as_millis().max(1) as u64;
+            let rejection = Rejection {
+                retry_after_ms: Some(ms),
+                ..Rejection::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "the broker already holds {} bytes of sends waiting for their commit \
+                         (max_uncommitted_bytes {}); nothing was stored, retry in {ms} ms",
+                        self.budget.held(),
+                        self.budget.limit()
+                    ),
+                )
+            };
+            self.stats.record_errors(rejection.code, 1);
+            persist.reply.settle(Settlement::Failed {
+                rejection,
+                client_msg_id: persist.message.client_msg_id,
+            });
+            return;
+        }
+        self.queue.push_back((persist, bytes));
         self.write_next_batch(ctx);
     }
 }

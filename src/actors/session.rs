@@ -12,6 +12,7 @@ use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
 use bytestring::ByteString;
 use uuid::Uuid;
 
+use super::acks;
 use super::channel::{ChannelActor, Join, Leave};
 use super::cursor::{CursorActor, GiveUp, MarkRead, RecordAttempts, ReportProgress};
 use super::persistence::{Persist, PersistenceActor, Reply};
@@ -525,18 +526,20 @@ impl SessionActor {
         }
     }
 
-    fn on_ack(&mut self, mut seqs: Vec<i64>, up_to: Option<i64>, ctx: &mut Context<Self>) {
-        for seq in &seqs {
-            self.in_flight.remove(seq);
-        }
-        // `up_to` covers what this session delivered up to that seq, nothing it has not: a
-        // replay goes by priority, so lower seqs may still be on their way.
-        if let Some(n) = up_to {
-            let kept = self.in_flight.split_off(&(n + 1));
-            seqs.extend(std::mem::replace(&mut self.in_flight, kept));
+    fn on_ack(&mut self, seqs: Vec<i64>, up_to: Option<i64>, ctx: &mut Context<Self>) {
+        // An ack covers what this session delivered and is waiting to hear about, nothing
+        // else: a replay goes by priority, so lower seqs may still be on their way, and a seq
+        // acknowledged before it was delivered (or before it existed) must still be delivered.
+        let outcome = match self.delivery.ack {
+            AckMode::Manual => acks::take_in_flight(&mut self.in_flight, &seqs, up_to),
+            AckMode::Auto => acks::confirm_early(&self.unconfirmed, &seqs, up_to),
+        };
+        if !outcome.ignored.is_empty() {
+            self.deps.stats.record_errors(ErrorCode::AckIgnored, 1);
+            self.push_text(protocol::ack_ignored_frame(&outcome.ignored), ctx);
         }
         self.report(Progress {
-            done: seqs,
+            done: outcome.done,
             up_to: None,
         });
         self.fetch_more(ctx);

@@ -248,6 +248,12 @@ struct Links {
     skipped: Vec<usize>,
 }
 
+/// How many of the newest requests sharing a correlation id a reply by correlation id is
+/// matched against: the newest of them sent by another agent than the replier is the one it
+/// answers. Bounded so that the single commit path does the same work however many requests
+/// share an id (see docs/PROTOCOL.md, "Request and reply").
+pub const CORRELATION_CANDIDATES: i64 = 16;
+
 /// Completes the replies of a batch: a message whose `reply_to` (or, failing that, whose
 /// `correlation_id`) names a request becomes a direct message to the requester, whatever
 /// its own `to` said, with the request's seq, the time since the request and whether the
@@ -258,32 +264,47 @@ async fn link_replies(
     created_at: DateTime<Utc>,
 ) -> QueryResult<Links> {
     let mut ids: Vec<Uuid> = Vec::new();
-    let mut correlations: Vec<&str> = Vec::new();
-    let mut projects: Vec<Uuid> = Vec::new();
+    // Each (project, correlation id) once: many messages of a batch may carry the same one.
+    let mut correlations: Vec<(Uuid, &str)> = Vec::new();
     for msg in batch.iter() {
         if let Some(id) = msg.timeout_of.or(msg.reply_to) {
             ids.push(id);
-            projects.push(msg.project_id);
         } else if let (Some(c), None) = (&msg.correlation_id, msg.reply_timeout_ms) {
-            correlations.push(c);
-            projects.push(msg.project_id);
+            correlations.push((msg.project_id, c));
         }
     }
-    if projects.is_empty() {
+    correlations.sort_unstable();
+    correlations.dedup();
+    if ids.is_empty() && correlations.is_empty() {
         return Ok(Links::default());
     }
-    let requests: Vec<Request> = diesel::sql_query(
+    let (correlation_projects, correlation_ids): (Vec<Uuid>, Vec<&str>) =
+        correlations.into_iter().unzip();
+    // By id, one probe of the primary key each. By correlation id, only the newest
+    // `CORRELATION_CANDIDATES` requests of the project with that id, read newest first from
+    // `idx_agent_messages_request_correlation` (`LIMIT` in a lateral subquery keeps it one
+    // bounded index scan per id): however many requests share an id, a match costs the same.
+    let mut requests: Vec<Request> = diesel::sql_query(
         "SELECT id, project_id, seq, sender_agent_id, correlation_id, created_at, reply_deadline, replied_at \
-         FROM agent_messages \
-         WHERE expects_reply AND project_id = ANY($1) AND (id = ANY($2) OR correlation_id = ANY($3)) \
-         ORDER BY seq",
+         FROM agent_messages WHERE expects_reply AND id = ANY($1) \
+         UNION \
+         SELECT r.id, r.project_id, r.seq, r.sender_agent_id, r.correlation_id, r.created_at, \
+                r.reply_deadline, r.replied_at \
+         FROM unnest($2::uuid[], $3::text[]) AS k(project_id, correlation_id) \
+         CROSS JOIN LATERAL (SELECT a.id, a.project_id, a.seq, a.sender_agent_id, \
+             a.correlation_id, a.created_at, a.reply_deadline, a.replied_at FROM agent_messages a \
+           WHERE a.expects_reply AND a.project_id = k.project_id \
+             AND a.correlation_id = k.correlation_id \
+           ORDER BY a.seq DESC LIMIT $4) AS r",
     )
-    .bind::<Array<SqlUuid>, _>(&projects)
     .bind::<Array<SqlUuid>, _>(&ids)
-    .bind::<Array<Text>, _>(&correlations)
+    .bind::<Array<SqlUuid>, _>(&correlation_projects)
+    .bind::<Array<Text>, _>(&correlation_ids)
+    .bind::<BigInt, _>(CORRELATION_CANDIDATES)
     .prepared()
     .load(conn)
     .await?;
+    requests.sort_unstable_by_key(|r| (r.project_id, r.seq));
     if requests.is_empty() {
         return Ok(Links::default());
     }
@@ -294,7 +315,8 @@ async fn link_replies(
                 .iter()
                 .find(|r| r.id == id && r.project_id == msg.project_id)
         } else if msg.reply_timeout_ms.is_none() {
-            // The newest request with this correlation id, from someone else.
+            // The newest request with this correlation id from someone else, among the newest
+            // `CORRELATION_CANDIDATES` with that id.
             msg.correlation_id.as_deref().and_then(|c| {
                 requests.iter().rev().find(|r| {
                     r.project_id == msg.project_id

@@ -10,7 +10,7 @@
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Bool, Nullable, SmallInt, Text, Uuid as SqlUuid};
+use diesel::sql_types::{Array, BigInt, Nullable, SmallInt, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde::Serialize;
 use uuid::Uuid;
@@ -251,20 +251,44 @@ impl Progress {
     }
 }
 
+/// Most acknowledged seqs kept above a member's floor. An agent that leaves one message
+/// unacknowledged while it acknowledges everything after it would otherwise grow this list
+/// (and the cost of every query that reads it) without end. Beyond the bound the highest ones
+/// are forgotten: those messages are owed again and delivered again on the agent's next
+/// connection, which at-least-once allows; none is ever lost. The `members` table enforces
+/// the bound too (migration `2026-12-01-000010_delivery_bounds`).
+pub const MAX_ACKED_ABOVE: i64 = 1_000;
+
+/// What applying one member's progress did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// The new floor.
+    pub ack_floor: i64,
+    /// The named seqs that were not acknowledged: no message with that seq is visible to the
+    /// agent (above the project's head, or not addressed to it), ascending. Seqs already done
+    /// are not listed: acknowledging twice is harmless.
+    pub ignored: Vec<i64>,
+}
+
 /// Applies progress to a member's cursor: adds the done seqs, then moves the floor up to just
 /// below the first message still owed (or to the project's head), keeping only the done seqs
-/// above it. The update only ever adds knowledge (the floor never goes down, done seqs are
-/// never forgotten), so reports may arrive late or from a connection that was since replaced.
-/// Done messages get their `delivered_at` if they had none. Returns the new floor, or `None`
-/// when the agent is not a member.
+/// above it. A done seq only counts if a message with that seq exists and is visible to the
+/// agent: an ack ahead of the message, or of someone else's message, records nothing (see
+/// [`Applied::ignored`]). The update only ever adds knowledge (the floor never goes down,
+/// done seqs are only forgotten beyond [`MAX_ACKED_ABOVE`]), so reports may arrive late or
+/// from a connection that was since replaced. Done messages get their `delivered_at` if they
+/// had none. Returns `None` when the agent is not a member.
 pub async fn apply_progress(
     conn: &mut AsyncPgConnection,
     project_id: Uuid,
     agent_id: &str,
     progress: &Progress,
-) -> QueryResult<Option<i64>> {
-    let floors = apply_project_progress(conn, project_id, &[(agent_id, progress)]).await?;
-    Ok(floors.into_iter().next().map(|(_, floor)| floor))
+) -> QueryResult<Option<Applied>> {
+    let advanced = advance_project(conn, project_id, &[(agent_id, progress)]).await?;
+    Ok(advanced.into_iter().next().map(|(_, advance)| Applied {
+        ack_floor: advance.ack_floor,
+        ignored: advance.ignored,
+    }))
 }
 
 /// [`apply_progress`] for several members of one project (each at most once), with one
@@ -276,6 +300,18 @@ pub async fn apply_project_progress(
     project_id: Uuid,
     reports: &[(&str, &Progress)],
 ) -> QueryResult<Vec<(String, i64)>> {
+    let advanced = advance_project(conn, project_id, reports).await?;
+    Ok(advanced
+        .into_iter()
+        .map(|(agent_id, advance)| (agent_id, advance.ack_floor))
+        .collect())
+}
+
+async fn advance_project(
+    conn: &mut AsyncPgConnection,
+    project_id: Uuid,
+    reports: &[(&str, &Progress)],
+) -> QueryResult<Vec<(String, Advance)>> {
     let advanced = advance_cursors(conn, project_id, reports).await?;
     let progress_of: std::collections::HashMap<&str, &Progress> = reports.iter().copied().collect();
     let mut delivered = Vec::new();
@@ -285,12 +321,19 @@ pub async fn apply_project_progress(
         }
     }
     mark_delivered(conn, project_id, &delivered).await?;
+    let mut named: Vec<i64> = advanced
+        .iter()
+        .flat_map(|(_, advance)| advance.recorded.iter().copied())
+        .collect();
+    named.sort_unstable();
+    named.dedup();
+    mark_named_delivered(conn, project_id, &named).await?;
     let floors: Vec<(String, i64)> = advanced
-        .into_iter()
-        .map(|(agent_id, advance)| (agent_id, advance.ack_floor))
+        .iter()
+        .map(|(agent_id, advance)| (agent_id.clone(), advance.ack_floor))
         .collect();
     settle_attempts(conn, project_id, &floors).await?;
-    Ok(floors)
+    Ok(advanced)
 }
 
 /// A member's cursor after [`advance_cursors`].
@@ -307,30 +350,34 @@ struct Advance {
     /// The member's `joined_seq` (NULL: not connected yet), for what is visible to it.
     #[diesel(sql_type = Nullable<BigInt>)]
     joined_seq: Option<i64>,
+    /// The named seqs newly recorded as done (ascending).
+    #[diesel(sql_type = Array<BigInt>)]
+    recorded: Vec<i64>,
+    /// The named seqs that were not (see [`Applied::ignored`]).
+    #[diesel(sql_type = Array<BigInt>)]
+    ignored: Vec<i64>,
 }
 
 impl Advance {
-    /// Adds to `out` what this progress says the agent received: the seqs it named (expired
-    /// or not), and with `up_to` everything unexpired between its previous floor and that
-    /// seq; of those, only what is visible to it counts (see [`mark_delivered`]).
+    /// Adds to `out` the range `up_to` says the agent received: everything unexpired between
+    /// its previous floor and that seq, of which only what is visible to it counts (see
+    /// [`mark_delivered`]). The seqs it named are `recorded`, each already known to be
+    /// visible to it.
     fn delivered<'a>(
         &'a self,
         agent_id: &'a str,
         progress: &Progress,
         out: &mut Vec<DeliveredRange<'a>>,
     ) {
-        let range = |after, upto, named| DeliveredRange {
-            agent_id,
-            agent_type: &self.agent_type,
-            joined_seq: self.joined_seq,
-            after,
-            upto,
-            named,
-        };
-        out.extend(progress.done.iter().map(|&seq| range(seq - 1, seq, true)));
         let upto = progress.up_to.unwrap_or(0).min(self.ack_floor);
         if upto > self.previous_floor {
-            out.push(range(self.previous_floor, upto, false));
+            out.push(DeliveredRange {
+                agent_id,
+                agent_type: &self.agent_type,
+                joined_seq: self.joined_seq,
+                after: self.previous_floor,
+                upto,
+            });
         }
     }
 }
@@ -343,8 +390,6 @@ struct DeliveredRange<'a> {
     joined_seq: Option<i64>,
     after: i64,
     upto: i64,
-    /// Named one by one by the agent (an ack), so delivered even if it has expired since.
-    named: bool,
 }
 
 /// Moves the cursors of several members of one project (see [`apply_progress`]) in one
@@ -368,48 +413,77 @@ async fn advance_cursors(
     }
     let agents: Vec<&str> = reports.iter().map(|(agent, _)| *agent).collect();
     let up_tos: Vec<Option<i64>> = reports.iter().map(|(_, p)| p.up_to).collect();
-    let (mut done_agents, mut done_seqs) = (Vec::new(), Vec::new());
+    let (mut done_agents, mut done_seqs, mut done_keys) = (Vec::new(), Vec::new(), Vec::new());
     for (agent, progress) in reports {
         for &seq in &progress.done {
             done_agents.push(*agent);
             done_seqs.push(seq);
+            // "seq:agent": the named seqs as one constant array, which PostgreSQL looks up in
+            // a hash table rather than reading it through for every message the floor
+            // passes. A named seq that was not recorded is not owed to that agent (or does
+            // not exist yet), so it changes nothing there.
+            done_keys.push(format!("{seq}:{agent}"));
         }
     }
     let rows: Vec<Row> = diesel::sql_query(
         // Members are locked in agent order, so two writers can never wait on each other.
+        // A named seq is recorded only if it is above the floor, not acknowledged yet, at or
+        // below the head, and the seq of a message visible to the member; one that is none of
+        // those nor done already is ignored. Neither the floor nor the seqs are ever
+        // incremented or decremented from what the client sent: `up_to` is capped by
+        // LEAST, so i64::MAX is the head like any larger-than-head value.
         "WITH r AS (SELECT * FROM unnest($2::text[], $3::int8[]) AS r(agent_id, up_to)), \
-         d AS (SELECT * FROM unnest($4::text[], $5::int8[]) AS d(agent_id, seq)), \
+         d AS (SELECT DISTINCT * FROM unnest($4::text[], $5::int8[]) AS d(agent_id, seq)), \
          m AS ( \
            SELECT agent_id, ack_floor, acked_above, joined_seq, agent_type FROM members \
            WHERE project_id = $1 AND agent_id = ANY($2) \
            ORDER BY agent_id FOR UPDATE), \
+         done AS (SELECT m.agent_id, x AS seq FROM m, unnest(m.acked_above) AS x), \
+         named AS ( \
+           SELECT m.agent_id, d.seq, (d.seq <= m.ack_floor OR k.seq IS NOT NULL) AS known, \
+             (d.seq > m.ack_floor AND d.seq <= p.head_seq AND k.seq IS NULL \
+              AND EXISTS (SELECT 1 FROM agent_messages a WHERE a.project_id = $1 AND a.seq = d.seq \
+                AND agentbus_visible(a.recipient_agent_id, a.recipient_agent_type, a.sender_agent_id, \
+                                     a.seq, m.agent_id, m.agent_type, m.joined_seq))) AS new \
+           FROM m JOIN d ON d.agent_id = m.agent_id \
+             LEFT JOIN done k ON k.agent_id = d.agent_id AND k.seq = d.seq, \
+             projects p WHERE p.id = $1), \
          base AS ( \
            SELECT m.agent_id, GREATEST(m.ack_floor, LEAST(COALESCE(r.up_to, 0), p.head_seq)) AS floor, \
                   m.ack_floor AS previous_floor, \
-                  m.acked_above || ARRAY(SELECT d.seq FROM d WHERE d.agent_id = m.agent_id) AS acked, \
+                  ARRAY(SELECT n.seq FROM named n WHERE n.agent_id = m.agent_id AND n.new ORDER BY n.seq) \
+                    AS recorded, \
+                  ARRAY(SELECT n.seq FROM named n WHERE n.agent_id = m.agent_id \
+                        AND NOT n.new AND NOT n.known ORDER BY n.seq) AS ignored, \
+                  m.acked_above, \
                   COALESCE(m.joined_seq, 9223372036854775807) AS joined, m.agent_type, p.head_seq \
            FROM m JOIN r ON r.agent_id = m.agent_id, projects p WHERE p.id = $1), \
+         acked AS (SELECT base.*, base.acked_above || base.recorded AS acked FROM base), \
          nxt AS ( \
-           SELECT base.*, (SELECT min(a.seq) FROM agent_messages a \
-              WHERE a.project_id = $1 AND a.seq > base.floor AND a.seq <= base.head_seq \
+           SELECT acked.*, (SELECT min(a.seq) FROM agent_messages a \
+              WHERE a.project_id = $1 AND a.seq > acked.floor AND a.seq <= acked.head_seq \
                 AND agentbus_owed(a.recipient_agent_id, a.recipient_agent_type, a.sender_agent_id, \
-                                  a.seq, a.expires_at, base.agent_id, base.agent_type, base.joined) \
-                AND NOT (a.seq = ANY(base.acked))) AS first_owed \
-           FROM base) \
+                                  a.seq, a.expires_at, acked.agent_id, acked.agent_type, acked.joined) \
+                AND NOT (a.seq = ANY(acked.acked_above)) \
+                AND NOT (a.seq::text || ':' || acked.agent_id = ANY($7::text[]))) AS first_owed \
+           FROM acked) \
          UPDATE members SET \
            ack_floor = COALESCE(nxt.first_owed - 1, nxt.head_seq), \
            acked_above = ARRAY(SELECT DISTINCT x FROM unnest(nxt.acked) AS x \
-                               WHERE x > COALESCE(nxt.first_owed - 1, nxt.head_seq) ORDER BY x), \
+                               WHERE x > COALESCE(nxt.first_owed - 1, nxt.head_seq) \
+                               ORDER BY x LIMIT $6), \
            last_seen_at = now() \
          FROM nxt WHERE members.project_id = $1 AND members.agent_id = nxt.agent_id \
          RETURNING members.agent_id, members.ack_floor, nxt.previous_floor, nxt.agent_type, \
-                   members.joined_seq",
+                   members.joined_seq, nxt.recorded, nxt.ignored",
     )
     .bind::<SqlUuid, _>(project_id)
     .bind::<Array<Text>, _>(&agents)
     .bind::<Array<Nullable<BigInt>>, _>(&up_tos)
     .bind::<Array<Text>, _>(&done_agents)
     .bind::<Array<BigInt>, _>(&done_seqs)
+    .bind::<BigInt, _>(MAX_ACKED_ABOVE)
+    .bind::<Array<Text>, _>(&done_keys)
     .prepared()
     .load(conn)
     .await?;
@@ -444,17 +518,16 @@ async fn mark_delivered(
     let joined: Vec<Option<i64>> = ranges.iter().map(|r| r.joined_seq).collect();
     let afters: Vec<i64> = ranges.iter().map(|r| r.after).collect();
     let uptos: Vec<i64> = ranges.iter().map(|r| r.upto).collect();
-    let named: Vec<bool> = ranges.iter().map(|r| r.named).collect();
     diesel::sql_query(
         "UPDATE agent_messages a SET delivered_at = now() \
          FROM unnest($2::int8[], $3::int8[]) AS s(after, upto) \
          WHERE a.project_id = $1 AND a.seq > s.after AND a.seq <= s.upto \
            AND a.delivered_at IS NULL \
            AND EXISTS (SELECT 1 \
-             FROM unnest($4::text[], $5::text[], $6::int8[], $7::int8[], $8::bool[], $9::int8[]) \
-               AS r(agent, agent_type, after, upto, named, joined) \
+             FROM unnest($4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[]) \
+               AS r(agent, agent_type, after, upto, joined) \
              WHERE a.seq > r.after AND a.seq <= r.upto \
-               AND (r.named OR a.expires_at IS NULL OR a.expires_at > now()) \
+               AND (a.expires_at IS NULL OR a.expires_at > now()) \
                AND agentbus_visible(a.recipient_agent_id, a.recipient_agent_type, \
                                     a.sender_agent_id, a.seq, r.agent, r.agent_type, r.joined))",
     )
@@ -465,8 +538,30 @@ async fn mark_delivered(
     .bind::<Array<Text>, _>(&types)
     .bind::<Array<BigInt>, _>(&afters)
     .bind::<Array<BigInt>, _>(&uptos)
-    .bind::<Array<Bool>, _>(&named)
     .bind::<Array<Nullable<BigInt>>, _>(&joined)
+    .prepared()
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// Sets `delivered_at` on these messages of one project, acknowledged one by one by an agent
+/// each is visible to (so delivered even if it has expired since), if they had none. A
+/// lookup by seq each, however many there are.
+async fn mark_named_delivered(
+    conn: &mut AsyncPgConnection,
+    project_id: Uuid,
+    seqs: &[i64],
+) -> QueryResult<()> {
+    if seqs.is_empty() {
+        return Ok(());
+    }
+    diesel::sql_query(
+        "UPDATE agent_messages SET delivered_at = now() \
+         WHERE project_id = $1 AND seq = ANY($2) AND delivered_at IS NULL",
+    )
+    .bind::<SqlUuid, _>(project_id)
+    .bind::<Array<BigInt>, _>(seqs)
     .prepared()
     .execute(conn)
     .await

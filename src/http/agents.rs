@@ -425,7 +425,7 @@ pub async fn ack(
         done: seqs,
         up_to: body.up_to,
     };
-    let floor = cursors::apply_progress(&mut conn, project.id, &agent_id, &progress)
+    let applied = cursors::apply_progress(&mut conn, project.id, &agent_id, &progress)
         .await?
         .ok_or_else(|| {
             ApiError::NotFound(format!(
@@ -433,7 +433,13 @@ pub async fn ack(
                 project.id
             ))
         })?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "agent_id": agent_id, "ack_floor": floor })))
+    // `ignored`: named seqs of no message owed to this agent (not stored yet, or not
+    // addressed to it); nothing was recorded for them.
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "agent_id": agent_id,
+        "ack_floor": applied.ack_floor,
+        "ignored": applied.ignored,
+    })))
 }
 
 #[derive(Deserialize)]

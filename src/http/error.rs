@@ -33,6 +33,10 @@ pub enum ApiError {
     /// The database could not be reached in time (503); nothing was changed.
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
+    /// The broker cannot take more right now (503, `unavailable`); nothing was changed:
+    /// retry after this many milliseconds.
+    #[error("{0}")]
+    Saturated(String, u64),
     /// A bug or an unexpected database answer (500).
     #[error("internal error: {0}")]
     Internal(String),
@@ -55,7 +59,7 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::RateLimited(_) => ErrorCode::RateLimited.as_str(),
             ApiError::TooManyConnections(_) => "too_many_connections",
-            ApiError::Unavailable(_) => ErrorCode::Unavailable.as_str(),
+            ApiError::Unavailable(_) | ApiError::Saturated(..) => ErrorCode::Unavailable.as_str(),
             ApiError::Internal(_) => "internal",
         }
     }
@@ -73,7 +77,10 @@ impl From<crate::auth::AuthError> for ApiError {
 impl From<Rejection> for ApiError {
     fn from(rejection: Rejection) -> Self {
         match rejection.code {
-            ErrorCode::Unavailable => ApiError::Unavailable(rejection.message),
+            ErrorCode::Unavailable => match rejection.retry_after_ms {
+                Some(ms) => ApiError::Saturated(rejection.message, ms),
+                None => ApiError::Unavailable(rejection.message),
+            },
             ErrorCode::ProjectNotFound => ApiError::NotFound(rejection.message),
             code => ApiError::bad_request(code.as_str(), rejection.message),
         }
@@ -119,7 +126,7 @@ impl ResponseError for ApiError {
             ApiError::RateLimited(_) | ApiError::TooManyConnections(_) => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Saturated(..) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -132,7 +139,7 @@ impl ResponseError for ApiError {
         if let ApiError::Unauthorized(_) = self {
             response.insert_header((actix_web::http::header::WWW_AUTHENTICATE, "Bearer"));
         }
-        if let ApiError::RateLimited(ms) = self {
+        if let ApiError::RateLimited(ms) | ApiError::Saturated(_, ms) = self {
             response.insert_header((
                 actix_web::http::header::RETRY_AFTER,
                 ms.div_ceil(1000).to_string(),

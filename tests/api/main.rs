@@ -9,6 +9,7 @@ mod cli;
 mod console;
 mod crash;
 mod fuzz;
+mod hardening_delivery;
 mod hardening_ws;
 mod helpers;
 mod history;

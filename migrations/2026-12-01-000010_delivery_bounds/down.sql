@@ -1,0 +1,2 @@
+DROP INDEX idx_agent_messages_request_correlation;
+ALTER TABLE members DROP CONSTRAINT members_acked_above_bounded;
