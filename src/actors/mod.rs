@@ -17,6 +17,7 @@
 pub mod channel;
 pub mod cursor;
 pub mod deadlines;
+pub mod feed;
 pub mod persistence;
 pub mod registry;
 pub mod search;
