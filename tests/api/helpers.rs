@@ -34,12 +34,41 @@ pub fn deadline() -> Instant {
     Instant::now() + PATIENCE
 }
 
+/// A fresh database name on the test server; the database (created by the first broker that
+/// connects to it) is dropped `WITH (FORCE)` when the guard is, so a test that fails cleans
+/// up too, panicking or not. A test that runs brokers in other processes on the database of
+/// a `TestApp` declares them after the app: locals are dropped in reverse order, so the
+/// processes are killed before the database is dropped.
+struct TestDatabase {
+    url: String,
+    name: String,
+}
+
+impl TestDatabase {
+    fn new() -> TestDatabase {
+        let name = format!("t_{}", Uuid::new_v4().simple());
+        TestDatabase {
+            url: format!("{}/{name}", server_url()),
+            name,
+        }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let name = std::mem::take(&mut self.name);
+        // On its own thread: this may run inside the test's runtime.
+        let _ = std::thread::spawn(move || drop_database(&name)).join();
+    }
+}
+
 pub struct TestApp {
     pub port: u16,
     pub database_url: String,
-    db_name: Option<String>,
     pub http: reqwest::Client,
     handle: ServerHandle,
+    /// The database this app created, if it owns it; dropped after the app stopped.
+    database: Option<TestDatabase>,
 }
 
 impl TestApp {
@@ -50,10 +79,10 @@ impl TestApp {
 
     /// A broker on a fresh database, with settings adjusted by `tweak`.
     pub async fn spawn_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
-        let db_name = format!("t_{}", Uuid::new_v4().simple());
-        let database_url = format!("{}/{db_name}", server_url());
-        let mut app = Self::spawn_on(&database_url, tweak).await;
-        app.db_name = Some(db_name);
+        // Dropped even if the broker fails to start.
+        let database = TestDatabase::new();
+        let mut app = Self::spawn_on(&database.url, tweak).await;
+        app.database = Some(database);
         app
     }
 
@@ -92,7 +121,7 @@ impl TestApp {
         TestApp {
             port,
             database_url: database_url.to_owned(),
-            db_name: None,
+            database: None,
             // Every request, body included, within the patience bound.
             http: reqwest::Client::builder()
                 .timeout(PATIENCE)
@@ -185,10 +214,7 @@ impl TestApp {
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.stop();
-        if let Some(name) = self.db_name.take() {
-            // Best effort: a failed test's database is cleaned up too.
-            let _ = std::thread::spawn(move || drop_database(&name)).join();
-        }
+        // Then `database`, if any, is dropped: a failed test's database is cleaned up too.
     }
 }
 
@@ -199,7 +225,7 @@ fn drop_database(name: &str) {
     else {
         return;
     };
-    rt.block_on(async {
+    let drop = async {
         if let Ok(mut conn) =
             AsyncPgConnection::establish(&format!("{}/postgres", server_url())).await
         {
@@ -207,7 +233,9 @@ fn drop_database(name: &str) {
                 .execute(&mut conn)
                 .await;
         }
-    });
+    };
+    // Bounded, so that a test never hangs in its clean-up.
+    let _ = rt.block_on(async { tokio::time::timeout(PATIENCE, drop).await });
 }
 
 /// A WebSocket client speaking protocol v1. Like a real client it reads its socket all the
