@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod cursors;
+pub mod paging;
 pub mod prepared;
 pub mod queries;
 pub mod search;

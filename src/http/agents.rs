@@ -12,6 +12,7 @@ use super::messages::page_limit;
 use super::{granted, projects, ApiError, AppState};
 use crate::actors::channel::Presence;
 use crate::db::cursors::{self, OwedQuery, Progress};
+use crate::db::paging;
 use crate::protocol::{self, MAX_ACK_SEQS};
 
 /// A token bound to an agent acts for that agent only.
@@ -84,6 +85,10 @@ pub async fn list(
 #[derive(Deserialize)]
 pub struct InboxParams {
     limit: Option<i64>,
+    /// Continue after this message of the delivery order (the `next` of a page that stopped
+    /// at the byte budget): both or neither.
+    after_priority: Option<i16>,
+    after_seq: Option<i64>,
 }
 
 /// What an agent is owed, in delivery order (priority, then seq).
@@ -96,7 +101,18 @@ pub async fn inbox(
     let (project_raw, agent_id) = path.into_inner();
     speaks_as(&req, &agent_id)?;
     let limit = page_limit(params.limit)?;
+    let resume = match (params.after_priority, params.after_seq) {
+        (None, None) => (-1, 0),
+        (Some(priority), Some(seq)) => (priority, seq),
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "give both `after_priority` and `after_seq`, or neither",
+            ))
+        }
+    };
     let project = projects::load(&state, &project_raw).await?;
+    let _turn = state.heavy_reads.turn().await?;
     let mut conn = state.pool.get().await?;
     let member = cursors::find_member(&mut conn, project.id, &agent_id)
         .await?
@@ -115,14 +131,24 @@ pub async fn inbox(
         broadcasts_after: member.broadcasts_after(),
         acked: member.acked_above.clone(),
         by_priority: true,
-        resume: (-1, 0),
+        resume,
         limit,
     };
-    let messages = cursors::owed_page(&mut conn, &query).await?;
+    let (messages, truncated) =
+        paging::owed_page_within(&mut conn, &query, state.settings.max_page_bytes).await?;
+    drop(conn);
+    let has_more = truncated || messages.len() as i64 == limit;
+    let next = messages
+        .last()
+        .filter(|_| has_more)
+        .map(|m| serde_json::json!({ "after_priority": m.priority, "after_seq": m.seq }));
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "agent_id": agent_id,
         "ack_floor": member.ack_floor,
         "messages": messages,
+        "has_more": has_more,
+        "truncated": truncated,
+        "next": next,
     })))
 }
 

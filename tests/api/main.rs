@@ -8,6 +8,7 @@ mod bench;
 mod console;
 mod crash;
 mod fuzz;
+mod hardening_rest;
 mod helpers;
 mod history;
 mod limits;
