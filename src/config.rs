@@ -173,7 +173,7 @@ pub struct Settings {
     #[arg(long, env = "AGENTBUS_MAX_PAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_page_bytes: usize,
 
-    /// Most history, search and inbox reads served at once; the others wait their turn.
+    /// Most history, search, inbox and dead-letter reads served at once; the others wait their turn.
     #[arg(long, env = "AGENTBUS_MAX_HEAVY_READS", default_value_t = 4)]
     pub max_heavy_reads: usize,
 

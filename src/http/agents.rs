@@ -132,12 +132,17 @@ pub async fn inbox(
         acked: member.acked_above.clone(),
         by_priority: true,
         resume,
-        limit,
+        // One more than the page, to know whether there is more.
+        limit: limit + 1,
     };
-    let (messages, truncated) =
+    let (mut messages, truncated) =
         paging::owed_page_within(&mut conn, &query, state.settings.max_page_bytes).await?;
     drop(conn);
-    let has_more = truncated || messages.len() as i64 == limit;
+    let beyond_limit = messages.len() as i64 > limit;
+    messages.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    let has_more = truncated || beyond_limit;
+    // Stopped at the budget before `limit` messages (not merely before the one beyond).
+    let truncated = truncated && (messages.len() as i64) < limit;
     let next = messages
         .last()
         .filter(|_| has_more)

@@ -294,7 +294,7 @@ impl Waiters {
     }
 }
 
-/// History, search and inbox reads served at once; the others wait their turn, for a
+/// History, search, inbox and dead-letter reads served at once; the others wait their turn, for a
 /// bounded time.
 #[derive(Clone)]
 pub struct HeavyReads {
@@ -313,7 +313,7 @@ impl HeavyReads {
     /// A turn, or 503 `busy` when none came within the wait.
     pub async fn turn(&self) -> Result<OwnedSemaphorePermit, ApiError> {
         let busy = || ApiError::Busy {
-            message: "too many history and inbox reads are being served".into(),
+            message: "too many history, inbox and dead-letter reads are being served".into(),
             retry_after_ms: 1_000,
         };
         match tokio::time::timeout(self.wait, Arc::clone(&self.permits).acquire_owned()).await {

@@ -45,7 +45,7 @@ pub struct AppState {
     pub connection_limits: crate::limits::ConnectionLimits,
     /// REST requests waiting for their reply, per project and in all.
     pub waiters: guards::Waiters,
-    /// History, search and inbox reads served at once.
+    /// History, search, inbox and dead-letter reads served at once.
     pub heavy_reads: guards::HeavyReads,
 }
 
