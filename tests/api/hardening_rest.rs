@@ -575,3 +575,46 @@ async fn every_response_forbids_content_sniffing() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_500_names_its_request_id_and_never_shows_database_text() {
+    let app = TestApp::spawn().await;
+    let project = app.create_project("internal").await;
+    // A database that no longer has what the broker expects: its queries fail with an error
+    // that is neither the client's fault nor an outage.
+    let mut conn = app.db().await;
+    diesel_async::RunQueryDsl::execute(
+        diesel::sql_query("ALTER TABLE dead_letters RENAME TO dead_letters_elsewhere"),
+        &mut conn,
+    )
+    .await
+    .expect("rename a table");
+    let response = app
+        .http
+        .get(app.url(&format!("/api/projects/{project}/dead-letters")))
+        .header("X-Request-Id", "probe-500")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(response.status(), 500);
+    assert_eq!(
+        response
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("probe-500")
+    );
+    let text = response.text().await.expect("body");
+    let body: Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(body["code"], "internal", "{text}");
+    assert_eq!(body["request_id"], "probe-500", "{text}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("probe-500")),
+        "{text}"
+    );
+    for database_text in ["dead_letters", "relation", "does not exist"] {
+        assert!(!text.contains(database_text), "database text in: {text}");
+    }
+}
