@@ -451,6 +451,21 @@ async fn a_page_stops_at_the_byte_budget_and_its_cursor_yields_the_rest_exactly_
     );
 }
 
+/// 20 sends from `sender`, each timed until `receiver` has it; sorted.
+async fn deliveries(sender: &mut Agent, receiver: &mut Agent) -> Vec<Duration> {
+    let mut latencies = Vec::new();
+    for n in 0..20 {
+        let sent = std::time::Instant::now();
+        sender
+            .send_ok(crate::helpers::status(&format!("still here {n}")))
+            .await;
+        receiver.expect_op("message").await;
+        latencies.push(sent.elapsed());
+    }
+    latencies.sort_unstable();
+    latencies
+}
+
 #[tokio::test]
 async fn twenty_concurrent_large_reads_do_not_take_the_broker_s_memory() {
     const MESSAGES: usize = 500;
@@ -479,6 +494,24 @@ async fn twenty_concurrent_large_reads_do_not_take_the_broker_s_memory() {
             assert_eq!(status, 201);
         }
     }
+    // Another project, whose deliveries go on meanwhile.
+    let other: Value = http
+        .post(format!("http://127.0.0.1:{port}/api/projects"))
+        .json(&json!({"name": "bystander"}))
+        .send()
+        .await
+        .expect("POST /api/projects")
+        .json()
+        .await
+        .expect("JSON");
+    let other = other["id"].as_str().expect("project id").to_owned();
+    let ws = |agent: &str| {
+        format!("ws://127.0.0.1:{port}/ws/agent/messages/{other}?agent_id={agent}&agent_type=coder")
+    };
+    let (mut sender, mut receiver) = (
+        Agent::connect(&ws("a")).await,
+        Agent::connect(&ws("b")).await,
+    );
     let rss_before = status_kib(&broker, "VmRSS");
     let reads = (0..20).map(|_| {
         let http = http.clone();
@@ -490,7 +523,16 @@ async fn twenty_concurrent_large_reads_do_not_take_the_broker_s_memory() {
             (status, body)
         }
     });
-    let answers = join_all(reads).await;
+    let idle = deliveries(&mut sender, &mut receiver).await;
+    let (answers, busy) = tokio::join!(join_all(reads), deliveries(&mut sender, &mut receiver));
+    // Figures for docs/SECURITY.md, not assertions: timings depend on the machine.
+    eprintln!(
+        "another project's send->delivery: p50 {:?} (max {:?}) idle, p50 {:?} (max {:?}) during the reads",
+        idle[idle.len() / 2],
+        idle[idle.len() - 1],
+        busy[busy.len() / 2],
+        busy[busy.len() - 1]
+    );
     let peak_growth_mib = status_kib(&broker, "VmHWM").saturating_sub(rss_before) / 1024;
     eprintln!(
         "20 concurrent reads: RSS {} MiB before, peak +{peak_growth_mib} MiB",
