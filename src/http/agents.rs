@@ -82,6 +82,17 @@ pub async fn list(
     Ok(HttpResponse::Ok().json(serde_json::json!({ "agents": agents })))
 }
 
+/// A page of an inbox, as answered.
+#[derive(Serialize)]
+struct InboxAnswer {
+    agent_id: String,
+    ack_floor: i64,
+    messages: Vec<crate::models::StoredMessage>,
+    has_more: bool,
+    truncated: bool,
+    next: Option<serde_json::Value>,
+}
+
 #[derive(Deserialize)]
 pub struct InboxParams {
     limit: Option<i64>,
@@ -147,14 +158,16 @@ pub async fn inbox(
         .last()
         .filter(|_| has_more)
         .map(|m| serde_json::json!({ "after_priority": m.priority, "after_seq": m.seq }));
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "agent_id": agent_id,
-        "ack_floor": member.ack_floor,
-        "messages": messages,
-        "has_more": has_more,
-        "truncated": truncated,
-        "next": next,
-    })))
+    // Serialised from the messages themselves, not from a copy of them as a JSON value.
+    super::guards::large_json(InboxAnswer {
+        agent_id,
+        ack_floor: member.ack_floor,
+        messages,
+        has_more,
+        truncated,
+        next,
+    })
+    .await
 }
 
 #[derive(Deserialize)]

@@ -294,6 +294,20 @@ impl Waiters {
     }
 }
 
+/// A large JSON answer (a page of messages), serialised on a blocking thread rather than on
+/// the HTTP worker, whose WebSocket sessions would otherwise wait for it.
+pub async fn large_json(
+    body: impl serde::Serialize + Send + 'static,
+) -> Result<actix_web::HttpResponse, ApiError> {
+    let bytes = web::block(move || serde_json::to_vec(&body))
+        .await
+        .map_err(|e| ApiError::Internal(format!("serialising a page: {e}")))?
+        .map_err(|e| ApiError::Internal(format!("serialising a page: {e}")))?;
+    Ok(actix_web::HttpResponse::Ok()
+        .content_type(actix_web::http::header::ContentType::json())
+        .body(bytes))
+}
+
 /// History, search, inbox and dead-letter reads served at once; the others wait their turn, for a
 /// bounded time.
 #[derive(Clone)]

@@ -98,13 +98,25 @@ pub async fn history(
             .first()
             .map(|m| serde_json::json!({ "before_seq": m.seq })),
     };
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "messages": page.messages,
-        "head_seq": project.head_seq,
-        "has_more": page.has_more,
-        "truncated": page.truncated,
-        "next": next,
-    })))
+    // Serialised from the messages themselves, not from a copy of them as a JSON value.
+    super::guards::large_json(HistoryAnswer {
+        messages: page.messages,
+        head_seq: project.head_seq,
+        has_more: page.has_more,
+        truncated: page.truncated,
+        next,
+    })
+    .await
+}
+
+/// A page of history, as answered.
+#[derive(serde::Serialize)]
+struct HistoryAnswer {
+    messages: Vec<StoredMessage>,
+    head_seq: i64,
+    has_more: bool,
+    truncated: bool,
+    next: Option<serde_json::Value>,
 }
 
 /// A send over REST: the fields of a WebSocket send frame, plus who is sending.
