@@ -75,7 +75,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 web::resource("/projects")
                     .wrap(actix_web::middleware::from_fn(guards::admin_access))
                     .route(web::post().to(projects::create))
-                    .route(web::get().to(projects::list)),
+                    .route(web::get().to(projects::list))
+                    .default_service(web::to(not_found)),
             )
             .service(
                 web::scope("/projects/{project_id}")
@@ -222,12 +223,14 @@ fn project_routes(cfg: &mut web::ServiceConfig) {
             web::resource("/tokens")
                 .wrap(actix_web::middleware::from_fn(guards::admin_only))
                 .route(web::get().to(tokens::list))
-                .route(web::post().to(tokens::issue)),
+                .route(web::post().to(tokens::issue))
+                .default_service(web::to(not_found)),
         )
         .service(
             web::resource("/tokens/{token_id}")
                 .wrap(actix_web::middleware::from_fn(guards::admin_only))
-                .route(web::delete().to(tokens::revoke)),
+                .route(web::delete().to(tokens::revoke))
+                .default_service(web::to(not_found)),
         );
 }
 

@@ -616,6 +616,13 @@ async fn every_response_forbids_content_sniffing() {
             response.status()
         );
     }
+    // Routes that check credentials before the body keep answering other methods 404.
+    for path in ["/api/projects".to_owned(), format!("/api/projects/{project}/tokens")] {
+        let response = app.http.put(app.url(&path)).send().await.expect("PUT");
+        assert_eq!(response.status(), 404, "PUT {path}");
+        let body: Value = response.json().await.expect("JSON");
+        assert_eq!(body["code"], "not_found", "PUT {path}");
+    }
 }
 
 #[tokio::test]
