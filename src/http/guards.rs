@@ -1,6 +1,8 @@
-//! What keeps one client from holding the broker's sockets, memory or database: a deadline on
-//! request bodies, refusing NUL characters in the URL, a bound on the REST requests waiting
-//! for a reply, and a bound on the heavy reads served at once.
+//! What keeps one client from holding the broker's sockets, memory or database: the admin
+//! token checked before a body is read, a deadline on request bodies (and unread bodies not
+//! drained), refusing NUL characters in the URL, a bound on the REST requests waiting for a
+//! reply, a bound on the heavy reads served at once, and large pages serialised off the HTTP
+//! workers.
 
 use std::cell::RefCell;
 use std::future::Future;
