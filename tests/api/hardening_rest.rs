@@ -617,7 +617,10 @@ async fn every_response_forbids_content_sniffing() {
         );
     }
     // Routes that check credentials before the body keep answering other methods 404.
-    for path in ["/api/projects".to_owned(), format!("/api/projects/{project}/tokens")] {
+    for path in [
+        "/api/projects".to_owned(),
+        format!("/api/projects/{project}/tokens"),
+    ] {
         let response = app.http.put(app.url(&path)).send().await.expect("PUT");
         assert_eq!(response.status(), 404, "PUT {path}");
         let body: Value = response.json().await.expect("JSON");
