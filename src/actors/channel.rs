@@ -261,6 +261,22 @@ impl Handler<WaitInbox> for ChannelActor {
     }
 }
 
+/// The REST caller waiting for this request's reply is gone (its client disconnected): its
+/// waiter is dropped now. The request itself stays stored and can still be answered.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ForgetReply {
+    pub request_id: Uuid,
+}
+
+impl Handler<ForgetReply> for ChannelActor {
+    type Result = ();
+
+    fn handle(&mut self, forget: ForgetReply, _ctx: &mut Self::Context) {
+        self.reply_waiters.remove(&forget.request_id);
+    }
+}
+
 /// The broker is shutting down: every session settles its sends and closes. Answered with
 /// the number of sessions told.
 #[derive(Message)]

@@ -208,6 +208,10 @@ pub struct InboxRead {
     pub ack: bool,
     /// Wait this long for something to be owed when nothing is.
     pub wait: Duration,
+    /// Most bytes of messages in the page (`max_page_bytes`).
+    pub max_bytes: usize,
+    /// Continue after this (priority, seq) of the delivery order (a page's `next`).
+    pub resume: Option<(i16, i64)>,
 }
 
 /// What a read returns.
@@ -216,6 +220,8 @@ pub struct InboxPage {
     pub messages: Vec<StoredMessage>,
     /// How many more are owed after this page.
     pub remaining: i64,
+    /// The page stopped at its byte budget before its limit.
+    pub truncated: bool,
     /// The agent's ack floor after the read (and its acknowledgement).
     pub ack_floor: i64,
 }
@@ -267,8 +273,12 @@ pub async fn read(
                 read.project_id,
                 &read.agent_id,
                 &state.cursor,
-                read.limit,
-                read.urgent_only,
+                &inbox::PageBounds {
+                    limit: read.limit,
+                    urgent_only: read.urgent_only,
+                    resume: read.resume,
+                    max_bytes: read.max_bytes,
+                },
             )
             .await?;
             match woken {
@@ -287,6 +297,7 @@ pub async fn read(
         return Ok(InboxPage {
             messages: Vec::new(),
             remaining: 0,
+            truncated: false,
             ack_floor: state.cursor.ack_floor,
         });
     }
@@ -307,11 +318,13 @@ async fn finish(
         };
         ack_floor = cursors::apply_progress(conn, read.project_id, &read.agent_id, &progress)
             .await?
-            .ok_or(InboxError::NotAMember)?;
+            .ok_or(InboxError::NotAMember)?
+            .ack_floor;
     }
     Ok(InboxPage {
         messages: page.messages,
         remaining: page.remaining,
+        truncated: page.truncated,
         ack_floor,
     })
 }

@@ -134,25 +134,51 @@ fn owed_query(
 /// Priorities that count as urgent (`urgent_only`): critical (0) and high (1).
 pub const URGENT_PRIORITIES: usize = 2;
 
+/// Which page of an inbox to read, and how large it may be.
+#[derive(Debug, Clone, Copy)]
+pub struct PageBounds {
+    /// Most messages.
+    pub limit: i64,
+    /// Only priority 0–1.
+    pub urgent_only: bool,
+    /// Continue after this (priority, seq) of the delivery order.
+    pub resume: Option<(i16, i64)>,
+    /// Most bytes of messages (at least one message is returned).
+    pub max_bytes: usize,
+}
+
 /// One page of what a member is owed, in replay order (priority, then seq).
 #[derive(Debug, Clone)]
 pub struct OwedPage {
     pub messages: Vec<StoredMessage>,
-    /// How many more are owed after this page (of the urgent ones, with `urgent_only`).
+    /// How many more are owed after this page (of the urgent ones, with `urgent_only`). When
+    /// the page continues from a point of the delivery order (`resume`), those before that
+    /// point count too.
     pub remaining: i64,
+    /// The page stopped at its byte budget before its `limit`.
+    pub truncated: bool,
 }
 
 /// The first `limit` messages the member is owed, in replay order; only urgent ones (priority
-/// 0–1) with `urgent_only`.
+/// 0–1) with `urgent_only`. The page also stops before the message that would take it over
+/// `max_bytes` (it always holds one message, however large; see [`super::paging`]).
 pub async fn owed_page(
     conn: &mut AsyncPgConnection,
     project_id: Uuid,
     agent_id: &str,
     cursor: &MemberCursor,
-    limit: i64,
-    urgent_only: bool,
+    page: &PageBounds,
 ) -> QueryResult<OwedPage> {
-    let query = owed_query(project_id, agent_id, cursor, cursor.ack_floor, true, limit);
+    let PageBounds {
+        limit,
+        urgent_only,
+        resume,
+        max_bytes,
+    } = *page;
+    let mut query = owed_query(project_id, agent_id, cursor, cursor.ack_floor, true, limit);
+    if let Some(resume) = resume {
+        query.resume = resume;
+    }
     let counts = cursors::owed_counts(conn, &query, None).await?;
     let owed: i64 = if urgent_only {
         counts[..URGENT_PRIORITIES].iter().sum()
@@ -163,6 +189,7 @@ pub async fn owed_page(
         return Ok(OwedPage {
             messages: Vec::new(),
             remaining: 0,
+            truncated: false,
         });
     }
     // In replay order the urgent messages come first: a page no longer than their count
@@ -171,13 +198,15 @@ pub async fn owed_page(
         limit: limit.min(owed),
         ..query
     };
-    let mut messages = cursors::owed_page(conn, &query).await?;
+    let (mut messages, truncated) =
+        super::paging::owed_page_within(conn, &query, max_bytes).await?;
     if urgent_only {
         messages.retain(|m| (m.priority as usize) < URGENT_PRIORITIES);
     }
     Ok(OwedPage {
         remaining: (owed - messages.len() as i64).max(0),
         messages,
+        truncated,
     })
 }
 
@@ -205,6 +234,7 @@ pub async fn unnotified(
     Ok(OwedPage {
         messages,
         remaining,
+        truncated: false,
     })
 }
 

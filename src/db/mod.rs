@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod cursors;
 pub mod inbox;
+pub mod paging;
 pub mod prepared;
 pub mod queries;
 pub mod search;

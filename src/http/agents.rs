@@ -222,6 +222,10 @@ pub struct InboxParams {
     urgent_only: Option<bool>,
     /// The agent's type if this call makes it a member.
     agent_type: Option<String>,
+    /// Continue after this message of the delivery order (the `next` of a page that stopped
+    /// at the byte budget): both or neither.
+    after_priority: Option<i16>,
+    after_seq: Option<i64>,
 }
 
 /// Reads an inbox, waiting within the broker's bounds on waiting reads. Shared by the REST
@@ -275,6 +279,16 @@ pub async fn inbox(
     let (project_raw, agent_id) = path.into_inner();
     let params = params.into_inner();
     let limit = page_limit(params.limit)?;
+    let resume = match (params.after_priority, params.after_seq) {
+        (None, None) => None,
+        (Some(priority), Some(seq)) => Some((priority, seq)),
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "give both `after_priority` and `after_seq`, or neither",
+            ))
+        }
+    };
     let wait_ms = params.wait_ms.unwrap_or(0);
     if wait_ms > MAX_WAIT_MS {
         return Err(ApiError::bad_request(
@@ -308,14 +322,26 @@ pub async fn inbox(
             urgent_only: params.urgent_only.unwrap_or(false),
             ack: params.ack.unwrap_or(false),
             wait: Duration::from_millis(wait_ms),
+            max_bytes: state.settings.max_page_bytes,
+            resume,
         },
     )
     .await?;
+    let has_more = page.truncated || (page.messages.len() as i64 >= limit && page.remaining > 0);
+    // Acknowledged messages are no longer owed: the next page starts at the front again.
+    let next = page
+        .messages
+        .last()
+        .filter(|_| has_more && !params.ack.unwrap_or(false))
+        .map(|m| serde_json::json!({ "after_priority": m.priority, "after_seq": m.seq }));
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "agent_id": agent_id,
         "ack_floor": page.ack_floor,
         "messages": page.messages,
         "remaining": page.remaining,
+        "has_more": has_more,
+        "truncated": page.truncated,
+        "next": next,
     })))
 }
 

@@ -10,6 +10,7 @@ mod console;
 mod crash;
 mod fuzz;
 mod hardening_delivery;
+mod hardening_rest;
 mod hardening_ws;
 mod helpers;
 mod history;
