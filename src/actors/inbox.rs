@@ -255,6 +255,8 @@ pub async fn read(
                 .await?
                 .ok_or(InboxError::NotAMember)?;
             // Registered before the store is read: nothing committed after the read is missed.
+            // A channel that no longer answers (the broker is stopping) cannot wake the read:
+            // it answers with what the store has now instead of failing.
             let woken = if waiting {
                 let (tx, rx) = oneshot::channel();
                 channel
@@ -263,8 +265,9 @@ pub async fn read(
                         agent_type: state.cursor.agent_type.clone(),
                         tx,
                     })
-                    .await?;
-                Some(rx)
+                    .await
+                    .ok()
+                    .map(|()| rx)
             } else {
                 None
             };
