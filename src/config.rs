@@ -157,6 +157,64 @@ pub struct Settings {
     /// HTTP worker threads (0: one per core).
     #[arg(long, env = "AGENTBUS_WORKERS", default_value_t = 0)]
     pub workers: usize,
+
+    /// An agent that called in over REST or MCP (the CLI included) within this many
+    /// milliseconds is listed as online.
+    #[arg(long, env = "AGENTBUS_PRESENCE_INTERVAL_MS", default_value_t = 60_000)]
+    pub presence_interval_ms: u64,
+
+    /// Most inbox requests that may wait for mail at once (`wait_ms`, `check_inbox` with
+    /// `wait_seconds`), over the whole broker (0: no limit). One more is refused with 429.
+    #[arg(long, env = "AGENTBUS_MAX_INBOX_WAITS", default_value_t = 4_096)]
+    pub max_inbox_waits: usize,
+
+    /// Most inbox requests of one project that may wait at once (0: no limit).
+    #[arg(
+        long,
+        env = "AGENTBUS_MAX_INBOX_WAITS_PER_PROJECT",
+        default_value_t = 1_024
+    )]
+    pub max_inbox_waits_per_project: usize,
+
+    /// Web origins (`scheme://host[:port]`) allowed to call the MCP endpoint, comma-separated.
+    /// A request with any other `Origin` header is refused (403); requests without one
+    /// (command-line clients) and same-origin loopback requests are always allowed.
+    #[arg(long, env = "AGENTBUS_MCP_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub mcp_allowed_origins: Vec<String>,
+    /// Longest time a REST request's body may take to arrive, counted from the end of its
+    /// headers, in milliseconds. A slower body is answered 408 `body_timeout` and the
+    /// connection is closed.
+    #[arg(long, env = "AGENTBUS_BODY_TIMEOUT_MS", default_value_t = 5_000)]
+    pub body_timeout_ms: u64,
+
+    /// Most `POST /api/projects/{id}/requests` of one project waiting for their reply at
+    /// once (0: no limit). Beyond it a request is refused with 429 `too_many_waiters`.
+    #[arg(
+        long,
+        env = "AGENTBUS_MAX_WAITERS_PER_PROJECT",
+        default_value_t = 1_000
+    )]
+    pub max_waiters_per_project: usize,
+
+    /// Most `POST .../requests` waiting for their reply at once, all projects together (0: no
+    /// limit). Beyond it a request is refused with 503 `busy`.
+    #[arg(long, env = "AGENTBUS_MAX_WAITERS", default_value_t = 4_000)]
+    pub max_waiters: usize,
+
+    /// Most bytes of messages in one page of history or of an inbox (about the size of their
+    /// JSON). A page stops before the message that would exceed it (it always holds at least
+    /// one message) and says where to continue.
+    #[arg(long, env = "AGENTBUS_MAX_PAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_page_bytes: usize,
+
+    /// Most history, search and dead-letter reads served at once; the others wait their turn.
+    #[arg(long, env = "AGENTBUS_MAX_HEAVY_READS", default_value_t = 4)]
+    pub max_heavy_reads: usize,
+
+    /// Longest a history, search or dead-letter read waits for its turn, in milliseconds, before it
+    /// is refused with 503 `busy` and a `Retry-After`.
+    #[arg(long, env = "AGENTBUS_HEAVY_READ_WAIT_MS", default_value_t = 5_000)]
+    pub heavy_read_wait_ms: u64,
 }
 
 impl Default for Settings {
@@ -188,6 +246,16 @@ impl Default for Settings {
             admin_token: None,
             shutdown_timeout_ms: 10_000,
             workers: 0,
+            presence_interval_ms: 60_000,
+            max_inbox_waits: 4_096,
+            max_inbox_waits_per_project: 1_024,
+            mcp_allowed_origins: Vec::new(),
+            body_timeout_ms: 5_000,
+            max_waiters_per_project: 1_000,
+            max_waiters: 4_000,
+            max_page_bytes: 4 * 1024 * 1024,
+            max_heavy_reads: 4,
+            heavy_read_wait_ms: 5_000,
         }
     }
 }
@@ -285,6 +353,10 @@ impl Settings {
 
     pub fn client_timeout(&self) -> Duration {
         Duration::from_millis(self.client_timeout_ms.max(1))
+    }
+
+    pub fn presence_interval(&self) -> Duration {
+        Duration::from_millis(self.presence_interval_ms)
     }
 
     pub fn db_timeout(&self) -> Duration {

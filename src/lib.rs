@@ -24,6 +24,7 @@
 pub mod actors;
 pub mod auth;
 pub mod bench;
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod domain;

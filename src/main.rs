@@ -1,4 +1,7 @@
-//! The `agentbus` command: run the broker, apply migrations, manage projects.
+//! The `agentbus` command: run the broker, apply migrations, manage projects, and the agent
+//! commands (`send`, `inbox`, `ask`, ...) that talk to a running broker over HTTP.
+
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -36,6 +39,8 @@ enum Command {
     },
     /// Measure a broker over real WebSockets and verify every message (docs/PERFORMANCE.md).
     Bench(agentbus::bench::BenchArgs),
+    #[command(flatten)]
+    Agent(agentbus::cli::AgentCommand),
 }
 
 #[derive(Subcommand)]
@@ -47,6 +52,8 @@ enum ProjectCommand {
         #[command(flatten)]
         db: DatabaseArgs,
     },
+    /// List the projects of a running broker (needs the admin token on a protected broker).
+    List(agentbus::cli::ListArgs),
 }
 
 #[derive(Subcommand)]
@@ -77,40 +84,55 @@ struct DatabaseArgs {
     database_url: String,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     // The matches are kept: they tell which settings were given by a flag or the environment
     // and which were defaulted, and may come from the configuration file.
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
+        Command::Agent(command) => agentbus::cli::run(command),
+        Command::Project {
+            command: ProjectCommand::List(args),
+        } => agentbus::cli::list_projects(args),
+        command => match administer(command, &matches) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                // One line, the causes after colons; never a backtrace.
+                eprintln!("agentbus: {e:#}");
+                ExitCode::from(agentbus::cli::error::exit::ERROR)
+            }
+        },
+    }
+}
+
+/// The commands that run the broker or work on its database directly.
+fn administer(command: Command, matches: &clap::ArgMatches) -> anyhow::Result<()> {
+    match command {
+        Command::Agent(_)
+        | Command::Project {
+            command: ProjectCommand::List(_),
+        } => unreachable!("handled by main"),
         Command::Bench(args) => agentbus::bench::run(args),
         Command::Serve(args) => {
             let serve_matches = matches
                 .subcommand_matches("serve")
-                .expect("the serve subcommand's matches");
+                .context("the serve subcommand's settings")?;
             let settings = args.resolve(serve_matches)?;
             actix_web::rt::System::new().block_on(serve(settings))
         }
         Command::Migrate(args) => actix_web::rt::System::new().block_on(async {
-            db::ensure_database_exists(&args.database_url).await?;
-            db::run_migrations(&args.database_url)?;
+            prepare(&args.database_url).await?;
             log::info!("migrations are up to date");
             Ok(())
         }),
         Command::Project {
             command: ProjectCommand::Create { name, db: args },
         } => actix_web::rt::System::new().block_on(async {
-            db::ensure_database_exists(&args.database_url).await?;
-            db::run_migrations(&args.database_url)?;
+            prepare(&args.database_url).await?;
             let name =
                 agentbus::http::validate_project_name(&name).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let mut conn =
-                <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(
-                    &args.database_url,
-                )
-                .await
-                .context("connecting to the database")?;
+            let mut conn = connect(&args.database_url).await?;
             let (project, token) = db::queries::create_project_with_token(&mut conn, name).await?;
             let mut shown = serde_json::to_value(&project)?;
             // Shown this once: only its hash is stored.
@@ -122,14 +144,8 @@ fn main() -> anyhow::Result<()> {
             let args = match &command {
                 TokenCommand::Create { db, .. } | TokenCommand::Revoke { db, .. } => db,
             };
-            db::ensure_database_exists(&args.database_url).await?;
-            db::run_migrations(&args.database_url)?;
-            let mut conn =
-                <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(
-                    &args.database_url,
-                )
-                .await
-                .context("connecting to the database")?;
+            prepare(&args.database_url).await?;
+            let mut conn = connect(&args.database_url).await?;
             match command {
                 TokenCommand::Create {
                     project_id,
@@ -139,6 +155,15 @@ fn main() -> anyhow::Result<()> {
                     if let Some(agent_id) = &agent_id {
                         agentbus::protocol::check_agent_id("agent_id", agent_id)
                             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+                    }
+                    if db::queries::find_project(&mut conn, project_id)
+                        .await
+                        .context("looking up the project")?
+                        .is_none()
+                    {
+                        anyhow::bail!(
+                            "no project {project_id} in this database; see `agentbus project list` or create one with `agentbus project create NAME`"
+                        );
                     }
                     let (id, token) =
                         agentbus::auth::issue(&mut conn, project_id, agent_id.as_deref()).await?;
@@ -162,6 +187,49 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }),
+    }
+}
+
+/// Creates the database if needed and applies pending migrations; an error says what to
+/// fix first.
+async fn prepare(database_url: &str) -> anyhow::Result<()> {
+    let fix = || -> String {
+        format!(
+            "the database at {} is not usable; start PostgreSQL or set DATABASE_URL (--database-url)",
+            redact(database_url)
+        )
+    };
+    // The root cause only: the outer layers repeat the URL, with its password.
+    let explain = |e: anyhow::Error| anyhow::anyhow!("{}: {}", fix(), e.root_cause());
+    db::ensure_database_exists(database_url)
+        .await
+        .map_err(explain)?;
+    db::run_migrations(database_url).map_err(explain)
+}
+
+/// A connection to the database, or an error that says where it was looked for.
+async fn connect(database_url: &str) -> anyhow::Result<diesel_async::AsyncPgConnection> {
+    <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(database_url)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to the database at {}; start PostgreSQL or set DATABASE_URL (--database-url)",
+                redact(database_url)
+            )
+        })
+}
+
+/// A database URL without its password.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
     }
 }
 

@@ -15,6 +15,7 @@
 //! | `agentbus_persistence_failed_batches_total` | counter | batches the database did not store |
 //! | `agentbus_errors_total{code}` | counter | error frames sent to clients, and sends the store failed, by error code |
 //! | `agentbus_rate_limited_total` | counter | frames or requests refused by rate limiting |
+//! | `agentbus_inbox_waits` | gauge | inbox reads over HTTP (REST `wait_ms`, MCP `check_inbox`) waiting for mail |
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -49,6 +50,7 @@ struct Inner {
     failed_batches: Counter,
     errors: Family<ErrorLabels, Counter>,
     rate_limited: Counter,
+    inbox_waits: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -115,6 +117,12 @@ impl Default for Metrics {
             "Frames or requests refused by rate limiting",
             rate_limited.clone(),
         );
+        let inbox_waits = Gauge::default();
+        registry.register(
+            "inbox_waits",
+            "Inbox reads over HTTP waiting for mail",
+            inbox_waits.clone(),
+        );
         Metrics(Arc::new(Inner {
             registry,
             connections,
@@ -126,6 +134,7 @@ impl Default for Metrics {
             failed_batches,
             errors,
             rate_limited,
+            inbox_waits,
         }))
     }
 }
@@ -175,6 +184,11 @@ impl Metrics {
         self.0.rate_limited.inc();
     }
 
+    /// The gauge of waiting inbox reads, kept by whoever admits them.
+    pub fn inbox_waits(&self) -> Gauge {
+        self.0.inbox_waits.clone()
+    }
+
     /// Every series, in the OpenMetrics text format ([`CONTENT_TYPE`]).
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -216,6 +230,7 @@ mod tests {
             "agentbus_errors_total{code=\"invalid_json\"} 1",
             "agentbus_errors_total{code=\"unavailable\"} 5",
             "agentbus_rate_limited_total 0",
+            "agentbus_inbox_waits 0",
             "# EOF",
         ] {
             assert!(

@@ -77,6 +77,10 @@ diesel::table! {
         created_at -> Timestamptz,
         capabilities -> Array<Text>,
         description -> Nullable<Text>,
+        #[max_length = 16]
+        interface -> Nullable<Varchar>,
+        last_called_at -> Nullable<Timestamptz>,
+        notified_seq -> Int8,
     }
 }
 

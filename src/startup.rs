@@ -119,23 +119,50 @@ impl Application {
             settings.max_connections_per_project,
             settings.max_connections_per_address,
         );
+        let inbox_waits = crate::actors::inbox::WaitLimits::new(
+            settings.max_inbox_waits,
+            settings.max_inbox_waits_per_project,
+            stats.metrics().inbox_waits(),
+        );
+        let settings = Arc::new(settings);
         let state = AppState {
             pool,
-            settings: Arc::new(settings),
+            settings: Arc::clone(&settings),
             registry,
             persistence,
             cursors,
             stats,
             project_limits,
             connection_limits,
+            inbox_waits,
+            waiters: http::guards::Waiters::new(
+                settings.max_waiters_per_project,
+                settings.max_waiters,
+            ),
+            heavy_reads: http::guards::HeavyReads::new(
+                settings.max_heavy_reads,
+                Duration::from_millis(settings.heavy_read_wait_ms),
+            ),
         };
         let server = HttpServer::new(move || {
             App::new()
+                .wrap(actix_web::middleware::from_fn(http::guards::bound_body))
+                .wrap(actix_web::middleware::from_fn(http::guards::refuse_nul))
                 .wrap(actix_web::middleware::from_fn(http::log_request))
+                // Every response, errors and the console included: browsers must not guess
+                // a content type other than the one given.
+                .wrap(
+                    actix_web::middleware::DefaultHeaders::new()
+                        .add((actix_web::http::header::X_CONTENT_TYPE_OPTIONS, "nosniff")),
+                )
                 .app_data(web::Data::new(state.clone()))
                 .configure(http::routes)
         })
         .workers(workers)
+        // A client that closes its connection while its request is pending (typically a
+        // `POST .../requests` waiting for a reply) ends the request: its handler is dropped
+        // and the socket closed, instead of both waiting for the reply timeout.
+        .h1_allow_half_closed(false)
         // Signals are handled by `run_until_stopped`, which drains sessions first.
         .disable_signals()
         .shutdown_timeout(shutdown_timeout.as_secs().max(1))

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use super::inbox::{InboxWaiters, Wake};
 use super::persistence::{Reply, Settlement};
 use super::session::{Deliver, Drain, Replaced, SessionActor, TokenRevoked};
 use crate::models::StoredMessage;
@@ -33,6 +34,8 @@ pub struct ChannelActor {
     members: HashMap<String, Member>,
     /// REST callers waiting for the first reply to a request (sendAndWait), by request id.
     reply_waiters: HashMap<Uuid, oneshot::Sender<StoredMessage>>,
+    /// Inbox reads over HTTP waiting for something to be owed to their agent.
+    inbox_waiters: InboxWaiters,
     stats: Stats,
 }
 
@@ -43,6 +46,7 @@ impl ChannelActor {
             head_seq,
             members: HashMap::new(),
             reply_waiters: HashMap::new(),
+            inbox_waiters: InboxWaiters::default(),
             stats,
         }
     }
@@ -64,6 +68,7 @@ impl ChannelActor {
             let expired = message.expires_at.is_some_and(|at| at <= now);
             if !expired {
                 delivered = self.deliver(&message);
+                self.inbox_waiters.wake_for(&message);
             }
             if let Some(waiter) = message
                 .reply_to
@@ -237,6 +242,41 @@ impl Handler<AwaitReply> for ChannelActor {
     }
 }
 
+/// An inbox read over HTTP waits until something may be owed to `agent_id` (woken once; see
+/// [`super::inbox`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WaitInbox {
+    pub agent_id: String,
+    pub agent_type: String,
+    pub tx: oneshot::Sender<Wake>,
+}
+
+impl Handler<WaitInbox> for ChannelActor {
+    type Result = ();
+
+    fn handle(&mut self, wait: WaitInbox, _ctx: &mut Self::Context) {
+        self.inbox_waiters
+            .add(wait.agent_id, wait.agent_type, wait.tx);
+    }
+}
+
+/// The REST caller waiting for this request's reply is gone (its client disconnected): its
+/// waiter is dropped now. The request itself stays stored and can still be answered.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ForgetReply {
+    pub request_id: Uuid,
+}
+
+impl Handler<ForgetReply> for ChannelActor {
+    type Result = ();
+
+    fn handle(&mut self, forget: ForgetReply, _ctx: &mut Self::Context) {
+        self.reply_waiters.remove(&forget.request_id);
+    }
+}
+
 /// The broker is shutting down: every session settles its sends and closes. Answered with
 /// the number of sessions told.
 #[derive(Message)]
@@ -250,6 +290,8 @@ impl Handler<DrainAll> for ChannelActor {
         for member in self.members.values() {
             member.addr.do_send(Drain);
         }
+        // Waiting inbox reads answer now (with nothing), and so does every later one.
+        self.inbox_waiters.drain();
         self.members.len()
     }
 }

@@ -18,6 +18,8 @@ pub mod acks;
 pub mod channel;
 pub mod cursor;
 pub mod deadlines;
+pub mod feed;
+pub mod inbox;
 pub mod persistence;
 pub mod registry;
 pub mod search;

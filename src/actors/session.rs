@@ -15,6 +15,7 @@ use uuid::Uuid;
 use super::acks;
 use super::channel::{ChannelActor, Join, Leave};
 use super::cursor::{CursorActor, GiveUp, MarkRead, RecordAttempts, ReportProgress};
+use super::feed::{Feed, Live, StoreRange};
 use super::persistence::{Persist, PersistenceActor, Reply};
 use crate::config::Settings;
 use crate::db::cursors::{self, MemberCursor, OwedQuery, Progress};
@@ -126,17 +127,11 @@ pub struct SessionActor {
     next_ping: u64,
     ping_queued: bool,
     delivery: DeliveryOptions,
-    /// Where messages come from right now: `Some` while owed messages are read from the
-    /// store (the replay at connect, or a catch-up after live traffic had to be skipped),
-    /// `None` while live messages from the channel are delivered as they come.
-    store: Option<StoreRange>,
+    /// Where messages come from right now: the store (the replay at connect, or a catch-up
+    /// after live traffic had to be skipped) or the channel, live.
+    feed: Feed,
     /// A store page is being read.
     loading: bool,
-    /// The highest live seq skipped while delivering from the store: the store must be read
-    /// up to it before live delivery resumes.
-    missed_upto: i64,
-    /// The highest seq queued for this client (replayed or live).
-    queued_upto: i64,
     /// Manual mode: messages queued or written but not acknowledged yet.
     in_flight: BTreeSet<i64>,
     /// Auto mode, once live: every owed message up to this seq was queued before live
@@ -150,17 +145,6 @@ pub struct SessionActor {
 enum Written {
     Message(i64),
     Ping(u64),
-}
-
-/// A range of owed messages being read from the store, page by page.
-struct StoreRange {
-    /// Seqs in `(after, upto]`.
-    after: i64,
-    upto: i64,
-    /// Priority then seq (the replay at connect), or seq only (catch-up).
-    by_priority: bool,
-    /// Where the next page starts (keyset).
-    resume: (i16, i64),
 }
 
 impl SessionActor {
@@ -196,10 +180,8 @@ impl SessionActor {
             next_ping: 0,
             ping_queued: false,
             delivery,
-            store: None,
+            feed: Feed::default(),
             loading: false,
-            missed_upto: 0,
-            queued_upto: 0,
             in_flight: BTreeSet::new(),
             attempted: Vec::new(),
             live_from: None,
@@ -261,7 +243,9 @@ impl SessionActor {
         if self.loading || self.closing {
             return;
         }
-        let Some(range) = &self.store else { return };
+        let Some(range) = self.feed.reading() else {
+            return;
+        };
         let limit = self.room().min(STORE_PAGE);
         // Wait for room for a worthwhile page (a quarter of the window) rather than reading
         // the store once per acknowledgement, unless the client has nothing left to read.
@@ -317,10 +301,9 @@ impl SessionActor {
         ctx: &mut Context<Self>,
     ) {
         let mut exhausted = page.len() < limit;
-        let Some(range) = self.store.as_ref() else {
+        if self.feed.reading().is_none() {
             return;
-        };
-        let range_upto = range.upto;
+        }
         let max_deliveries = self.deps.settings.max_deliveries as i32;
         // Half the outbox's byte bound for the store, so large messages are paced rather
         // than overflowing it; at least one message always goes.
@@ -344,8 +327,8 @@ impl SessionActor {
             }
             resume = Some((message.priority, message.seq));
         }
-        if let (Some(range), Some(resume)) = (self.store.as_mut(), resume) {
-            range.resume = resume;
+        if let Some(resume) = resume {
+            self.feed.advance(resume);
         }
         if !given_up.is_empty() {
             log::info!(
@@ -362,15 +345,8 @@ impl SessionActor {
         self.flush_attempts();
         if exhausted {
             // Live messages skipped meanwhile are read next, in seq order; then live.
-            self.store = (self.missed_upto > range_upto).then_some(StoreRange {
-                after: range_upto,
-                upto: self.missed_upto,
-                by_priority: false,
-                resume: (0, range_upto),
-            });
-            self.queued_upto = self.queued_upto.max(range_upto);
-            if self.store.is_none() {
-                self.went_live(self.queued_upto);
+            if let Some(upto) = self.feed.range_done() {
+                self.went_live(upto);
             }
         }
         self.fetch_more(ctx);
@@ -382,7 +358,7 @@ impl SessionActor {
             self.in_flight.insert(seq);
             self.attempted.push(seq);
         }
-        self.queued_upto = self.queued_upto.max(seq);
+        self.feed.queued(seq);
         self.push(Outgoing::Message { frame, seq }, ctx);
     }
 
@@ -391,18 +367,12 @@ impl SessionActor {
         if self.closing {
             return;
         }
-        if let Some(range) = self.store.as_mut() {
+        match self.feed.live(seq) {
+            Live::Deliver => {}
             // Delivering from the store: this one is read from there in its turn.
-            if range.by_priority {
-                self.missed_upto = self.missed_upto.max(seq);
-            } else {
-                range.upto = range.upto.max(seq);
-            }
-            return;
-        }
-        if seq <= self.queued_upto {
-            // Already replayed from the store.
-            return;
+            Live::FromStore => return,
+            // Already read from the store.
+            Live::Queued => return,
         }
         let full = match self.delivery.ack {
             AckMode::Manual => self.in_flight.len() >= self.deps.settings.max_in_flight,
@@ -414,12 +384,7 @@ impl SessionActor {
             if self.delivery.ack == AckMode::Manual {
                 // The window is full: stop taking live traffic and catch up from the store as
                 // acknowledgements come back.
-                self.store = Some(StoreRange {
-                    after: self.queued_upto,
-                    upto: seq,
-                    by_priority: false,
-                    resume: (0, self.queued_upto),
-                });
+                self.feed.fall_behind(seq);
                 return;
             }
             // Auto mode: only what was written counts as done, so the client recovers the rest
@@ -445,9 +410,7 @@ impl SessionActor {
         }
         .encode();
         self.push_text(welcome, ctx);
-        self.queued_upto = range.after;
-        self.missed_upto = range.upto;
-        self.store = Some(range);
+        self.feed = Feed::replay(range.after, range.upto);
         self.fetch_more(ctx);
     }
 

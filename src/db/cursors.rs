@@ -59,13 +59,13 @@ pub async fn join_member(
 ) -> QueryResult<MemberCursor> {
     diesel::sql_query(
         "INSERT INTO members (project_id, agent_id, agent_type, ack_floor, joined_seq, \
-                              current_session_id, last_seen_at) \
-         VALUES ($1, $2, $3, $4, $4, $5, now()) \
+                              current_session_id, last_seen_at, interface) \
+         VALUES ($1, $2, $3, $4, $4, $5, now(), 'websocket') \
          ON CONFLICT (project_id, agent_id) DO UPDATE SET \
            agent_type = EXCLUDED.agent_type, \
            joined_seq = COALESCE(members.joined_seq, EXCLUDED.joined_seq), \
            current_session_id = EXCLUDED.current_session_id, \
-           last_seen_at = now() \
+           last_seen_at = now(), interface = 'websocket' \
          RETURNING ack_floor, acked_above, joined_seq, agent_type",
     )
     .bind::<SqlUuid, _>(project_id)
@@ -654,6 +654,12 @@ pub struct MemberRow {
     pub capabilities: Vec<String>,
     #[diesel(sql_type = Nullable<Text>)]
     pub description: Option<String>,
+    /// How it last called in: `websocket`, `rest`, `mcp` (none: never).
+    #[diesel(sql_type = Nullable<Text>)]
+    pub interface: Option<String>,
+    /// Its last REST/MCP call, for presence.
+    #[diesel(sql_type = Nullable<diesel::sql_types::Timestamptz>)]
+    pub last_called_at: Option<DateTime<Utc>>,
 }
 
 /// The members of a project (those declaring `capability`, when given), with their queues.
@@ -664,6 +670,7 @@ pub async fn list_members(
 ) -> QueryResult<Vec<MemberRow>> {
     diesel::sql_query(
         "SELECT m.agent_id, m.agent_type, m.ack_floor, m.last_seen_at, m.capabilities, m.description, \
+           m.interface, m.last_called_at, \
            (SELECT count(*) FROM agent_messages a \
             WHERE a.project_id = m.project_id AND a.seq > m.ack_floor \
               AND agentbus_owed(a.recipient_agent_id, a.recipient_agent_type, a.sender_agent_id, \

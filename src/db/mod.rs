@@ -3,6 +3,8 @@
 
 pub mod batch;
 pub mod cursors;
+pub mod inbox;
+pub mod paging;
 pub mod prepared;
 pub mod queries;
 pub mod search;

@@ -102,16 +102,28 @@ pub struct HistoryQuery {
     pub q: Option<String>,
 }
 
-/// A page of history, ascending by seq. With neither bound, the latest page.
-pub async fn history(
-    conn: &mut AsyncPgConnection,
+/// A page of history and what follows it.
+#[derive(Debug)]
+pub struct HistoryPage {
+    /// Ascending by seq.
+    pub messages: Vec<StoredMessage>,
+    /// More messages match beyond this page, in its direction (after its last message when
+    /// reading forward with `after_seq`, before its first otherwise).
+    pub has_more: bool,
+    /// The page stopped at the byte budget before `limit` messages.
+    pub truncated: bool,
+}
+
+/// The messages a history query selects, filtered and ordered (newest first unless reading
+/// forward with `after_seq`), all columns.
+fn history_selection<'a>(
     project_id: Uuid,
-    q: &HistoryQuery,
-) -> QueryResult<Vec<StoredMessage>> {
+    q: &'a HistoryQuery,
+    indexed_seq: Option<i64>,
+) -> agent_messages::BoxedQuery<'a, diesel::pg::Pg> {
     use crate::schema::agent_messages::dsl as m;
     let mut query = m::agent_messages
         .filter(m::project_id.eq(project_id))
-        .select(StoredMessage::as_select())
         .into_boxed();
     if let Some(after) = q.after_seq {
         query = query.filter(m::seq.gt(after));
@@ -131,7 +143,7 @@ pub async fn history(
     if let Some(t) = q.thread {
         query = query.filter(m::id.eq(t).or(m::reply_to.eq(t)));
     }
-    if let Some(words) = &q.q {
+    if let (Some(words), Some(indexed_seq)) = (&q.q, indexed_seq) {
         // The indexed documents (db::search), then the tail the indexer has not reached yet,
         // tokenised here: every stored message is searched. The matches' seqs are gathered
         // first (an InitPlan), so the rows are then fetched by (project_id, seq). The tail's
@@ -139,7 +151,6 @@ pub async fn history(
         // the tail is short, and plans (and JIT-compiles) a scan of the whole project. Should
         // the indexer move on meanwhile, a message is found twice, which `= ANY` absorbs.
         use diesel::sql_types::{BigInt, Text, Uuid as SqlUuid};
-        let indexed_seq = crate::db::search::indexed_seq(conn, project_id).await?;
         query = query.filter(
             diesel::dsl::sql::<diesel::sql_types::Bool>(
                 "seq = ANY(ARRAY(SELECT s.seq FROM message_search s WHERE s.project_id = ",
@@ -160,19 +171,64 @@ pub async fn history(
     // looks up the matches found by the full-text index and sorts them, instead of walking
     // the seq index and testing every row until enough match (seconds on a large project
     // when the word is rare).
-    let searching = q.q.is_some();
-    let ascending = q.after_seq.is_some();
-    query = match (searching, ascending) {
+    match (q.q.is_some(), q.after_seq.is_some()) {
         (false, true) => query.order(m::seq.asc()),
         (false, false) => query.order(m::seq.desc()),
         (true, true) => query.order((m::seq + 0_i64).asc()),
         (true, false) => query.order((m::seq + 0_i64).desc()),
-    };
-    let mut page = query.limit(q.limit).load(conn).await?;
-    if !ascending {
-        page.reverse();
     }
-    Ok(page)
+}
+
+/// A page of history, ascending by seq; with neither bound, the latest page. At most
+/// `q.limit` messages and, past the first, at most about `budget` bytes of them (see
+/// `db::paging`): the seqs and sizes of the page are read first (no content), then only the
+/// messages that fit.
+pub async fn history(
+    conn: &mut AsyncPgConnection,
+    project_id: Uuid,
+    q: &HistoryQuery,
+    budget: usize,
+) -> QueryResult<HistoryPage> {
+    use crate::schema::agent_messages::dsl as m;
+    let indexed_seq = match q.q {
+        Some(_) => Some(crate::db::search::indexed_seq(conn, project_id).await?),
+        None => None,
+    };
+    // The stored size of the content and metadata, without reading (or decompressing) them.
+    let sized: Vec<(i64, i64)> = history_selection(project_id, q, indexed_seq)
+        .select((
+            m::seq,
+            diesel::dsl::sql::<diesel::sql_types::BigInt>(
+                "octet_length(content)::int8 + octet_length(coalesce(error, ''))::int8 \
+                 + pg_column_size(metadata)::int8",
+            ),
+        ))
+        .limit(q.limit.saturating_add(1))
+        .load(conn)
+        .await?;
+    let limit = usize::try_from(q.limit).unwrap_or(usize::MAX);
+    let candidates = &sized[..sized.len().min(limit)];
+    let fit = crate::db::paging::fitting(
+        candidates.iter().map(|&(_, bytes)| {
+            usize::try_from(bytes)
+                .unwrap_or(0)
+                .saturating_add(crate::db::paging::ROW_OVERHEAD_BYTES)
+        }),
+        budget,
+    );
+    let seqs: Vec<i64> = candidates[..fit].iter().map(|&(seq, _)| seq).collect();
+    let messages = m::agent_messages
+        .filter(m::project_id.eq(project_id))
+        .filter(m::seq.eq_any(seqs))
+        .order(m::seq.asc())
+        .select(StoredMessage::as_select())
+        .load(conn)
+        .await?;
+    Ok(HistoryPage {
+        messages,
+        has_more: sized.len() > fit,
+        truncated: fit < candidates.len(),
+    })
 }
 
 pub async fn find_message(

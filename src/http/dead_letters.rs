@@ -38,6 +38,7 @@ pub async fn list(
 ) -> Result<HttpResponse, ApiError> {
     let limit = page_limit(params.limit)?;
     let project = projects::load(&state, &path).await?;
+    let _turn = state.heavy_reads.turn().await?;
     let mut conn = state.pool.get().await?;
     let rows: Vec<(StoredMessage, DeadLetterRecord)> = dead_letters::table
         .inner_join(agent_messages::table)

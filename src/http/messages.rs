@@ -9,10 +9,11 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{granted, projects, ApiError, AppState};
-use crate::actors::channel::AwaitReply;
+use crate::actors::channel::{AwaitReply, ForgetReply};
 use crate::actors::deadlines::BROKER_AGENT_ID;
 use crate::actors::persistence::{no_recipient_text, Persist, Reply, Settlement};
 use crate::auth::Access;
+use crate::db::cursors::{self, Progress};
 use crate::db::queries::{self, HistoryQuery};
 use crate::models::{NewMessage, StoredMessage};
 use crate::protocol::{self, SendFields};
@@ -80,12 +81,43 @@ pub async fn history(
             .transpose()?,
         q: params.q.filter(|q| !q.trim().is_empty()),
     };
+    let _turn = state.heavy_reads.turn().await?;
     let mut conn = state.pool.get().await?;
-    let messages = queries::history(&mut conn, project.id, &query).await?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "messages": messages,
-        "head_seq": project.head_seq,
-    })))
+    let page =
+        queries::history(&mut conn, project.id, &query, state.settings.max_page_bytes).await?;
+    drop(conn);
+    // Where the next page starts: forward after the last message when reading forward,
+    // back before the first otherwise.
+    let next = match (page.has_more, query.after_seq.is_some()) {
+        (false, _) => None,
+        (true, true) => page
+            .messages
+            .last()
+            .map(|m| serde_json::json!({ "after_seq": m.seq })),
+        (true, false) => page
+            .messages
+            .first()
+            .map(|m| serde_json::json!({ "before_seq": m.seq })),
+    };
+    // Serialised from the messages themselves, not from a copy of them as a JSON value.
+    super::guards::large_json(HistoryAnswer {
+        messages: page.messages,
+        head_seq: project.head_seq,
+        has_more: page.has_more,
+        truncated: page.truncated,
+        next,
+    })
+    .await
+}
+
+/// A page of history, as answered.
+#[derive(serde::Serialize)]
+struct HistoryAnswer {
+    messages: Vec<StoredMessage>,
+    head_seq: i64,
+    has_more: bool,
+    truncated: bool,
+    next: Option<serde_json::Value>,
 }
 
 /// A send over REST: the fields of a WebSocket send frame, plus who is sending.
@@ -104,9 +136,11 @@ pub async fn publish(
     body: web::Json<PublishBody>,
 ) -> Result<HttpResponse, ApiError> {
     let project = projects::load(&state, &path).await?;
+    let access = granted(&req)?;
     let message = body
         .into_inner()
-        .into_message(&state, project.id, &granted(&req)?)?;
+        .into_message(&state, project.id, &access)?;
+    joined_sender(&state, &access, &message).await?;
     let (stored, _) = store(&state, message).await?;
     Ok(HttpResponse::Created().json(stored))
 }
@@ -151,6 +185,29 @@ impl PublishBody {
     }
 }
 
+/// A send over HTTP makes its sender a member (joined at the head) and counts as its presence.
+pub(super) async fn joined_sender(
+    state: &AppState,
+    access: &Access,
+    message: &NewMessage,
+) -> Result<(), ApiError> {
+    super::agents::call_as(
+        state,
+        access,
+        message.project_id,
+        &super::agents::CallAs {
+            agent_id: &message.sender_agent_id,
+            agent_type: &message.sender_agent_type,
+            interface: crate::db::inbox::Interface::Rest,
+            explicit: false,
+            capabilities: None,
+            description: None,
+        },
+    )
+    .await
+    .map(drop)
+}
+
 /// Sends a message through the persistence actor (the same path as WebSocket sends) and
 /// waits for its commit. Returns the stored message and whether nobody can receive it.
 pub async fn store(
@@ -193,21 +250,29 @@ pub async fn send_and_wait(
     let project = projects::load(&state, &path).await?;
     let mut body = body.into_inner();
     body.send.expects_reply = Some(true);
-    let message = body.into_message(&state, project.id, &granted(&req)?)?;
+    let access = granted(&req)?;
+    let message = body.into_message(&state, project.id, &access)?;
+    joined_sender(&state, &access, &message).await?;
     let timeout_ms = message
         .reply_timeout_ms
         .unwrap_or(protocol::DEFAULT_REPLY_TIMEOUT_MS);
+    // Held until this handler ends: answered, or dropped because its client disconnected
+    // (the server drops a request's handler when its connection closes).
+    let _place = state.waiters.acquire(project.id)?;
     // Wait for the reply before the request exists, so it cannot be missed.
     let (tx, rx) = oneshot::channel();
-    state
-        .registry
-        .get_or_start(project.id, project.head_seq)
+    let channel = state.registry.get_or_start(project.id, project.head_seq);
+    channel
         .send(AwaitReply {
             request_id: message.id,
             tx,
         })
         .await
         .map_err(|e| ApiError::Internal(format!("the project channel did not answer: {e}")))?;
+    let _forget = ForgetOnDrop {
+        channel,
+        request_id: message.id,
+    };
     let (request, no_recipient) = store(&state, message).await?;
     if no_recipient {
         return Ok(HttpResponse::UnprocessableEntity().json(serde_json::json!({
@@ -225,6 +290,15 @@ pub async fn send_and_wait(
             ApiError::Unavailable("no reply and no timeout response were committed in time".into())
         })?
         .map_err(|_| ApiError::Internal("the project channel dropped the wait".into()))?;
+    // The reply is handed over in this response: it is delivered to the requester, and no
+    // longer owed to it.
+    let mut conn = state.pool.get().await?;
+    let progress = Progress {
+        done: vec![response.seq],
+        up_to: None,
+    };
+    cursors::apply_progress(&mut conn, project.id, &request.sender_agent_id, &progress).await?;
+    drop(conn);
     let timed_out =
         response.sender_agent_id == BROKER_AGENT_ID && response.error.as_deref() == Some("timeout");
     let body = serde_json::json!({ "request": request, "response": response });
@@ -233,6 +307,21 @@ pub async fn send_and_wait(
     } else {
         HttpResponse::Ok().json(body)
     })
+}
+
+/// Drops the channel's waiter for a request when its REST caller is gone. (When the reply
+/// came, the channel already dropped it; forgetting it again is harmless.)
+struct ForgetOnDrop {
+    channel: actix::Addr<crate::actors::channel::ChannelActor>,
+    request_id: Uuid,
+}
+
+impl Drop for ForgetOnDrop {
+    fn drop(&mut self) {
+        self.channel.do_send(ForgetReply {
+            request_id: self.request_id,
+        });
+    }
 }
 
 /// One message with its delivery state: who still owes it, and its dead-letter record.

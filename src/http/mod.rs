@@ -5,6 +5,7 @@ mod agents;
 mod console;
 mod dead_letters;
 mod error;
+pub mod guards;
 mod messages;
 mod ops;
 mod projects;
@@ -42,6 +43,12 @@ pub struct AppState {
     pub project_limits: crate::limits::ProjectLimits,
     /// Open connections per project and per address.
     pub connection_limits: crate::limits::ConnectionLimits,
+    /// Inbox reads waiting for mail, over the broker and per project.
+    pub inbox_waits: crate::actors::inbox::WaitLimits,
+    /// REST requests waiting for their reply, per project and in all.
+    pub waiters: guards::Waiters,
+    /// History, search, inbox and dead-letter reads served at once.
+    pub heavy_reads: guards::HeavyReads,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -66,8 +73,13 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .service(
         web::scope("/api")
             .route("/stats", web::get().to(stats::all))
-            .route("/projects", web::post().to(projects::create))
-            .route("/projects", web::get().to(projects::list))
+            .service(
+                web::resource("/projects")
+                    .wrap(actix_web::middleware::from_fn(guards::admin_access))
+                    .route(web::post().to(projects::create))
+                    .route(web::get().to(projects::list))
+                    .default_service(web::to(not_found)),
+            )
             .service(
                 web::scope("/projects/{project_id}")
                     .wrap(actix_web::middleware::from_fn(project_access))
@@ -79,11 +91,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 
 /// Logs one line per request, with a request id (the client's `X-Request-Id`, or a new one)
 /// that is also returned in the response. The query string is not logged: it may carry a
-/// token.
+/// token. A 500's detail is logged here, with the request id, and its body replaced by a
+/// generic sentence naming the request id.
 pub async fn log_request(
     req: actix_web::dev::ServiceRequest,
-    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
-) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<actix_web::dev::ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
     let id = req
         .headers()
         .get("x-request-id")
@@ -93,7 +106,20 @@ pub async fn log_request(
         .unwrap_or_else(|| Uuid::new_v4().simple().to_string()[..12].to_owned());
     let (method, path) = (req.method().clone(), req.path().to_owned());
     let started = std::time::Instant::now();
-    let mut response = next.call(req).await?;
+    let mut response = next.call(req).await?.map_into_boxed_body();
+    let internal = response
+        .response()
+        .extensions()
+        .get::<error::InternalDetail>()
+        .cloned();
+    if let Some(error::InternalDetail(detail)) = internal {
+        log::error!("request {id} {method} {path}: internal error: {detail}");
+        response = response.into_response(
+            HttpResponse::InternalServerError()
+                .json(error::internal_body(&id))
+                .map_into_boxed_body(),
+        );
+    }
     log::info!(
         "request {id} {method} {path} -> {} in {:.1} ms",
         response.status().as_u16(),
@@ -110,11 +136,27 @@ pub async fn log_request(
 
 /// Checks the credentials of every request under `/api/projects/{project_id}`: the admin
 /// token, or a token of that project. The access is left in the request's extensions.
+/// Refusals are answered here (not returned as errors), so that the middleware around sees a
+/// response and the body is never read.
 async fn project_access(
     req: actix_web::dev::ServiceRequest,
-    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
-) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<actix_web::dev::ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
     use actix_web::HttpMessage;
+    match check_project_access(&req).await {
+        Ok(access) => {
+            req.extensions_mut().insert(access);
+            next.call(req)
+                .await
+                .map(actix_web::dev::ServiceResponse::map_into_boxed_body)
+        }
+        Err(e) => Ok(req.error_response(e)),
+    }
+}
+
+async fn check_project_access(
+    req: &actix_web::dev::ServiceRequest,
+) -> Result<auth::Access, ApiError> {
     let state = req
         .app_data::<web::Data<AppState>>()
         .cloned()
@@ -126,16 +168,17 @@ async fn project_access(
         state.settings.admin_token.as_deref(),
         token.as_deref(),
     )
-    .await
-    .map_err(ApiError::from)?;
+    .await?;
     if !access.allows_project(project_id) {
-        return Err(ApiError::Forbidden("this token is for another project".into()).into());
+        return Err(ApiError::Forbidden(
+            "this token is for another project".into(),
+        ));
     }
-    req.extensions_mut().insert(access);
-    next.call(req).await
+    Ok(access)
 }
 
-/// The admin token (or an open broker) is required.
+/// The admin token (or an open broker) is required. (`/api/projects` checks it in
+/// `guards::admin_access`, before the body is read.)
 pub async fn require_admin(req: &actix_web::HttpRequest, state: &AppState) -> Result<(), ApiError> {
     let token = auth::presented_token(req);
     let access = auth::authenticate(
@@ -171,16 +214,31 @@ fn project_routes(cfg: &mut web::ServiceConfig) {
         .route("/messages/{message_id}/read", web::post().to(agents::read))
         .route("/requests", web::post().to(messages::send_and_wait))
         .route("/agents", web::get().to(agents::list))
+        .route("/agents", web::post().to(agents::join))
         .route("/agents/{agent_id}/inbox", web::get().to(agents::inbox))
+        .route(
+            "/agents/{agent_id}/notifications",
+            web::post().to(agents::notifications),
+        )
         .route("/agents/{agent_id}/ack", web::post().to(agents::ack))
         .route("/dead-letters", web::get().to(dead_letters::list))
         .route(
             "/dead-letters/{message_id}/retry",
             web::post().to(dead_letters::retry),
         )
-        .route("/tokens", web::get().to(tokens::list))
-        .route("/tokens", web::post().to(tokens::issue))
-        .route("/tokens/{token_id}", web::delete().to(tokens::revoke));
+        .service(
+            web::resource("/tokens")
+                .wrap(actix_web::middleware::from_fn(guards::admin_only))
+                .route(web::get().to(tokens::list))
+                .route(web::post().to(tokens::issue))
+                .default_service(web::to(not_found)),
+        )
+        .service(
+            web::resource("/tokens/{token_id}")
+                .wrap(actix_web::middleware::from_fn(guards::admin_only))
+                .route(web::delete().to(tokens::revoke))
+                .default_service(web::to(not_found)),
+        );
 }
 
 /// Unknown paths and methods get a JSON error like every other route.

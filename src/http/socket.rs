@@ -17,9 +17,11 @@
 //! the frames before the cut in order, then sees the end of the stream and the refusal, and
 //! answers `frame_too_large` and closes with 1009 (after the receipts of what was sent
 //! before). Nothing of the refused frame's payload reaches the decoder, which therefore never
-//! holds more than one frame of at most `max_frame_bytes` plus what one read brings (while
-//! the stream is read, the HTTP layer stops reading the socket once its own 32 KiB buffer is
-//! full and nobody takes from it). Once the cut stream has been dropped, the HTTP layer reads
+//! holds more than one frame of at most `max_frame_bytes` plus [`READ_AHEAD`] and the last
+//! chunk the HTTP layer handed over: `MessageStream` reads until its payload has nothing
+//! ready, so the guard hands over at most that much before it lets the decoder have a turn,
+//! whatever the HTTP layer has buffered (while the stream is read, the HTTP layer stops
+//! reading the socket once its own 32 KiB buffer is full and nobody takes from it). Once the cut stream has been dropped, the HTTP layer reads
 //! and discards whatever still arrives, keeping none of it, until it shuts the connection
 //! down after the close frame (within its client disconnect timeout, 1 s). The decoder's own
 //! limits stay in place behind the guard.
@@ -127,6 +129,7 @@ pub async fn connect(
         tracker: FrameTracker::new(max_frame),
         refusal: refusal.clone(),
         refused: false,
+        read_ahead: 0,
     };
     let body = web::Payload::from_request(
         &req,
@@ -199,17 +202,25 @@ pub async fn connect(
     Ok(response)
 }
 
+/// Most bytes the guard hands to the decoder before the decoder has had a turn.
+const READ_AHEAD: usize = 64 * 1024;
+
 /// The client's side of the connection on its way to the WebSocket decoder, cut at the first
 /// frame header over the limit (see the module documentation).
-struct FrameGuard {
-    inner: dev::Payload,
+struct FrameGuard<P = dev::Payload> {
+    inner: P,
     tracker: FrameTracker,
     refusal: Refusal,
     /// Set at the cut: the stream has ended, and the connection is not read any further.
     refused: bool,
+    /// Bytes handed over since the decoder last had a turn.
+    read_ahead: usize,
 }
 
-impl Stream for FrameGuard {
+impl<P> Stream for FrameGuard<P>
+where
+    P: Stream<Item = Result<Bytes, PayloadError>> + Unpin,
+{
     type Item = Result<Bytes, PayloadError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -217,9 +228,18 @@ impl Stream for FrameGuard {
         if this.refused {
             return Poll::Ready(None);
         }
+        if this.read_ahead >= READ_AHEAD {
+            // The decoder reads until nothing is ready: let it decode what it has first.
+            this.read_ahead = 0;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
         match Pin::new(&mut this.inner).poll_next(cx) {
             Poll::Ready(Some(Ok(bytes))) => match this.tracker.scan(&bytes) {
-                Ok(()) => Poll::Ready(Some(Ok(bytes))),
+                Ok(()) => {
+                    this.read_ahead += bytes.len();
+                    Poll::Ready(Some(Ok(bytes)))
+                }
                 Err(refused) => {
                     this.refused = true;
                     this.refusal.record(refused.why);
@@ -230,7 +250,78 @@ impl Stream for FrameGuard {
                     }
                 }
             },
+            Poll::Pending => {
+                this.read_ahead = 0;
+                Poll::Pending
+            }
             other => other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::Waker;
+
+    use futures_util::stream;
+
+    use super::*;
+    use crate::frames::Oversize;
+
+    fn poll<S: Stream + Unpin>(s: &mut S) -> Poll<Option<S::Item>> {
+        Pin::new(s).poll_next(&mut Context::from_waker(Waker::noop()))
+    }
+
+    /// A masked text frame header for `len` bytes, with a 64-bit length.
+    fn header(len: u64) -> Vec<u8> {
+        let mut bytes = vec![0x81, 0x80 | 127];
+        bytes.extend(len.to_be_bytes());
+        bytes.extend([1, 2, 3, 4]);
+        bytes
+    }
+
+    fn guard(
+        chunks: Vec<Vec<u8>>,
+        max: usize,
+    ) -> FrameGuard<impl Stream<Item = Result<Bytes, PayloadError>> + Unpin> {
+        FrameGuard {
+            inner: stream::iter(chunks.into_iter().map(|c| Ok(Bytes::from(c)))),
+            tracker: FrameTracker::new(max),
+            refusal: Refusal::default(),
+            refused: false,
+            read_ahead: 0,
+        }
+    }
+
+    #[test]
+    fn the_stream_ends_before_the_refused_header() {
+        let mut first = header(3);
+        first.extend([0; 3]);
+        let fits = first.len();
+        first.extend(header(1 << 40));
+        let mut payload = guard(vec![first, vec![0; 100]], 1000);
+        match poll(&mut payload) {
+            Poll::Ready(Some(Ok(bytes))) => assert_eq!(bytes.len(), fits),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(poll(&mut payload), Poll::Ready(None)));
+        assert!(matches!(poll(&mut payload), Poll::Ready(None)));
+        assert_eq!(
+            payload.refusal.get(),
+            Some(Oversize::Frame { declared: 1 << 40 })
+        );
+    }
+
+    #[test]
+    fn the_decoder_gets_a_turn_after_read_ahead_bytes() {
+        let mut frame = header(READ_AHEAD as u64);
+        frame.extend(vec![0; READ_AHEAD]);
+        let mut payload = guard(vec![frame.clone(), frame], 2 * READ_AHEAD);
+        assert!(matches!(poll(&mut payload), Poll::Ready(Some(Ok(_)))));
+        assert!(poll(&mut payload).is_pending());
+        assert!(matches!(poll(&mut payload), Poll::Ready(Some(Ok(_)))));
+        assert!(poll(&mut payload).is_pending());
+        assert!(matches!(poll(&mut payload), Poll::Ready(None)));
+        assert_eq!(payload.refusal.get(), None);
     }
 }

@@ -5,9 +5,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use uuid::Uuid;
 
-use crate::helpers::{eventually, server_url, status, Agent, TestApp, PATIENCE};
+use crate::helpers::{eventually, status, Agent, TestApp, PATIENCE};
 
 /// The `agentbus` binary running `serve` on a free port.
 pub struct BrokerProcess {
@@ -54,7 +53,13 @@ impl BrokerProcess {
             // The log ended: the broker exited.
             let _ = tx.send(Err(log));
         });
-        match rx.recv_timeout(PATIENCE) {
+        let started = rx.recv_timeout(PATIENCE);
+        if !matches!(started, Ok(Ok(_))) {
+            // Not left running (and holding its database) past the test.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        match started {
             Ok(Ok(port)) => BrokerProcess { child, port },
             Ok(Err(log)) => panic!("the broker exited:\n{log}"),
             Err(_) => panic!("the broker did not report its port"),
@@ -80,10 +85,11 @@ fn seq(frame: &Value) -> i64 {
 
 #[tokio::test]
 async fn nothing_acknowledged_is_lost_to_sigkill_and_cursors_survive() {
-    let database_url = format!("{}/t_{}", server_url(), Uuid::new_v4().simple());
     // The harness app only creates (and finally drops) the database; the brokers under test
-    // are separate processes on it.
-    let app = TestApp::spawn_on(&database_url, |_| {}).await;
+    // are separate processes on it, declared after it so that they are killed before the
+    // database is dropped, whatever happens.
+    let app = TestApp::spawn().await;
+    let database_url = app.database_url.clone();
     let project = app.create_project("crash").await;
     app.stop();
 
@@ -108,7 +114,7 @@ async fn nothing_acknowledged_is_lost_to_sigkill_and_cursors_survive() {
         assert_eq!(seq(&b.expect_op("message").await), expected);
     }
     b.send(json!({"op": "ack", "up_to": 10})).await;
-    let http = reqwest::Client::new();
+    let http = app.http.clone();
     let agents_url = format!(
         "http://127.0.0.1:{}/api/projects/{project}/agents",
         broker.port

@@ -12,6 +12,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -24,14 +25,50 @@ pub fn server_url() -> String {
 }
 
 /// Longest a test waits for something that should happen promptly: it only catches hangs.
+/// It bounds each wait as a whole, from the moment it starts: frames that arrive meanwhile
+/// (heartbeat pings, other agents' messages) do not extend it.
 pub const PATIENCE: Duration = Duration::from_secs(15);
+
+/// When a wait that starts now must be over.
+pub fn deadline() -> Instant {
+    Instant::now() + PATIENCE
+}
+
+/// A fresh database name on the test server; the database (created by the first broker that
+/// connects to it) is dropped `WITH (FORCE)` when the guard is, so a test that fails cleans
+/// up too, panicking or not. A test that runs brokers in other processes on the database of
+/// a `TestApp` declares them after the app: locals are dropped in reverse order, so the
+/// processes are killed before the database is dropped.
+struct TestDatabase {
+    url: String,
+    name: String,
+}
+
+impl TestDatabase {
+    fn new() -> TestDatabase {
+        let name = format!("t_{}", Uuid::new_v4().simple());
+        TestDatabase {
+            url: format!("{}/{name}", server_url()),
+            name,
+        }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let name = std::mem::take(&mut self.name);
+        // On its own thread: this may run inside the test's runtime.
+        let _ = std::thread::spawn(move || drop_database(&name)).join();
+    }
+}
 
 pub struct TestApp {
     pub port: u16,
     pub database_url: String,
-    db_name: Option<String>,
     pub http: reqwest::Client,
     handle: ServerHandle,
+    /// The database this app created, if it owns it; dropped after the app stopped.
+    database: Option<TestDatabase>,
 }
 
 impl TestApp {
@@ -42,10 +79,10 @@ impl TestApp {
 
     /// A broker on a fresh database, with settings adjusted by `tweak`.
     pub async fn spawn_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
-        let db_name = format!("t_{}", Uuid::new_v4().simple());
-        let database_url = format!("{}/{db_name}", server_url());
-        let mut app = Self::spawn_on(&database_url, tweak).await;
-        app.db_name = Some(db_name);
+        // Dropped even if the broker fails to start.
+        let database = TestDatabase::new();
+        let mut app = Self::spawn_on(&database.url, tweak).await;
+        app.database = Some(database);
         app
     }
 
@@ -76,15 +113,20 @@ impl TestApp {
                 }
             })
         });
-        let (port, handle) = rx
+        let (port, handle) = tokio::time::timeout(PATIENCE, rx)
             .await
+            .expect("the broker did not start within the patience bound")
             .expect("the broker thread died")
             .unwrap_or_else(|e| panic!("the broker did not start: {e}"));
         TestApp {
             port,
             database_url: database_url.to_owned(),
-            db_name: None,
-            http: reqwest::Client::new(),
+            database: None,
+            // Every request, body included, within the patience bound.
+            http: reqwest::Client::builder()
+                .timeout(PATIENCE)
+                .build()
+                .expect("an HTTP client"),
             handle,
         }
     }
@@ -157,8 +199,9 @@ impl TestApp {
 
     /// A direct connection to the broker's database, to check what was stored.
     pub async fn db(&self) -> AsyncPgConnection {
-        AsyncPgConnection::establish(&self.database_url)
+        tokio::time::timeout(PATIENCE, AsyncPgConnection::establish(&self.database_url))
             .await
+            .expect("connecting to the test database hung")
             .expect("connect to the test database")
     }
 
@@ -171,10 +214,7 @@ impl TestApp {
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.stop();
-        if let Some(name) = self.db_name.take() {
-            // Best effort: a failed test's database is cleaned up too.
-            let _ = std::thread::spawn(move || drop_database(&name)).join();
-        }
+        // Then `database`, if any, is dropped: a failed test's database is cleaned up too.
     }
 }
 
@@ -185,7 +225,7 @@ fn drop_database(name: &str) {
     else {
         return;
     };
-    rt.block_on(async {
+    let drop = async {
         if let Ok(mut conn) =
             AsyncPgConnection::establish(&format!("{}/postgres", server_url())).await
         {
@@ -193,7 +233,9 @@ fn drop_database(name: &str) {
                 .execute(&mut conn)
                 .await;
         }
-    });
+    };
+    // Bounded, so that a test never hangs in its clean-up.
+    let _ = rt.block_on(async { tokio::time::timeout(PATIENCE, drop).await });
 }
 
 /// A WebSocket client speaking protocol v1. Like a real client it reads its socket all the
@@ -251,22 +293,24 @@ impl Agent {
     }
 
     pub async fn send_text(&mut self, text: &str) {
-        self.sink
-            .send(Message::text(text))
-            .await
-            .expect("send a frame");
+        self.send_message(Message::text(text)).await;
     }
 
+    /// Sends a frame; a broker that stops reading fails the test instead of blocking it.
     pub async fn send_message(&mut self, message: Message) {
-        self.sink.send(message).await.expect("send a frame");
+        tokio::time::timeout(PATIENCE, self.sink.send(message))
+            .await
+            .expect("sending a frame hung")
+            .expect("send a frame");
     }
 
     /// Sends and waits for the `sent` receipt, passing over deliveries of others' messages
     /// (failing on anything else).
     pub async fn send_ok(&mut self, frame: Value) -> Value {
         self.send(frame).await;
+        let deadline = deadline();
         loop {
-            let next = self.next_json().await;
+            let next = self.next_json_until(deadline).await;
             match next["op"].as_str() {
                 Some("sent") => return next,
                 Some("message") => continue,
@@ -277,15 +321,27 @@ impl Agent {
 
     /// The next text frame, as JSON (pings and pongs are skipped).
     pub async fn next_json(&mut self) -> Value {
-        match self.next_event().await {
+        self.next_json_until(deadline()).await
+    }
+
+    /// The next text frame, as JSON, which must arrive before `deadline`.
+    pub async fn next_json_until(&mut self, deadline: Instant) -> Value {
+        match self.next_event_until(deadline).await {
             Event::Json(v) => v,
             Event::Closed(code) => panic!("connection closed ({code:?}) while waiting for a frame"),
         }
     }
 
+    /// The next text frame or the end of the connection (pings and pongs are skipped).
     pub async fn next_event(&mut self) -> Event {
+        self.next_event_until(deadline()).await
+    }
+
+    /// The next text frame or the end of the connection, which must come before `deadline`:
+    /// pings and pongs skipped meanwhile do not extend it.
+    pub async fn next_event_until(&mut self, deadline: Instant) -> Event {
         loop {
-            let next = tokio::time::timeout(PATIENCE, self.frames.recv())
+            let next = tokio::time::timeout_at(deadline, self.frames.recv())
                 .await
                 .expect("no frame within the patience bound");
             match next {
@@ -318,17 +374,20 @@ impl Agent {
 
     /// Waits for the broker to close the connection and returns its close code.
     pub async fn expect_close(&mut self) -> Option<CloseCode> {
+        let deadline = deadline();
         loop {
-            match self.next_event().await {
+            match self.next_event_until(deadline).await {
                 Event::Closed(code) => return code,
                 Event::Json(_) => continue,
             }
         }
     }
 
-    /// The next WebSocket message of any kind, unparsed.
+    /// The next WebSocket message of any kind, unparsed (`None` once the connection ended).
     pub async fn raw_next(&mut self) -> Option<Result<Message, tungstenite::Error>> {
-        self.frames.recv().await
+        tokio::time::timeout(PATIENCE, self.frames.recv())
+            .await
+            .expect("no WebSocket message within the patience bound")
     }
 
     /// Starts the closing handshake. Not awaited to the end: with the read half in another
@@ -354,15 +413,16 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let deadline = deadline();
     loop {
-        if let Some(value) = check().await {
+        // A check that hangs (a request, a query) counts against the same deadline.
+        let checked = tokio::time::timeout_at(deadline, check())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+        if let Some(value) = checked {
             return value;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }

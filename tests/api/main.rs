@@ -4,14 +4,18 @@
 mod auth;
 mod bad_input;
 mod bench;
+mod cli;
 #[cfg(feature = "browser-tests")]
 mod console;
 mod crash;
 mod fuzz;
 mod hardening_delivery;
+mod hardening_rest;
 mod hardening_ws;
 mod helpers;
 mod history;
+mod inbox_wait;
+mod joining;
 mod limits;
 mod messaging;
 mod offline;

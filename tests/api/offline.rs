@@ -515,3 +515,35 @@ async fn an_ack_does_not_deliver_broadcasts_from_before_the_first_connection() {
         .collect();
     assert_eq!(delivered, [(1, true), (2, false)]);
 }
+
+/// The hand-over from the store to live delivery, many times over. With a window of one, each
+/// round leaves the session catching up from the store with exactly one message read (a full
+/// page, so the range is not known to be exhausted); then the ack of that message, which reads
+/// the last (empty) page, races a new message. However they interleave, the new message must be
+/// delivered: from the store if it was committed while the last page was being read, live
+/// otherwise.
+#[tokio::test]
+async fn a_message_that_arrives_while_the_catch_up_ends_is_not_lost() {
+    const ROUNDS: usize = 100;
+    let app = TestApp::spawn_with(|s| s.max_in_flight = 1).await;
+    let project = app.create_project("seam").await;
+    let mut b = Agent::connect(&app.ws_url(project, "agent_id=b&ack=manual")).await;
+    let mut a = app.connect(project, "a", "coder").await;
+    a.send_ok(json!({"content": "first"})).await;
+    let mut held = seq(&b.expect_op("message").await);
+    for round in 0..ROUNDS {
+        // Committed while `held` is unacknowledged: the window is full, so this one is read
+        // from the store once `held` is acknowledged, as a page of one.
+        let filler = seq(&a
+            .send_ok(json!({"content": format!("filler {round}")}))
+            .await);
+        b.send(json!({"op": "ack", "seqs": [held]})).await;
+        assert_eq!(seq(&b.expect_op("message").await), filler, "round {round}");
+        // The probe's commit and the ack that ends the catch-up, as close together as can be.
+        a.send(json!({"content": format!("probe {round}")})).await;
+        b.send(json!({"op": "ack", "seqs": [filler]})).await;
+        let probe = seq(&a.expect_op("sent").await);
+        assert_eq!(seq(&b.expect_op("message").await), probe, "round {round}");
+        held = probe;
+    }
+}

@@ -14,6 +14,8 @@ async fn a_second_connection_of_an_agent_takes_over() {
     let app = TestApp::spawn().await;
     let project = app.create_project("takeover").await;
     let mut old = app.connect(project, "worker", "coder").await;
+    // The takeover, and so the old connection's close, happens after this moment.
+    let before_takeover = chrono::Utc::now();
     let mut new = app.connect(project, "worker", "coder").await;
     assert_ne!(old.session_id(), new.session_id());
     assert_eq!(old.expect_close().await, Some(CloseCode::from(4001)));
@@ -35,7 +37,12 @@ async fn a_second_connection_of_an_agent_takes_over() {
         at
     })
     .await;
-    assert!(disconnected <= chrono::Utc::now());
+    let recorded = chrono::Utc::now();
+    assert!(
+        before_takeover <= disconnected && disconnected <= recorded,
+        "disconnected at {disconnected}, not between the takeover ({before_takeover}) and \
+         the moment it was read back ({recorded})"
+    );
     let mut conn = app.db().await;
     let rows: i64 = sessions::table
         .filter(sessions::agent_id.eq("worker"))

@@ -9,15 +9,16 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use uuid::Uuid;
 
 use crate::crash::BrokerProcess;
-use crate::helpers::{server_url, Agent, Event, TestApp};
+use crate::helpers::{Agent, Event, TestApp};
 
 #[tokio::test]
 async fn sigterm_under_load_loses_nothing_acknowledged_and_exits_cleanly() {
-    let database_url = format!("{}/t_{}", server_url(), Uuid::new_v4().simple());
-    let app = TestApp::spawn_on(&database_url, |_| {}).await;
+    // The harness app creates (and finally drops) the database; the broker process is
+    // declared after it, so it is killed before the database is dropped, whatever happens.
+    let app = TestApp::spawn().await;
+    let database_url = app.database_url.clone();
     let project = app.create_project("shutdown").await;
     app.stop();
 
@@ -55,12 +56,7 @@ async fn sigterm_under_load_loses_nothing_acknowledged_and_exits_cleanly() {
         }
     };
     assert_eq!(a_close, Some(CloseCode::Away));
-    let b_close = loop {
-        if let Event::Closed(code) = b.next_event().await {
-            break code;
-        }
-    };
-    assert_eq!(b_close, Some(CloseCode::Away));
+    assert_eq!(b.expect_close().await, Some(CloseCode::Away));
 
     // The process exits 0, well within its deadline.
     let started = Instant::now();
