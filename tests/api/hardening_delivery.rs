@@ -415,3 +415,112 @@ async fn a_reply_by_a_shared_correlation_id_reads_a_bounded_number_of_requests()
     let read = after.idx_tup_read - before.idx_tup_read;
     assert!(read <= 100, "{read} index entries read for one match");
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[tokio::test]
+async fn a_stalled_database_does_not_let_pending_sends_fill_the_broker_s_memory() {
+    let app = TestApp::spawn().await;
+    let project = app.create_project("stall").await;
+    app.stop();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_agentbus"));
+    command
+        .args(["serve", "--bind", "127.0.0.1:0", "--workers", "2"])
+        .args(["--max-uncommitted-bytes", "16777216"])
+        .args(["--rate-per-session", "0", "--rate-per-project", "0"])
+        .env("DATABASE_URL", &app.database_url)
+        .env("RUST_LOG", "info");
+    let broker = crate::crash::BrokerProcess::spawn(command);
+    let pid = broker.child.id();
+    let url = |agent: &str| {
+        format!(
+            "ws://127.0.0.1:{}/ws/agent/messages/{project}?agent_id={agent}",
+            broker.port
+        )
+    };
+    const CONNECTIONS: usize = 4;
+    const SENDS: usize = 1_000;
+    let mut agents = Vec::new();
+    for n in 0..CONNECTIONS {
+        agents.push(Agent::connect(&url(&format!("p{n}"))).await);
+    }
+    let rss_before = rss_kib(pid);
+
+    // 4 connections × 1 000 sends × 60 KB (about 240 MB) while the message table is locked,
+    // with a 16 MiB budget: without it the broker held them all (232 MiB more).
+    let mut lock = app.db().await;
+    lock.batch_execute("BEGIN; LOCK TABLE agent_messages IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock the message table");
+    let content = "y".repeat(60_000);
+    let mut refused = [0usize; CONNECTIONS];
+    let mut peak = rss_before;
+    for agent in agents.iter_mut() {
+        for i in 0..SENDS {
+            agent
+                .send(json!({"content": content, "client_msg_id": format!("s{i}")}))
+                .await;
+            if i % 100 == 0 {
+                peak = peak.max(rss_kib(pid));
+            }
+        }
+    }
+    // Count the refusals: everything not taken is refused at once, so the frames that come
+    // back before the lock is released are exactly the refusals.
+    for (n, agent) in agents.iter_mut().enumerate() {
+        loop {
+            let frame = agent.next_json().await;
+            assert_eq!(frame["code"], "unavailable", "{frame}");
+            refused[n] += 1;
+            peak = peak.max(rss_kib(pid));
+            // The refusals of one connection are contiguous from the first send over the
+            // budget to its last send.
+            if frame["client_msg_id"] == format!("s{}", SENDS - 1) {
+                break;
+            }
+        }
+    }
+    let grown_mib = peak.saturating_sub(rss_before) / 1024;
+    assert!(
+        grown_mib < 100,
+        "the broker grew by {grown_mib} MiB while sends waited for a locked table"
+    );
+    lock.batch_execute("ROLLBACK").await.expect("unlock");
+    // What was taken commits, and its receipts arrive.
+    let mut taken = 0;
+    for (n, agent) in agents.iter_mut().enumerate() {
+        for _ in 0..SENDS - refused[n] {
+            assert_eq!(agent.expect_op("sent").await["op"], "sent");
+            taken += 1;
+        }
+    }
+    assert!(taken > 0 && refused.iter().sum::<usize>() > 0);
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+        #[diesel(sql_type = BigInt)]
+        head: i64,
+    }
+    let mut db = app.db().await;
+    let stored: Count = diesel::sql_query(
+        "SELECT count(*) AS n, coalesce(max(seq), 0) AS head FROM agent_messages WHERE project_id = $1",
+    )
+    .bind::<SqlUuid, _>(project)
+    .get_result(&mut db)
+    .await
+    .expect("count");
+    assert_eq!(
+        (stored.n, stored.head),
+        (taken as i64, taken as i64),
+        "dense"
+    );
+}
