@@ -125,6 +125,7 @@ impl Application {
             project_limits,
             connection_limits,
             inbox_waits,
+            mcp_sessions: http::McpSessions::default(),
         };
         let server = HttpServer::new(move || {
             App::new()

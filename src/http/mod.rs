@@ -5,6 +5,8 @@ mod agents;
 mod console;
 mod dead_letters;
 mod error;
+mod mcp;
+mod mcp_tools;
 mod messages;
 mod ops;
 mod projects;
@@ -19,6 +21,7 @@ use actix_web::{web, HttpResponse};
 use uuid::Uuid;
 
 pub use error::ApiError;
+pub use mcp::McpSessions;
 pub use projects::validate_name as validate_project_name;
 
 use crate::actors::cursor::CursorActor;
@@ -44,6 +47,8 @@ pub struct AppState {
     pub connection_limits: crate::limits::ConnectionLimits,
     /// Inbox reads waiting for mail, over the broker and per project.
     pub inbox_waits: crate::actors::inbox::WaitLimits,
+    /// Open MCP sessions.
+    pub mcp_sessions: McpSessions,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -64,6 +69,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .route(
         "/ws/agent/messages/{project_id}",
         web::get().to(socket::connect),
+    )
+    .service(
+        web::resource("/mcp/{project_id}")
+            .route(web::post().to(mcp::post))
+            .route(web::get().to(mcp::get))
+            .route(web::delete().to(mcp::delete)),
     )
     .service(
         web::scope("/api")

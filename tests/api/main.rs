@@ -13,6 +13,7 @@ mod history;
 mod inbox_wait;
 mod joining;
 mod limits;
+mod mcp;
 mod messaging;
 mod offline;
 mod ops;
