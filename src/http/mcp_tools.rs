@@ -490,3 +490,55 @@ async fn read_thread(ctx: &Context<'_>, args: ThreadArgs) -> Result<Value, ApiEr
         json!({"message": message, "replies_to": replies_to, "replies": replies}),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tool_list_stays_small() {
+        let bytes = list().to_string().len();
+        println!("tools/list: {bytes} bytes, about {} tokens", bytes / 4);
+        // Every tool definition costs every agent context on every turn: under 2,500 tokens.
+        assert!(bytes < 10_000, "{bytes} bytes");
+    }
+
+    #[test]
+    fn a_message_renders_on_one_line() {
+        let message = StoredMessage {
+            id: Uuid::nil(),
+            project_id: Uuid::nil(),
+            seq: 1,
+            sender_agent_id: "x".into(),
+            sender_agent_type: "t".into(),
+            sender_session_id: None,
+            recipient_agent_id: None,
+            message_type: "status".into(),
+            content: "two\nlines".into(),
+            metadata: json!({}),
+            priority: 0,
+            correlation_id: None,
+            reply_to: None,
+            client_msg_id: None,
+            created_at: chrono::Utc::now(),
+            expires_at: None,
+            delivered_at: None,
+            read_at: None,
+            recipient_agent_type: Some("backend".into()),
+            expects_reply: false,
+            reply_deadline: None,
+            replied_at: None,
+            in_reply_to_seq: None,
+            success: None,
+            error: None,
+            duration_ms: None,
+            late: false,
+        };
+        let line = render(&message);
+        assert!(
+            line.starts_with("#1 [status] ! x → type:backend: two\\nlines"),
+            "{line}"
+        );
+        assert!(!line.contains('\n'));
+    }
+}

@@ -497,3 +497,90 @@ async fn refusals_come_before_any_json_rpc_and_store_nothing() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(count(&app, "members").await, 1);
 }
+
+/// Figures, not assertions: `cargo test --test api measure_ -- --ignored --nocapture`.
+/// The long-poll wake-up (a WebSocket send → the waiting REST inbox read returns) and the MCP
+/// round trip (`send_message` called → the WebSocket agent has it), over 50 runs each.
+#[tokio::test]
+#[ignore]
+async fn measure_long_poll_wake_up_and_mcp_round_trip() {
+    use std::time::{Duration, Instant};
+    let app = TestApp::spawn().await;
+    let project = app.create_project("measure").await;
+    let mut ws = app.connect(project, "ws", "operator").await;
+    let mut mcp = Mcp::new(&app, project, "agent_id=bot&agent_type=coder");
+    mcp.initialize("2025-06-18").await;
+    let metrics = app.url("/metrics");
+    let summary = |mut samples: Vec<Duration>| {
+        samples.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        format!(
+            "p50 {:.2} ms, p95 {:.2} ms, max {:.2} ms",
+            ms(samples[samples.len() / 2]),
+            ms(samples[samples.len() * 95 / 100]),
+            ms(samples[samples.len() - 1])
+        )
+    };
+    let mut wake = Vec::new();
+    for _ in 0..50 {
+        let url = app.url(&format!(
+            "/api/projects/{project}/agents/bot/inbox?wait_ms=60000&ack=true"
+        ));
+        let http = app.http.clone();
+        let read = tokio::spawn(async move {
+            let body: Value = http
+                .get(url)
+                .send()
+                .await
+                .expect("GET")
+                .json()
+                .await
+                .expect("JSON");
+            (Instant::now(), body)
+        });
+        crate::helpers::eventually("the read to wait", || async {
+            let text = app
+                .http
+                .get(&metrics)
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            text.lines()
+                .any(|l| l == "agentbus_inbox_waits 1")
+                .then_some(())
+        })
+        .await;
+        let sent = Instant::now();
+        ws.send_ok(json!({"content": "wake", "to": "bot"})).await;
+        let (returned, body) = read.await.expect("read");
+        assert_eq!(body["messages"][0]["content"], "wake");
+        wake.push(returned - sent);
+    }
+    let mut round_trip = Vec::new();
+    for n in 0..50 {
+        let started = Instant::now();
+        mcp.tool(
+            "send_message",
+            json!({"content": format!("m{n}"), "to": "ws"}),
+        )
+        .await;
+        loop {
+            let frame = ws.next_json().await;
+            if frame["op"] == "message" && frame["content"] == format!("m{n}") {
+                break;
+            }
+        }
+        round_trip.push(started.elapsed());
+    }
+    println!(
+        "long-poll wake-up (WebSocket send -> inbox read returns): {}",
+        summary(wake)
+    );
+    println!(
+        "MCP send_message -> WebSocket delivery: {}",
+        summary(round_trip)
+    );
+}
