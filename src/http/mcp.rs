@@ -350,9 +350,11 @@ pub async fn post(
     state: web::Data<AppState>,
     path: web::Path<String>,
     params: web::Query<McpParams>,
-    body: web::Bytes,
+    payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let (identity, access, project) = admit(&req, &state, &path, params.into_inner()).await?;
+    // The body is read only once the caller is admitted.
+    let body = read_body(payload).await?;
     let value: Value = match serde_json::from_slice(&body) {
         Ok(value) => value,
         Err(e) => {
@@ -407,6 +409,27 @@ pub async fn post(
         // Only notifications or responses: accepted, nothing to say.
         None => HttpResponse::Accepted().finish(),
     })
+}
+
+/// Largest JSON-RPC body accepted, as for the REST API.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+async fn read_body(mut payload: web::Payload) -> Result<web::BytesMut, ApiError> {
+    use futures_util::StreamExt;
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::bad_request("invalid_json", format!("the body could not be read: {e}"))
+        })?;
+        if body.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(ApiError::bad_request(
+                "invalid_json",
+                format!("the body is larger than {MAX_BODY_BYTES} bytes"),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// Handles one message; `None` for a notification or a response.

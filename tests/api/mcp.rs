@@ -187,6 +187,16 @@ async fn the_handshake_negotiates_the_version_and_sessions_are_required_and_end(
     };
     assert_eq!(code, 400);
     assert_eq!(parse["error"]["code"], -32700);
+    let huge = app
+        .http
+        .post(&mcp.url)
+        .header("mcp-session-id", mcp.session.clone().expect("session"))
+        .header("content-type", "application/json")
+        .body(vec![b' '; 2 * 1024 * 1024])
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(huge.status(), 400, "a body over 1 MiB is refused");
 
     // Without a session id: 400; with an unknown one: 404; another agent's: 404.
     let no_session = Mcp::new(&app, project, "agent_id=claude&agent_type=coder");
@@ -481,6 +491,16 @@ async fn refusals_come_before_any_json_rpc_and_store_nothing() {
         .await
         .expect("POST");
     assert_eq!(unknown_project.status(), 404);
+    // Refused before the body is read: a huge body without a token is a 401, not a 400.
+    let huge = app
+        .http
+        .post(app.url(&format!("/mcp/{project}?agent_id=a")))
+        .header("content-type", "application/json")
+        .body(vec![b' '; 2 * 1024 * 1024])
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(huge.status(), 401);
     assert_eq!(count(&app, "members").await, 0, "nothing stored");
     assert_eq!(count(&app, "agent_messages").await, 0);
 
