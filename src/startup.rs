@@ -143,6 +143,7 @@ impl Application {
                 settings.max_heavy_reads,
                 Duration::from_millis(settings.heavy_read_wait_ms),
             ),
+            mcp_sessions: http::McpSessions::default(),
         };
         let server = HttpServer::new(move || {
             App::new()

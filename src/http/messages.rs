@@ -14,6 +14,7 @@ use crate::actors::deadlines::BROKER_AGENT_ID;
 use crate::actors::persistence::{no_recipient_text, Persist, Reply, Settlement};
 use crate::auth::Access;
 use crate::db::cursors::{self, Progress};
+use crate::db::inbox::Interface;
 use crate::db::queries::{self, HistoryQuery};
 use crate::models::{NewMessage, StoredMessage};
 use crate::protocol::{self, SendFields};
@@ -140,7 +141,7 @@ pub async fn publish(
     let message = body
         .into_inner()
         .into_message(&state, project.id, &access)?;
-    joined_sender(&state, &access, &message).await?;
+    joined_sender(&state, &access, &message, Interface::Rest).await?;
     let (stored, _) = store(&state, message).await?;
     Ok(HttpResponse::Created().json(stored))
 }
@@ -173,16 +174,33 @@ impl PublishBody {
             &sender_agent_type,
             protocol::MAX_TYPE_CHARS,
         )?;
-        let send = protocol::validate_send(self.send, &state.settings.send_limits())
-            .map_err(|(rejection, _)| rejection)?;
-        Ok(NewMessage::from_send(
-            send,
+        new_message(
+            state,
             project_id,
             sender_agent_id,
             sender_agent_type,
-            None,
-        ))
+            self.send,
+        )
     }
+}
+
+/// A send by an agent whose identity was checked, validated like a WebSocket send.
+pub(super) fn new_message(
+    state: &AppState,
+    project_id: Uuid,
+    sender_agent_id: String,
+    sender_agent_type: String,
+    send: SendFields,
+) -> Result<NewMessage, ApiError> {
+    let send = protocol::validate_send(send, &state.settings.send_limits())
+        .map_err(|(rejection, _)| rejection)?;
+    Ok(NewMessage::from_send(
+        send,
+        project_id,
+        sender_agent_id,
+        sender_agent_type,
+        None,
+    ))
 }
 
 /// A send over HTTP makes its sender a member (joined at the head) and counts as its presence.
@@ -190,6 +208,7 @@ pub(super) async fn joined_sender(
     state: &AppState,
     access: &Access,
     message: &NewMessage,
+    interface: crate::db::inbox::Interface,
 ) -> Result<(), ApiError> {
     super::agents::call_as(
         state,
@@ -198,7 +217,7 @@ pub(super) async fn joined_sender(
         &super::agents::CallAs {
             agent_id: &message.sender_agent_id,
             agent_type: &message.sender_agent_type,
-            interface: crate::db::inbox::Interface::Rest,
+            interface,
             explicit: false,
             capabilities: None,
             description: None,
@@ -238,30 +257,37 @@ pub async fn store(
     }
 }
 
-/// `POST /api/projects/{id}/requests`: sends a request and waits for its reply (the HTTP
-/// form of sendAndWait). 200 with the reply; 504 with the broker's timeout response when
-/// none came in time; 422 when nobody can receive the request.
-pub async fn send_and_wait(
-    req: actix_web::HttpRequest,
-    state: web::Data<AppState>,
-    path: web::Path<String>,
-    body: web::Json<PublishBody>,
-) -> Result<HttpResponse, ApiError> {
-    let project = projects::load(&state, &path).await?;
-    let mut body = body.into_inner();
-    body.send.expects_reply = Some(true);
-    let access = granted(&req)?;
-    let message = body.into_message(&state, project.id, &access)?;
-    joined_sender(&state, &access, &message).await?;
+/// How a request sent over HTTP ended. Built once per request and consumed at once.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Asked {
+    /// The first reply, or the broker's timeout response (`timed_out`).
+    Answered {
+        request: StoredMessage,
+        response: StoredMessage,
+        timed_out: bool,
+    },
+    /// Nobody can receive the request: it was stored and dead-lettered.
+    NoRecipient(StoredMessage),
+}
+
+/// Sends a request (validated with `expects_reply`; its sender already joined) and waits for its first reply or its timeout
+/// response. The one handed back counts as delivered and acknowledged for the requester.
+/// Shared by `POST …/requests` and MCP's `ask`.
+pub(super) async fn ask(
+    state: &AppState,
+    head_seq: i64,
+    message: NewMessage,
+) -> Result<Asked, ApiError> {
+    let project_id = message.project_id;
     let timeout_ms = message
         .reply_timeout_ms
         .unwrap_or(protocol::DEFAULT_REPLY_TIMEOUT_MS);
     // Held until this handler ends: answered, or dropped because its client disconnected
     // (the server drops a request's handler when its connection closes).
-    let _place = state.waiters.acquire(project.id)?;
+    let _place = state.waiters.acquire(project_id)?;
     // Wait for the reply before the request exists, so it cannot be missed.
     let (tx, rx) = oneshot::channel();
-    let channel = state.registry.get_or_start(project.id, project.head_seq);
+    let channel = state.registry.get_or_start(project_id, head_seq);
     channel
         .send(AwaitReply {
             request_id: message.id,
@@ -273,13 +299,9 @@ pub async fn send_and_wait(
         channel,
         request_id: message.id,
     };
-    let (request, no_recipient) = store(&state, message).await?;
+    let (request, no_recipient) = store(state, message).await?;
     if no_recipient {
-        return Ok(HttpResponse::UnprocessableEntity().json(serde_json::json!({
-            "error": no_recipient_text(&request),
-            "code": "no_recipient",
-            "request": request,
-        })));
+        return Ok(Asked::NoRecipient(request));
     }
     // The broker's own timeout response arrives at the deadline; the margin covers a slow
     // commit of it.
@@ -297,15 +319,51 @@ pub async fn send_and_wait(
         done: vec![response.seq],
         up_to: None,
     };
-    cursors::apply_progress(&mut conn, project.id, &request.sender_agent_id, &progress).await?;
-    drop(conn);
+    cursors::apply_progress(&mut conn, project_id, &request.sender_agent_id, &progress).await?;
     let timed_out =
         response.sender_agent_id == BROKER_AGENT_ID && response.error.as_deref() == Some("timeout");
-    let body = serde_json::json!({ "request": request, "response": response });
-    Ok(if timed_out {
-        HttpResponse::GatewayTimeout().json(body)
-    } else {
-        HttpResponse::Ok().json(body)
+    Ok(Asked::Answered {
+        request,
+        response,
+        timed_out,
+    })
+}
+
+/// `POST /api/projects/{id}/requests`: sends a request and waits for its reply (the HTTP
+/// form of sendAndWait). 200 with the reply; 504 with the broker's timeout response when
+/// none came in time; 422 when nobody can receive the request.
+pub async fn send_and_wait(
+    req: actix_web::HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    body: web::Json<PublishBody>,
+) -> Result<HttpResponse, ApiError> {
+    let project = projects::load(&state, &path).await?;
+    let mut body = body.into_inner();
+    body.send.expects_reply = Some(true);
+    let access = granted(&req)?;
+    let message = body.into_message(&state, project.id, &access)?;
+    joined_sender(&state, &access, &message, Interface::Rest).await?;
+    Ok(match ask(&state, project.head_seq, message).await? {
+        Asked::NoRecipient(request) => {
+            HttpResponse::UnprocessableEntity().json(serde_json::json!({
+                "error": no_recipient_text(&request),
+                "code": "no_recipient",
+                "request": request,
+            }))
+        }
+        Asked::Answered {
+            request,
+            response,
+            timed_out,
+        } => {
+            let body = serde_json::json!({ "request": request, "response": response });
+            if timed_out {
+                HttpResponse::GatewayTimeout().json(body)
+            } else {
+                HttpResponse::Ok().json(body)
+            }
+        }
     })
 }
 

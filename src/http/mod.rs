@@ -6,6 +6,8 @@ mod console;
 mod dead_letters;
 mod error;
 pub mod guards;
+mod mcp;
+mod mcp_tools;
 mod messages;
 mod ops;
 mod projects;
@@ -20,6 +22,7 @@ use actix_web::{web, HttpResponse};
 use uuid::Uuid;
 
 pub use error::ApiError;
+pub use mcp::McpSessions;
 pub use projects::validate_name as validate_project_name;
 
 use crate::actors::cursor::CursorActor;
@@ -47,8 +50,10 @@ pub struct AppState {
     pub inbox_waits: crate::actors::inbox::WaitLimits,
     /// REST requests waiting for their reply, per project and in all.
     pub waiters: guards::Waiters,
-    /// History, search, inbox and dead-letter reads served at once.
+    /// History, search and dead-letter reads served at once.
     pub heavy_reads: guards::HeavyReads,
+    /// Open MCP sessions.
+    pub mcp_sessions: McpSessions,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -69,6 +74,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .route(
         "/ws/agent/messages/{project_id}",
         web::get().to(socket::connect),
+    )
+    .service(
+        web::resource("/mcp/{project_id}")
+            .route(web::post().to(mcp::post))
+            .route(web::get().to(mcp::get))
+            .route(web::delete().to(mcp::delete)),
     )
     .service(
         web::scope("/api")

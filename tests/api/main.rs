@@ -17,6 +17,9 @@ mod history;
 mod inbox_wait;
 mod joining;
 mod limits;
+mod mcp;
+#[cfg(feature = "sdk-tests")]
+mod mcp_sdk;
 mod messaging;
 mod offline;
 mod ops;
