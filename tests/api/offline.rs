@@ -547,3 +547,45 @@ async fn a_message_that_arrives_while_the_catch_up_ends_is_not_lost() {
         held = probe;
     }
 }
+
+/// An agent that connects while messages stream in (auto mode): the replay, the live
+/// messages skipped during it, those skipped while those were read, and so on, then live,
+/// arrive as one gapless sequence, each once.
+#[tokio::test]
+async fn an_agent_that_connects_mid_stream_gets_every_message_once_in_order() {
+    const BACKLOG: i64 = 300;
+    const STREAM: i64 = 1_500;
+    let app = TestApp::spawn().await;
+    let project = app.create_project("mid-stream").await;
+    app.connect(project, "b", "coder").await.close().await;
+    let mut a = app.connect(project, "a", "coder").await;
+    for n in 0..BACKLOG {
+        a.send(json!({"content": format!("backlog {n}")})).await;
+    }
+    for _ in 0..BACKLOG {
+        a.expect_op("sent").await;
+    }
+    let sender = tokio::spawn(async move {
+        for window in 0..STREAM / 100 {
+            for n in 0..100 {
+                a.send(json!({"content": format!("stream {}", window * 100 + n)}))
+                    .await;
+            }
+            for _ in 0..100 {
+                a.expect_op("sent").await;
+            }
+        }
+    });
+    let mut b = app.connect(project, "b", "coder").await;
+    // Up to the last one sent, which comes last whatever was skipped.
+    let mut got = Vec::new();
+    while got.last() != Some(&(BACKLOG + STREAM)) {
+        got.push(seq(&b.expect_op("message").await));
+    }
+    sender.await.expect("sender");
+    let missing: Vec<i64> = (1..=BACKLOG + STREAM)
+        .filter(|s| !got.contains(s))
+        .collect();
+    assert!(missing.is_empty(), "never delivered: {missing:?}");
+    assert_eq!(got, (1..=BACKLOG + STREAM).collect::<Vec<_>>());
+}
