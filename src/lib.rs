@@ -12,7 +12,9 @@
 //! - [`protocol`]: the wire protocol: frames, validation, error and close codes.
 //! - [`actors`]: the message path: `SessionActor` (one per connection), `ChannelActor` (one
 //!   per project: presence and routing), `PersistenceActor` (group commit to PostgreSQL).
-//! - [`http`]: REST routes and the WebSocket upgrade.
+//! - [`http`]: REST routes, the WebSocket upgrade and the MCP endpoint (`/mcp/{project_id}`).
+//! - [`cli`]: the agent commands (`agentbus send`, `inbox`, `ask` …), which speak to a running
+//!   broker over its REST API only.
 //! - [`db`]: the pool, database creation, migrations and every SQL statement.
 //! - [`frames`]: WebSocket frame headers judged as they arrive (size limits before payloads).
 //! - [`stats`], [`metrics`]: in-memory counters behind `/api/stats`, and the Prometheus
