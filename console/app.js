@@ -1464,9 +1464,12 @@
   function renderAgent(agent) {
     const presence = agent.online === true ? 'online' : agent.online === false ? 'offline' : 'unknown';
     const facts = [];
+    // How it last called in: a WebSocket, or requests over REST (the CLI too) or MCP.
+    const via = agent.interface === 'mcp' ? 'MCP' : agent.interface === 'rest' ? 'REST' : agent.interface === 'websocket' ? 'WebSocket' : null;
     if (agent.online === true) {
       const n = (agent.session_ids || []).length;
-      facts.push(n > 1 ? `online · ${n} sessions` : 'online');
+      const online = n > 1 ? `online · ${n} sessions` : 'online';
+      facts.push(via ? `${online} via ${via}` : online);
     } else {
       facts.push(`seen ${formatAgo(agent.last_seen_at)}`);
     }
