@@ -57,7 +57,7 @@ pub struct SendArgs {
     /// The message type (default `status`).
     #[arg(long = "type")]
     pub message_type: Option<String>,
-    /// 0 (most urgent) to 9; default 5. 0 and 1 count as urgent.
+    /// 0 (critical) to 3 (low); default 2. 0 and 1 count as urgent.
     #[arg(long)]
     pub priority: Option<i64>,
     /// A JSON object stored with the message.
