@@ -272,8 +272,10 @@ async fn expired_undelivered_messages_become_dead_letters_and_can_be_retried() {
     let z = app.connect(project, "z", "tester").await;
     z.close().await;
     let mut a = app.connect(project, "a", "coordinator").await;
+    // The retry keeps this TTL: long enough for z to reconnect after the retry on a loaded
+    // machine, short enough for the sweep to dead-letter the original soon.
     let expiring = a
-        .send_ok(json!({"type": "escalation", "content": "urgent", "to": "z", "ttl_ms": 100}))
+        .send_ok(json!({"type": "escalation", "content": "urgent", "to": "z", "ttl_ms": 2_000}))
         .await;
     let id = expiring["id"].as_str().expect("id").to_owned();
 
