@@ -233,21 +233,6 @@ pub async fn list(conn: &mut AsyncPgConnection, project_id: Uuid) -> QueryResult
 /// Shortest admin token accepted: a guessable one would undo everything it protects.
 pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
 
-/// The name the broker signs its own messages with (timeout responses); no client may use it.
-pub const RESERVED_AGENT_ID: &str = crate::domain::BROKER_AGENT_ID;
-
-/// Refuses the broker's own agent id, and every id a reader could take for it, to clients
-/// (`protocol::check_agent_id` applies the same rule to every id it checks).
-pub fn check_not_reserved(agent_id: &str) -> Result<(), crate::protocol::Rejection> {
-    if crate::domain::agent_id::is_reserved(agent_id) {
-        return Err(crate::protocol::Rejection::new(
-            crate::protocol::ErrorCode::InvalidField,
-            format!("{RESERVED_AGENT_ID:?} is the broker's own agent id"),
-        ));
-    }
-    Ok(())
-}
-
 /// Whether an address is loopback (127.0.0.0/8, ::1, localhost).
 pub fn is_loopback_bind(bind: &str) -> bool {
     use std::net::ToSocketAddrs;

@@ -79,10 +79,10 @@ impl DeadlineActor {
                 break;
             }
             self.timers.pop();
-            persistence.do_send(Persist {
-                message: timeout_response(project_id, request_id),
-                reply: Reply::Broker,
-            });
+            persistence.do_send(Persist::new(
+                timeout_response(project_id, request_id),
+                Reply::Broker,
+            ));
         }
         self.arm(ctx);
     }

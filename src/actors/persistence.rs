@@ -111,6 +111,19 @@ pub fn no_recipient_text(message: &StoredMessage) -> String {
 pub struct Persist {
     pub message: NewMessage,
     pub reply: Reply,
+    /// What the message holds while it waits ([`NewMessage::held_bytes`]), counted by the
+    /// sender ([`Persist::new`]) rather than by the one actor that writes every project.
+    pub held_bytes: usize,
+}
+
+impl Persist {
+    pub fn new(message: NewMessage, reply: Reply) -> Self {
+        Persist {
+            held_bytes: message.held_bytes(),
+            message,
+            reply,
+        }
+    }
 }
 
 pub struct PersistenceActor {
@@ -223,7 +236,14 @@ impl PersistenceActor {
                             for ((message, reply), bytes) in
                                 batch.into_iter().zip(replies).zip(sizes).rev()
                             {
-                                act.queue.push_front((Persist { message, reply }, bytes));
+                                act.queue.push_front((
+                                    Persist {
+                                        message,
+                                        reply,
+                                        held_bytes: bytes,
+                                    },
+                                    bytes,
+                                ));
                             }
                         }
                         Err(e) => {
@@ -355,7 +375,7 @@ impl Handler<Persist> for PersistenceActor {
     type Result = ();
 
     fn handle(&mut self, persist: Persist, ctx: &mut Self::Context) {
-        let bytes = persist.message.held_bytes();
+        let bytes = persist.held_bytes;
         // The broker's own timeout responses are never refused: they settle requests.
         let exempt = matches!(persist.reply, Reply::Broker);
         if let Err(wait) = self.budget.admit(bytes, exempt) {

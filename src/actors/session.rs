@@ -768,10 +768,9 @@ impl SessionActor {
                     Some(identity.session_id),
                 );
                 self.pending_sends += 1;
-                self.deps.persistence.do_send(Persist {
-                    message,
-                    reply: Reply::Session(ctx.address()),
-                });
+                self.deps
+                    .persistence
+                    .do_send(Persist::new(message, Reply::Session(ctx.address())));
             }
             ClientOp::Ack { seqs, up_to } => self.on_ack(seqs, up_to, ctx),
             ClientOp::Hello {

@@ -44,6 +44,21 @@ pub(super) struct CallAs<'a> {
     pub description: Option<&'a str>,
 }
 
+impl<'a> CallAs<'a> {
+    /// A call that acts as the agent without asking to join (an inbox read, a send, an MCP
+    /// tool call): it joins implicitly, with nothing to update but its presence.
+    pub fn implicit(agent_id: &'a str, agent_type: &'a str, interface: Interface) -> Self {
+        CallAs {
+            agent_id,
+            agent_type,
+            interface,
+            explicit: false,
+            capabilities: None,
+            description: None,
+        }
+    }
+}
+
 /// Validates the agent's identity as the WebSocket upgrade does, then makes it a member
 /// (joined at the head) or refreshes it, recording the call as its presence.
 pub(super) async fn call_as(
@@ -53,7 +68,6 @@ pub(super) async fn call_as(
     call: &CallAs<'_>,
 ) -> Result<MemberState, ApiError> {
     protocol::check_agent_id("agent_id", call.agent_id)?;
-    crate::auth::check_not_reserved(call.agent_id)?;
     protocol::check_identifier("agent_type", call.agent_type, protocol::MAX_TYPE_CHARS)?;
     if let Some(capabilities) = call.capabilities {
         protocol::check_capabilities(capabilities)?;
@@ -302,14 +316,7 @@ pub async fn inbox(
         &state,
         &granted(&req)?,
         project.id,
-        &CallAs {
-            agent_id: &agent_id,
-            agent_type,
-            interface: Interface::Rest,
-            explicit: false,
-            capabilities: None,
-            description: None,
-        },
+        &CallAs::implicit(&agent_id, agent_type, Interface::Rest),
     )
     .await?;
     let page = read_inbox(
@@ -390,14 +397,11 @@ pub async fn notifications(
         &state,
         &granted(&req)?,
         project.id,
-        &CallAs {
-            agent_id: &agent_id,
-            agent_type: params.agent_type.as_deref().unwrap_or(DEFAULT_AGENT_TYPE),
-            interface: Interface::Rest,
-            explicit: false,
-            capabilities: None,
-            description: None,
-        },
+        &CallAs::implicit(
+            &agent_id,
+            params.agent_type.as_deref().unwrap_or(DEFAULT_AGENT_TYPE),
+            Interface::Rest,
+        ),
     )
     .await?;
     let (page, notified) = notify(

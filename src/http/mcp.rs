@@ -272,7 +272,6 @@ async fn admit(
         .agent_type
         .unwrap_or_else(|| DEFAULT_AGENT_TYPE.to_owned());
     crate::protocol::check_agent_id("agent_id", &agent_id)?;
-    auth::check_not_reserved(&agent_id)?;
     crate::protocol::check_identifier("agent_type", &agent_type, crate::protocol::MAX_TYPE_CHARS)?;
     let project = projects::load(state, path).await?;
     Ok((
@@ -296,14 +295,7 @@ pub(super) async fn joined(
         state,
         access,
         identity.project_id,
-        &CallAs {
-            agent_id: &identity.agent_id,
-            agent_type: &identity.agent_type,
-            interface: Interface::Mcp,
-            explicit: false,
-            capabilities: None,
-            description: None,
-        },
+        &CallAs::implicit(&identity.agent_id, &identity.agent_type, Interface::Mcp),
     )
     .await
     .map(drop)

@@ -165,7 +165,6 @@ impl PublishBody {
         }
         .ok_or_else(|| ApiError::bad_request("missing_field", "`sender_agent_id` is required"))?;
         protocol::check_agent_id("sender_agent_id", &sender_agent_id)?;
-        crate::auth::check_not_reserved(&sender_agent_id)?;
         let sender_agent_type = self.sender_agent_type.ok_or_else(|| {
             ApiError::bad_request("missing_field", "`sender_agent_type` is required")
         })?;
@@ -214,14 +213,11 @@ pub(super) async fn joined_sender(
         state,
         access,
         message.project_id,
-        &super::agents::CallAs {
-            agent_id: &message.sender_agent_id,
-            agent_type: &message.sender_agent_type,
+        &super::agents::CallAs::implicit(
+            &message.sender_agent_id,
+            &message.sender_agent_type,
             interface,
-            explicit: false,
-            capabilities: None,
-            description: None,
-        },
+        ),
     )
     .await
     .map(drop)
@@ -238,10 +234,9 @@ pub async fn store(
         return Err(ApiError::RateLimited(wait.as_millis().max(1) as u64));
     }
     let (tx, rx) = oneshot::channel();
-    state.persistence.do_send(Persist {
-        message,
-        reply: Reply::Http(tx),
-    });
+    state
+        .persistence
+        .do_send(Persist::new(message, Reply::Http(tx)));
     // The persistence actor settles every send; the bound only guards against a broker bug.
     let wait = state.settings.db_timeout() * 3 + Duration::from_secs(1);
     match tokio::time::timeout(wait, rx).await {

@@ -74,7 +74,6 @@ pub async fn connect(
         )
     })?;
     protocol::check_agent_id("agent_id", &agent_id)?;
-    auth::check_not_reserved(&agent_id)?;
     let agent_type = params
         .agent_type
         .unwrap_or_else(|| DEFAULT_AGENT_TYPE.to_owned());
