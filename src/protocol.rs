@@ -71,6 +71,9 @@ pub enum ErrorCode {
     /// connection (never given to it, or already acknowledged), so nothing was recorded for
     /// them.
     AckIgnored,
+    /// The connection is a read-only observer (no `agent_id`): it cannot send, acknowledge
+    /// or mark anything read.
+    ObserverReadOnly,
 }
 
 impl ErrorCode {
@@ -89,6 +92,7 @@ impl ErrorCode {
             ErrorCode::ProjectNotFound => "project_not_found",
             ErrorCode::NoRecipient => "no_recipient",
             ErrorCode::AckIgnored => "ack_ignored",
+            ErrorCode::ObserverReadOnly => "observer_read_only",
         }
     }
 }
@@ -749,6 +753,17 @@ pub enum ServerFrame<'a> {
         replay: i64,
         /// The same, per priority: `[critical, high, normal, low]`.
         replay_by_priority: [i64; 4],
+    },
+    /// First frame of an observer's connection (no `agent_id`): it receives every message of
+    /// the project, after `since` when given, else from `head_seq` on.
+    #[serde(rename = "welcome")]
+    ObserverWelcome {
+        observer: bool,
+        session_id: Uuid,
+        project_id: Uuid,
+        head_seq: i64,
+        /// How many messages are replayed (`since` given) before live delivery starts.
+        replay: i64,
     },
     /// To the sender, after the message's batch committed.
     Sent {

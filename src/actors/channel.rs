@@ -32,6 +32,9 @@ pub struct ChannelActor {
     head_seq: i64,
     /// Connected sessions by agent_id: at most one per agent (a new one takes over).
     members: HashMap<String, Member>,
+    /// Read-only observers by session id: each receives every message of the project. They
+    /// are no members: not in the presence list, not counted as recipients.
+    observers: HashMap<Uuid, Member>,
     /// REST callers waiting for the first reply to a request (sendAndWait), by request id.
     reply_waiters: HashMap<Uuid, oneshot::Sender<StoredMessage>>,
     /// Inbox reads over HTTP waiting for something to be owed to their agent.
@@ -45,6 +48,7 @@ impl ChannelActor {
             project_id,
             head_seq,
             members: HashMap::new(),
+            observers: HashMap::new(),
             reply_waiters: HashMap::new(),
             inbox_waiters: InboxWaiters::default(),
             stats,
@@ -70,6 +74,7 @@ impl ChannelActor {
                 delivered = self.deliver(&message);
                 self.inbox_waiters.wake_for(&message);
             }
+            self.observe(&message);
             if let Some(waiter) = message
                 .reply_to
                 .and_then(|id| self.reply_waiters.remove(&id))
@@ -119,6 +124,23 @@ impl ChannelActor {
     }
 }
 
+impl ChannelActor {
+    /// Hands a committed message to every observer (whoever it was addressed to, expired or
+    /// not: observers see what the project's history holds).
+    fn observe(&self, message: &StoredMessage) {
+        if self.observers.is_empty() {
+            return;
+        }
+        let frame = protocol::message_frame(message);
+        for observer in self.observers.values() {
+            observer.addr.do_send(Deliver {
+                frame: frame.clone(),
+                seq: message.seq,
+            });
+        }
+    }
+}
+
 impl Actor for ChannelActor {
     type Context = Context<Self>;
 
@@ -140,6 +162,8 @@ pub struct Join {
     pub token_id: Option<Uuid>,
     pub agent_id: String,
     pub agent_type: String,
+    /// A read-only observer: it receives every message and takes over from nobody.
+    pub observer: bool,
     pub addr: Addr<SessionActor>,
 }
 
@@ -153,6 +177,10 @@ impl Handler<Join> for ChannelActor {
             agent_type: join.agent_type,
             addr: join.addr,
         };
+        if join.observer {
+            self.observers.insert(join.session_id, member);
+            return self.head_seq;
+        }
         if let Some(previous) = self.members.insert(join.agent_id.clone(), member) {
             log::info!(
                 "project {}: agent {:?} reconnected (session {}); closing session {}",
@@ -173,12 +201,17 @@ impl Handler<Join> for ChannelActor {
 pub struct Leave {
     pub session_id: Uuid,
     pub agent_id: String,
+    pub observer: bool,
 }
 
 impl Handler<Leave> for ChannelActor {
     type Result = ();
 
     fn handle(&mut self, leave: Leave, _ctx: &mut Self::Context) {
+        if leave.observer {
+            self.observers.remove(&leave.session_id);
+            return;
+        }
         // A session replaced by a newer one must not remove its successor.
         if self
             .members
@@ -287,12 +320,12 @@ impl Handler<DrainAll> for ChannelActor {
     type Result = usize;
 
     fn handle(&mut self, _: DrainAll, _ctx: &mut Self::Context) -> usize {
-        for member in self.members.values() {
+        for member in self.members.values().chain(self.observers.values()) {
             member.addr.do_send(Drain);
         }
         // Waiting inbox reads answer now (with nothing), and so does every later one.
         self.inbox_waiters.drain();
-        self.members.len()
+        self.members.len() + self.observers.len()
     }
 }
 
@@ -307,7 +340,7 @@ impl Handler<Revoked> for ChannelActor {
     type Result = ();
 
     fn handle(&mut self, revoked: Revoked, _ctx: &mut Self::Context) {
-        for member in self.members.values() {
+        for member in self.members.values().chain(self.observers.values()) {
             if member.token_id == Some(revoked.token_id) {
                 member.addr.do_send(TokenRevoked);
             }

@@ -42,6 +42,10 @@ pub struct Identity {
     pub project_id: Uuid,
     pub agent_id: String,
     pub agent_type: String,
+    /// A read-only observer (connected without `agent_id`): it receives every message of the
+    /// project, is no member (no cursor, nothing owed to it, not in the agent list) and
+    /// cannot send. `agent_id` and `agent_type` are empty.
+    pub observer: bool,
 }
 
 /// How the session delivers, chosen at connect time.
@@ -211,6 +215,7 @@ impl SessionActor {
             by_priority: range.by_priority,
             resume: range.resume,
             limit: limit as i64,
+            observer: self.identity.observer,
         }
     }
 
@@ -397,7 +402,25 @@ impl SessionActor {
 
     /// Greets the client, then replays what it is owed up to the channel's head.
     fn welcome(&mut self, range: StoreRange, counts: [i64; 4], ctx: &mut Context<Self>) {
-        let welcome = ServerFrame::Welcome {
+        let welcome = if self.identity.observer {
+            ServerFrame::ObserverWelcome {
+                observer: true,
+                session_id: self.identity.session_id,
+                project_id: self.identity.project_id,
+                head_seq: range.upto,
+                replay: counts.iter().sum(),
+            }
+            .encode()
+        } else {
+            self.agent_welcome(&range, counts)
+        };
+        self.push_text(welcome, ctx);
+        self.feed = Feed::replay(range.after, range.upto);
+        self.fetch_more(ctx);
+    }
+
+    fn agent_welcome(&self, range: &StoreRange, counts: [i64; 4]) -> ByteString {
+        ServerFrame::Welcome {
             session_id: self.identity.session_id,
             project_id: self.identity.project_id,
             agent_id: &self.identity.agent_id,
@@ -408,10 +431,7 @@ impl SessionActor {
             replay: counts.iter().sum(),
             replay_by_priority: counts,
         }
-        .encode();
-        self.push_text(welcome, ctx);
-        self.feed = Feed::replay(range.after, range.upto);
-        self.fetch_more(ctx);
+        .encode()
     }
 
     /// Manual mode: reports the deliveries made since the last report, to be counted.
@@ -480,7 +500,8 @@ impl SessionActor {
     }
 
     fn report(&self, progress: Progress) {
-        if !progress.is_empty() {
+        // An observer has no cursor: what it was given is nobody's progress.
+        if !progress.is_empty() && !self.identity.observer {
             self.deps.cursors.do_send(ReportProgress {
                 project_id: self.identity.project_id,
                 agent_id: self.identity.agent_id.clone(),
@@ -712,6 +733,16 @@ impl SessionActor {
     }
 
     fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
+        if self.identity.observer {
+            let client_msg_id = serde_json::from_str::<serde_json::Value>(text)
+                .ok()
+                .and_then(|v| v.get("client_msg_id")?.as_str().map(str::to_owned));
+            let rejection = Rejection::new(
+                ErrorCode::ObserverReadOnly,
+                "this connection is a read-only observer (no agent_id): connect with an agent_id to send, acknowledge or mark read",
+            );
+            return self.reject(&rejection, client_msg_id.as_deref(), ctx);
+        }
         let op = match protocol::parse_client_frame(text) {
             Ok(op) => op,
             Err((rejection, client_msg_id)) => {
@@ -830,6 +861,7 @@ impl Actor for SessionActor {
             token_id: self.identity.token_id,
             agent_id: self.identity.agent_id.clone(),
             agent_type: self.identity.agent_type.clone(),
+            observer: self.identity.observer,
             addr: ctx.address(),
         };
         // Wait for the channel, then count what is owed, before handling anything else: the
@@ -875,7 +907,13 @@ impl Actor for SessionActor {
         self.deps.channel.do_send(Leave {
             session_id: self.identity.session_id,
             agent_id: self.identity.agent_id.clone(),
+            observer: self.identity.observer,
         });
+        log::info!("session {} closed", self.identity.session_id);
+        if self.identity.observer {
+            // No session row and no member to mark.
+            return;
+        }
         let pool = self.deps.pool.clone();
         let session_id = self.identity.session_id;
         let (project_id, agent_id) = (self.identity.project_id, self.identity.agent_id.clone());
@@ -894,7 +932,6 @@ impl Actor for SessionActor {
                 log::warn!("session {session_id}: could not record the disconnect: {e}");
             }
         });
-        log::info!("session {} closed", self.identity.session_id);
     }
 }
 

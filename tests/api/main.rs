@@ -21,6 +21,7 @@ mod mcp;
 #[cfg(feature = "sdk-tests")]
 mod mcp_sdk;
 mod messaging;
+mod observer;
 mod offline;
 mod ops;
 mod outage;
