@@ -8,6 +8,7 @@ pub mod paging;
 pub mod prepared;
 pub mod queries;
 pub mod search;
+pub mod tokens;
 
 use std::time::Duration;
 
