@@ -22,7 +22,7 @@ use crate::db::cursors::{self, MemberCursor, OwedQuery, Progress};
 use crate::db::{queries, DbPool};
 use crate::frames::{Oversize, Refusal};
 use crate::limits::{ConnectionPermit, ProjectLimits, SessionLimit};
-use crate::models::{NewMessage, StoredMessage};
+use crate::models::StoredMessage;
 use crate::protocol::{self, close_code, AckMode, ClientOp, ErrorCode, Rejection, ServerFrame};
 
 /// Most frames handed to the socket in one write step.
@@ -791,8 +791,7 @@ impl SessionActor {
                     return self.reject(&rejection, send.client_msg_id.as_deref(), ctx);
                 }
                 let identity = &self.identity;
-                let message = NewMessage::from_send(
-                    send,
+                let message = send.into_message(
                     identity.project_id,
                     identity.agent_id.clone(),
                     identity.agent_type.clone(),

@@ -188,13 +188,7 @@ pub(super) fn new_message(
 ) -> Result<NewMessage, ApiError> {
     let send = protocol::validate_send(send, &state.settings.send_limits())
         .map_err(|(rejection, _)| rejection)?;
-    Ok(NewMessage::from_send(
-        send,
-        project_id,
-        sender_agent_id,
-        sender_agent_type,
-        None,
-    ))
+    Ok(send.into_message(project_id, sender_agent_id, sender_agent_type, None))
 }
 
 /// A send over HTTP makes its sender a member (joined at the head) and counts as its presence.
