@@ -4,13 +4,13 @@
 use std::collections::HashMap;
 
 use actix::prelude::*;
+use bytestring::ByteString;
 use chrono::{DateTime, Utc};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::inbox::{InboxWaiters, Wake};
-use super::persistence::{Reply, Settlement};
-use super::session::{Deliver, Drain, Replaced, SessionActor, TokenRevoked};
+use super::settle::{Reply, Settlement};
 use crate::models::StoredMessage;
 use crate::protocol;
 use crate::stats::Stats;
@@ -22,7 +22,7 @@ struct Member {
     token_id: Option<Uuid>,
     /// For messages addressed to a type.
     agent_type: String,
-    addr: Addr<SessionActor>,
+    session: Recipient<ToSession>,
 }
 
 pub struct ChannelActor {
@@ -101,7 +101,7 @@ impl ChannelActor {
             };
             let frame = protocol::message_frame(message);
             let bytes = frame.len();
-            member.addr.do_send(Deliver { frame, seq });
+            member.session.do_send(ToSession::Deliver { frame, seq });
             return (1, bytes);
         }
         let mut frame = None;
@@ -113,7 +113,7 @@ impl ChannelActor {
             };
             if addressed && *agent_id != message.sender_agent_id {
                 let frame = frame.get_or_insert_with(|| protocol::message_frame(message));
-                member.addr.do_send(Deliver {
+                member.session.do_send(ToSession::Deliver {
                     frame: frame.clone(),
                     seq,
                 });
@@ -133,7 +133,7 @@ impl ChannelActor {
         }
         let frame = protocol::message_frame(message);
         for observer in self.observers.values() {
-            observer.addr.do_send(Deliver {
+            observer.session.do_send(ToSession::Deliver {
                 frame: frame.clone(),
                 seq: message.seq,
             });
@@ -153,6 +153,24 @@ impl Actor for ChannelActor {
     }
 }
 
+/// What a channel tells one of its sessions.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub enum ToSession {
+    /// A committed message for this session's client, live.
+    Deliver {
+        /// The message frame, serialised once for all its recipients.
+        frame: ByteString,
+        seq: i64,
+    },
+    /// Another connection of the same agent took over (close 4001).
+    Replaced,
+    /// The broker is shutting down: settle what was sent, then close with 1001.
+    Drain,
+    /// The token this session connected with was revoked (close 4003).
+    TokenRevoked,
+}
+
 /// A session joins its project's channel. Answered with the head seq from which the session
 /// receives messages live.
 #[derive(Message)]
@@ -164,7 +182,7 @@ pub struct Join {
     pub agent_type: String,
     /// A read-only observer: it receives every message and takes over from nobody.
     pub observer: bool,
-    pub addr: Addr<SessionActor>,
+    pub session: Recipient<ToSession>,
 }
 
 impl Handler<Join> for ChannelActor {
@@ -175,7 +193,7 @@ impl Handler<Join> for ChannelActor {
             session_id: join.session_id,
             token_id: join.token_id,
             agent_type: join.agent_type,
-            addr: join.addr,
+            session: join.session,
         };
         if join.observer {
             self.observers.insert(join.session_id, member);
@@ -189,7 +207,7 @@ impl Handler<Join> for ChannelActor {
                 join.session_id,
                 previous.session_id
             );
-            previous.addr.do_send(Replaced);
+            previous.session.do_send(ToSession::Replaced);
         }
         self.head_seq
     }
@@ -321,7 +339,7 @@ impl Handler<DrainAll> for ChannelActor {
 
     fn handle(&mut self, _: DrainAll, _ctx: &mut Self::Context) -> usize {
         for member in self.members.values().chain(self.observers.values()) {
-            member.addr.do_send(Drain);
+            member.session.do_send(ToSession::Drain);
         }
         // Waiting inbox reads answer now (with nothing), and so does every later one.
         self.inbox_waiters.drain();
@@ -342,7 +360,7 @@ impl Handler<Revoked> for ChannelActor {
     fn handle(&mut self, revoked: Revoked, _ctx: &mut Self::Context) {
         for member in self.members.values().chain(self.observers.values()) {
             if member.token_id == Some(revoked.token_id) {
-                member.addr.do_send(TokenRevoked);
+                member.session.do_send(ToSession::TokenRevoked);
             }
         }
     }

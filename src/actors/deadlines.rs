@@ -15,7 +15,8 @@ use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::persistence::{Persist, PersistenceActor, Reply};
+use super::persistence::Persist;
+use super::settle::Reply;
 use crate::db::{deadlines, DbPool};
 use crate::models::NewMessage;
 
@@ -27,8 +28,8 @@ pub const BROKER_AGENT_TYPE: &str = "broker";
 
 pub struct DeadlineActor {
     pool: DbPool,
-    /// Where timeout responses are sent to be stored (set once both actors run).
-    persistence: Option<Addr<PersistenceActor>>,
+    /// Where timeout responses are sent to be stored.
+    persistence: Recipient<Persist>,
     /// Requests by deadline (earliest first).
     timers: BinaryHeap<Reverse<(DateTime<Utc>, Uuid, Uuid)>>,
     /// The wake-up for the earliest deadline.
@@ -39,10 +40,10 @@ pub struct DeadlineActor {
 }
 
 impl DeadlineActor {
-    pub fn new(pool: DbPool) -> Self {
+    pub fn new(pool: DbPool, persistence: Recipient<Persist>) -> Self {
         DeadlineActor {
             pool,
-            persistence: None,
+            persistence,
             timers: BinaryHeap::new(),
             armed: None,
             swept_until: DateTime::<Utc>::UNIX_EPOCH,
@@ -65,18 +66,13 @@ impl DeadlineActor {
     }
 
     fn fire(&mut self, ctx: &mut Context<Self>) {
-        let Some(persistence) = self.persistence.clone() else {
-            // Not wired yet: try again shortly.
-            self.armed = Some(ctx.run_later(Duration::from_millis(50), |act, ctx| act.fire(ctx)));
-            return;
-        };
         let now = Utc::now();
         while let Some(Reverse((deadline, request_id, project_id))) = self.timers.peek().copied() {
             if deadline > now {
                 break;
             }
             self.timers.pop();
-            persistence.do_send(Persist::new(
+            self.persistence.do_send(Persist::new(
                 timeout_response(project_id, request_id),
                 Reply::Broker,
             ));
@@ -191,18 +187,5 @@ impl Handler<TrackRequest> for DeadlineActor {
         if earliest.is_none_or(|d| track.deadline < d) {
             self.arm(ctx);
         }
-    }
-}
-
-/// Wires the persistence actor in (the two refer to each other).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct AttachPersistence(pub Addr<PersistenceActor>);
-
-impl Handler<AttachPersistence> for DeadlineActor {
-    type Result = ();
-
-    fn handle(&mut self, attach: AttachPersistence, _ctx: &mut Self::Context) {
-        self.persistence = Some(attach.0);
     }
 }

@@ -10,6 +10,15 @@
 //!
 //! A message reaches nobody, not even its sender's receipt, before its batch committed.
 //!
+//! Actors know each other's messages, never each other's types: each actor's inbound
+//! messages are defined beside it, and an actor holds `Recipient<…>` of the messages it
+//! sends (a channel holds `Recipient<ToSession>` per session; the persistence actor holds
+//! `Recipient<TrackRequest>` and `Recipient<IndexSoon>`; the deadline actor is started by the
+//! persistence actor with its `Recipient<Persist>`). What became of a send is a raw
+//! [`settle::Settlement`]; each waiter (a session, a REST call) words its own answer.
+//! Committed messages reach channels through one seam, [`registry::ChannelRegistry::route`],
+//! which any other source of commits can feed the same way.
+//!
 //! Beside that path: `CursorActor` records delivery progress, `DeadlineActor` fires request
 //! timeouts and sweeps expired messages, and `SearchIndexActor` indexes committed messages
 //! for full-text search.
@@ -24,3 +33,4 @@ pub mod persistence;
 pub mod registry;
 pub mod search;
 pub mod session;
+pub mod settle;

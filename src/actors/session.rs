@@ -13,10 +13,11 @@ use bytestring::ByteString;
 use uuid::Uuid;
 
 use super::acks;
-use super::channel::{ChannelActor, Join, Leave};
+use super::channel::{ChannelActor, Join, Leave, ToSession};
 use super::cursor::{CursorActor, GiveUp, MarkRead, RecordAttempts, ReportProgress};
 use super::feed::{Feed, Live, StoreRange};
-use super::persistence::{Persist, PersistenceActor, Reply};
+use super::persistence::Persist;
+use super::settle::{no_recipient_text, Reply, Settled, Settlement};
 use crate::config::Settings;
 use crate::db::cursors::{self, MemberCursor, OwedQuery, Progress};
 use crate::db::{queries, DbPool};
@@ -62,7 +63,7 @@ pub struct DeliveryOptions {
 #[derive(Clone)]
 pub struct SessionDeps {
     pub channel: Addr<ChannelActor>,
-    pub persistence: Addr<PersistenceActor>,
+    pub persistence: Recipient<Persist>,
     pub cursors: Addr<CursorActor>,
     pub pool: DbPool,
     pub settings: Arc<Settings>,
@@ -798,9 +799,10 @@ impl SessionActor {
                     Some(identity.session_id),
                 );
                 self.pending_sends += 1;
-                self.deps
-                    .persistence
-                    .do_send(Persist::new(message, Reply::Session(ctx.address())));
+                self.deps.persistence.do_send(Persist::new(
+                    message,
+                    Reply::Session(ctx.address().recipient()),
+                ));
             }
             ClientOp::Ack { seqs, up_to } => self.on_ack(seqs, up_to, ctx),
             ClientOp::Hello {
@@ -861,7 +863,7 @@ impl Actor for SessionActor {
             agent_id: self.identity.agent_id.clone(),
             agent_type: self.identity.agent_type.clone(),
             observer: self.identity.observer,
-            addr: ctx.address(),
+            session: ctx.address().recipient(),
         };
         // Wait for the channel, then count what is owed, before handling anything else: the
         // welcome is the first frame, and live messages that arrive meanwhile wait in the
@@ -995,96 +997,59 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for SessionActor {
     }
 }
 
-/// A committed message for this client, live from its channel.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Deliver {
-    /// The message frame, serialised once for all its recipients.
-    pub frame: ByteString,
-    pub seq: i64,
-}
-
-impl Handler<Deliver> for SessionActor {
+impl Handler<ToSession> for SessionActor {
     type Result = ();
 
-    fn handle(&mut self, deliver: Deliver, ctx: &mut Self::Context) {
-        self.on_live(deliver.frame, deliver.seq, ctx);
-    }
-}
-
-/// The outcome of one of this session's sends: a `sent` receipt or an error frame.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Settled(pub ByteString);
-
-impl Handler<Settled> for SessionActor {
-    type Result = ();
-
-    fn handle(&mut self, settled: Settled, ctx: &mut Self::Context) {
-        self.pending_sends = self.pending_sends.saturating_sub(1);
-        self.push_text(settled.0, ctx);
-        if let (Some((code, reason)), 0) = (self.draining, self.pending_sends) {
-            self.close(ctx, code, reason);
+    fn handle(&mut self, event: ToSession, ctx: &mut Self::Context) {
+        match event {
+            ToSession::Deliver { frame, seq } => self.on_live(frame, seq, ctx),
+            ToSession::Replaced => self.close(
+                ctx,
+                close_code::REPLACED,
+                "replaced by a newer connection of this agent",
+            ),
+            ToSession::Drain => self.drain(ctx, 1001, "the broker is shutting down"),
+            ToSession::TokenRevoked => self.close(
+                ctx,
+                close_code::TOKEN_REVOKED,
+                "the token of this connection was revoked",
+            ),
         }
     }
 }
 
-/// A notice for the client that settles nothing (a `no_recipient` warning after a receipt).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Notify(pub ByteString);
-
-impl Handler<Notify> for SessionActor {
+impl Handler<Settled> for SessionActor {
     type Result = ();
 
-    fn handle(&mut self, notify: Notify, ctx: &mut Self::Context) {
-        self.push_text(notify.0, ctx);
-    }
-}
-
-/// The broker is shutting down: settle what was sent, then close with 1001.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Drain;
-
-impl Handler<Drain> for SessionActor {
-    type Result = ();
-
-    fn handle(&mut self, _: Drain, ctx: &mut Self::Context) {
-        self.drain(ctx, 1001, "the broker is shutting down");
-    }
-}
-
-/// The token this session connected with was revoked.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct TokenRevoked;
-
-impl Handler<TokenRevoked> for SessionActor {
-    type Result = ();
-
-    fn handle(&mut self, _: TokenRevoked, ctx: &mut Self::Context) {
-        self.close(
-            ctx,
-            close_code::TOKEN_REVOKED,
-            "the token of this connection was revoked",
-        );
-    }
-}
-
-/// Another connection of the same agent took over.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Replaced;
-
-impl Handler<Replaced> for SessionActor {
-    type Result = ();
-
-    fn handle(&mut self, _: Replaced, ctx: &mut Self::Context) {
-        self.close(
-            ctx,
-            close_code::REPLACED,
-            "replaced by a newer connection of this agent",
-        );
+    /// The outcome of one of this session's sends: its `sent` receipt (and a `no_recipient`
+    /// warning after it when nobody can receive the message), or an error frame.
+    fn handle(&mut self, Settled(settlement): Settled, ctx: &mut Self::Context) {
+        self.pending_sends = self.pending_sends.saturating_sub(1);
+        match settlement {
+            Settlement::Stored {
+                message,
+                no_recipient,
+            } => {
+                self.push_text(protocol::receipt_frame(&message), ctx);
+                if no_recipient {
+                    let warning =
+                        Rejection::new(ErrorCode::NoRecipient, no_recipient_text(&message));
+                    self.push_text(
+                        protocol::error_frame(&warning, message.client_msg_id.as_deref()),
+                        ctx,
+                    );
+                }
+            }
+            Settlement::Failed {
+                rejection,
+                client_msg_id,
+            } => self.push_text(
+                protocol::error_frame(&rejection, client_msg_id.as_deref()),
+                ctx,
+            ),
+        }
+        if let (Some((code, reason)), 0) = (self.draining, self.pending_sends) {
+            self.close(ctx, code, reason);
+        }
     }
 }

@@ -27,7 +27,7 @@ pub use mcp::McpSessions;
 pub use projects::validate_name as validate_project_name;
 
 use crate::actors::cursor::CursorActor;
-use crate::actors::persistence::PersistenceActor;
+use crate::actors::persistence::Persist;
 use crate::actors::registry::ChannelRegistry;
 use crate::auth;
 use crate::config::Settings;
@@ -40,7 +40,7 @@ pub struct AppState {
     pub pool: DbPool,
     pub settings: Arc<Settings>,
     pub registry: ChannelRegistry,
-    pub persistence: Addr<PersistenceActor>,
+    pub persistence: actix::Recipient<Persist>,
     pub cursors: Addr<CursorActor>,
     pub stats: Stats,
     /// Every project's rate limit, shared with the sessions.
