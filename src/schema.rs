@@ -1,4 +1,6 @@
-//! Diesel's view of the tables created by `migrations/`.
+//! Diesel's view of the tables created by `migrations/`: every table but `message_search`
+//! (a tsvector column, queried with SQL only). `tests/api/schema.rs` checks each table,
+//! column, type, nullability, length and primary key here against a migrated database.
 
 diesel::table! {
     projects (id) {
@@ -95,7 +97,32 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    delivery_attempts (project_id, agent_id, seq) {
+        project_id -> Uuid,
+        #[max_length = 255]
+        agent_id -> Varchar,
+        seq -> Int8,
+        attempts -> Int4,
+    }
+}
+
+diesel::table! {
+    tokens (id) {
+        id -> Uuid,
+        project_id -> Uuid,
+        #[max_length = 255]
+        agent_id -> Nullable<Varchar>,
+        #[max_length = 64]
+        token_hash -> Bpchar,
+        created_at -> Timestamptz,
+        revoked_at -> Nullable<Timestamptz>,
+    }
+}
+
 diesel::joinable!(agent_messages -> projects (project_id));
+diesel::joinable!(delivery_attempts -> projects (project_id));
+diesel::joinable!(tokens -> projects (project_id));
 diesel::joinable!(sessions -> projects (project_id));
 diesel::joinable!(members -> projects (project_id));
 diesel::joinable!(dead_letters -> agent_messages (message_id));

@@ -27,5 +27,6 @@ mod ops;
 mod outage;
 mod pg_cluster;
 mod requests;
+mod schema;
 mod sessions;
 mod shutdown;
