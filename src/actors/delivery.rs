@@ -760,12 +760,15 @@ impl Delivery {
     }
 
     /// Queues a message for the client and tracks it until it is done. False if it could not
-    /// be queued (the connection is closing).
+    /// be queued: the outbox overflowed, and the connection is closing.
     fn queue_message(&mut self, frame: ByteString, seq: i64) -> bool {
-        if !self.push(Outgoing::Message { frame, seq }) {
+        if self.is_closing() {
             return false;
         }
-        self.feed.queued(seq);
+        // Manual mode: handed to the connection, it counts as a delivery even if it is the
+        // frame that overflows the outbox. A message too large for the outbox then reaches
+        // the delivery limit like any other message that makes a client fail, instead of
+        // closing every connection of the agent with 4008 for ever.
         if let Window::Manual {
             in_flight,
             attempted,
@@ -774,7 +777,8 @@ impl Delivery {
             in_flight.insert(seq);
             attempted.push(seq);
         }
-        true
+        self.feed.queued(seq);
+        self.push(Outgoing::Message { frame, seq })
     }
 
     /// Manual mode: reports the deliveries made since the last report, to be counted.
@@ -1331,12 +1335,16 @@ mod tests {
     fn a_slow_consumer_is_closed_with_4008_and_nothing_it_was_not_written_counts() {
         let mut h = Harness::new(AckMode::Auto);
         h.open_live();
-        // 1 is being written when the client stops reading; 2..=17 fill the outbox (16).
-        for seq in 1..=17 {
+        h.commit(1);
+        h.flush();
+        h.pong(1);
+        assert_eq!(h.done(), (vec![], Some(1)));
+        // 2 is being written when the client stops reading; 3..=18 fill the outbox (16).
+        for seq in 2..=18 {
             h.commit(seq);
         }
         assert!(!h.d.is_closing());
-        h.commit(18);
+        h.commit(19);
         assert_eq!(
             h.d.phase(),
             Phase::Closing {
@@ -1346,21 +1354,52 @@ mod tests {
         );
         // What was in flight is written; the queued frames are dropped, the close follows.
         h.flush();
-        assert_eq!(h.delivered(), [1]);
+        assert_eq!(h.delivered(), [1, 2]);
         assert_eq!(
             h.after_welcome(),
             [
                 text("m1"),
+                text("m2"),
                 Frame::Close(
                     CloseCode::SlowConsumer,
                     "slow consumer: outgoing queue full"
                 )
             ]
         );
+        assert_eq!(CloseCode::SlowConsumer.code(), 4008);
         assert!(h.stopped);
-        // Not even what was written counts: no ping followed it, and a late pong is ignored.
+        // Not even 2 counts: no ping followed it, and a late pong is ignored. 2..=19 stay
+        // owed, for the next connection.
         h.pong(u64::MAX);
-        assert!(h.reports.is_empty(), "{:?}", h.reports);
+        assert_eq!(h.done(), (vec![], Some(1)));
+    }
+
+    #[test]
+    fn a_message_too_large_for_the_outbox_closes_with_4008_and_counts_as_one_delivery() {
+        let mut h = Harness::with(
+            AckMode::Manual,
+            Limits {
+                outbox_max_bytes: 100,
+                ..limits()
+            },
+        );
+        h.store = vec![
+            Msg {
+                seq: 1,
+                priority: 2,
+                size: 120,
+            },
+            owed(2, 2),
+        ];
+        h.open(0, 2);
+        h.serve();
+        assert!(h.d.is_closing());
+        h.flush();
+        assert_eq!(h.closes(), [CloseCode::SlowConsumer]);
+        assert!(h.delivered().is_empty());
+        // 1 was handed to the connection (so it reaches the delivery limit in the end); 2,
+        // after it in the page, never was.
+        assert_eq!(h.recorded, [1]);
     }
 
     #[test]
