@@ -166,7 +166,7 @@ fn administer(command: Command, matches: &clap::ArgMatches) -> anyhow::Result<()
                         );
                     }
                     let (id, token) =
-                        agentbus::auth::issue(&mut conn, project_id, agent_id.as_deref()).await?;
+                        agentbus::db::tokens::issue(&mut conn, project_id, agent_id.as_deref()).await?;
                     println!(
                         "{}",
                         serde_json::to_string_pretty(&serde_json::json!({
@@ -179,7 +179,7 @@ fn administer(command: Command, matches: &clap::ArgMatches) -> anyhow::Result<()
                     token_id,
                     ..
                 } => {
-                    if !agentbus::auth::revoke(&mut conn, project_id, token_id).await? {
+                    if !agentbus::db::tokens::revoke(&mut conn, project_id, token_id).await? {
                         anyhow::bail!("no active token {token_id} in project {project_id}");
                     }
                     println!("revoked {token_id}; new connections with it are refused");

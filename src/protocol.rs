@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::models::StoredMessage;
+use crate::models::{NewMessage, StoredMessage};
 
 /// Longest agent id, in characters (the column is VARCHAR(255)).
 pub const MAX_AGENT_ID_CHARS: usize = crate::domain::agent_id::MAX_AGENT_ID_CHARS;
@@ -392,6 +392,47 @@ pub struct ValidSend {
     pub reply_timeout_ms: Option<i64>,
     pub success: Option<bool>,
     pub error: Option<String>,
+}
+
+impl ValidSend {
+    /// A validated send from `sender`, as the broker will store it. Requests without a
+    /// correlation id are correlated by their own id.
+    pub fn into_message(
+        self,
+        project_id: Uuid,
+        sender_agent_id: String,
+        sender_agent_type: String,
+        sender_session_id: Option<Uuid>,
+    ) -> NewMessage {
+        let send = self;
+        let id = Uuid::new_v4();
+        let correlation_id = match (send.correlation_id, send.reply_timeout_ms) {
+            (None, Some(_)) => Some(id.to_string()),
+            (given, _) => given,
+        };
+        NewMessage {
+            id,
+            project_id,
+            sender_agent_id,
+            sender_agent_type: send.agent_type.unwrap_or(sender_agent_type),
+            sender_session_id,
+            recipient_agent_id: send.to,
+            message_type: send.message_type,
+            content: send.content,
+            metadata: send.metadata,
+            priority: send.priority,
+            correlation_id,
+            reply_to: send.reply_to,
+            client_msg_id: send.client_msg_id,
+            ttl_ms: send.ttl_ms,
+            recipient_agent_type: send.to_type,
+            reply_timeout_ms: send.reply_timeout_ms,
+            success: send.success,
+            error: send.error,
+            reply: None,
+            timeout_of: None,
+        }
+    }
 }
 
 /// The configurable bounds of a send.

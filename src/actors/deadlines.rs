@@ -13,13 +13,10 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
-use diesel::sql_types::{Timestamptz, Uuid as SqlUuid};
-use diesel::QueryableByName;
-use diesel_async::RunQueryDsl;
 use uuid::Uuid;
 
 use super::persistence::{Persist, PersistenceActor, Reply};
-use crate::db::DbPool;
+use crate::db::{deadlines, DbPool};
 use crate::models::NewMessage;
 
 /// How often expired messages are swept into the dead-letter list.
@@ -96,24 +93,9 @@ impl DeadlineActor {
         let (from, until) = (self.swept_until, Utc::now());
         let sweep = async move {
             let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-            // "Was owed to someone" at expiry: visible to a member (`agentbus_owed` without
-            // its expiry test, since every row here has expired).
-            diesel::sql_query(
-                "INSERT INTO dead_letters (message_id, project_id, reason, dead_at) \
-                 SELECT a.id, a.project_id, 'expired', a.expires_at FROM agent_messages a \
-                 WHERE a.expires_at IS NOT NULL AND a.delivered_at IS NULL \
-                   AND a.expires_at > $1 AND a.expires_at <= $2 \
-                   AND EXISTS (SELECT 1 FROM members m \
-                     WHERE m.project_id = a.project_id \
-                       AND agentbus_visible(a.recipient_agent_id, a.recipient_agent_type, \
-                             a.sender_agent_id, a.seq, m.agent_id, m.agent_type, m.joined_seq)) \
-                 ON CONFLICT (message_id) DO NOTHING",
-            )
-            .bind::<Timestamptz, _>(from)
-            .bind::<Timestamptz, _>(until)
-            .execute(&mut conn)
-            .await
-            .map_err(|e| e.to_string())
+            deadlines::sweep_expired(&mut conn, from, until)
+                .await
+                .map_err(|e| e.to_string())
         };
         ctx.spawn(sweep.into_actor(self).map(move |result, act, _| {
             act.sweeping = false;
@@ -157,16 +139,6 @@ fn timeout_response(project_id: Uuid, request_id: Uuid) -> NewMessage {
     }
 }
 
-#[derive(QueryableByName)]
-struct PendingRequest {
-    #[diesel(sql_type = SqlUuid)]
-    id: Uuid,
-    #[diesel(sql_type = SqlUuid)]
-    project_id: Uuid,
-    #[diesel(sql_type = Timestamptz)]
-    reply_deadline: DateTime<Utc>,
-}
-
 impl Actor for DeadlineActor {
     type Context = Context<Self>;
 
@@ -175,13 +147,9 @@ impl Actor for DeadlineActor {
         let pool = self.pool.clone();
         let load = async move {
             let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-            diesel::sql_query(
-                "SELECT id, project_id, reply_deadline FROM agent_messages \
-                 WHERE expects_reply AND replied_at IS NULL AND reply_deadline IS NOT NULL",
-            )
-            .load::<PendingRequest>(&mut conn)
-            .await
-            .map_err(|e| e.to_string())
+            deadlines::pending_requests(&mut conn)
+                .await
+                .map_err(|e| e.to_string())
         };
         ctx.wait(load.into_actor(self).map(|pending, act, ctx| {
             match pending {
@@ -189,8 +157,8 @@ impl Actor for DeadlineActor {
                     if !pending.is_empty() {
                         log::info!("re-armed {} pending request timeout(s)", pending.len());
                     }
-                    for r in pending {
-                        act.timers.push(Reverse((r.reply_deadline, r.id, r.project_id)));
+                    for (id, project_id, deadline) in pending {
+                        act.timers.push(Reverse((deadline, id, project_id)));
                     }
                     act.arm(ctx);
                 }

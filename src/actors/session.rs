@@ -24,7 +24,6 @@ use crate::db::cursors::{self, MemberCursor, OwedQuery};
 use crate::db::{queries, DbPool};
 use crate::frames::{Oversize, Refusal};
 use crate::limits::{ConnectionPermit, ProjectLimits, SessionLimit};
-use crate::models::NewMessage;
 use crate::protocol::{self, AckMode, ClientOp, CloseCode, ErrorCode, Rejection, ServerFrame};
 
 /// How long a closing session waits for its close frame to be written before it stops anyway
@@ -379,8 +378,7 @@ impl SessionActor {
                     }
                 }
                 let identity = &self.identity;
-                let message = NewMessage::from_send(
-                    send,
+                let message = send.into_message(
                     identity.project_id,
                     identity.agent_id.clone(),
                     identity.agent_type.clone(),

@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 /// How long a spawned broker may take to report its port.
@@ -157,18 +156,7 @@ pub fn fresh_database_url(server: &str) -> (String, String) {
 
 /// Drops a database this benchmark created (terminating any connection left to it).
 pub async fn drop_database(server: &str, name: &str) -> anyhow::Result<()> {
-    let mut conn =
-        AsyncPgConnection::establish(&format!("{}/postgres", server.trim_end_matches('/')))
-            .await
-            .with_context(|| format!("connecting to {server} to drop {name}"))?;
-    diesel::sql_query(format!(
-        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-        name.replace('"', "\"\"")
-    ))
-    .execute(&mut conn)
-    .await
-    .with_context(|| format!("dropping database {name}"))?;
-    Ok(())
+    crate::db::drop_database(server, name).await
 }
 
 /// `ws://host:port` from what the user gave (`ws://host:port/`, `host:port`).

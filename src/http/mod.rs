@@ -1,6 +1,7 @@
 //! The HTTP surface: REST routes, the WebSocket upgrade, and how extractor failures become
 //! JSON errors.
 
+mod access;
 mod agents;
 mod console;
 mod dead_letters;
@@ -173,8 +174,8 @@ async fn check_project_access(
         .cloned()
         .ok_or_else(|| ApiError::Internal("no application state".into()))?;
     let project_id = parse_project_id(req.match_info().get("project_id").unwrap_or_default())?;
-    let token = auth::presented_token(req.request());
-    let access = auth::authenticate(
+    let token = access::presented_token(req.request());
+    let access = access::authenticate(
         &state.pool,
         state.settings.admin_token.as_deref(),
         token.as_deref(),
@@ -191,8 +192,8 @@ async fn check_project_access(
 /// The admin token (or an open broker) is required. (`/api/projects` checks it in
 /// `guards::admin_access`, before the body is read.)
 pub async fn require_admin(req: &actix_web::HttpRequest, state: &AppState) -> Result<(), ApiError> {
-    let token = auth::presented_token(req);
-    let access = auth::authenticate(
+    let token = access::presented_token(req);
+    let access = access::authenticate(
         &state.pool,
         state.settings.admin_token.as_deref(),
         token.as_deref(),

@@ -39,7 +39,6 @@ use uuid::Uuid;
 
 use super::{projects, ApiError, AppState};
 use crate::actors::session::{DeliveryOptions, Identity, SessionActor, SessionDeps};
-use crate::auth;
 use crate::db::cursors::{self, MemberCursor};
 use crate::db::queries;
 use crate::frames::{FrameTracker, Refusal};
@@ -88,10 +87,10 @@ pub async fn connect(
     }
     check_since(params.since)?;
     let project_id = super::parse_project_id(&path)?;
-    let access = auth::authenticate(
+    let access = super::access::authenticate(
         &state.pool,
         state.settings.admin_token.as_deref(),
-        auth::presented_token(&req).as_deref(),
+        super::access::presented_token(&req).as_deref(),
     )
     .await?;
     if !access.allows_project(project_id) {
@@ -99,13 +98,7 @@ pub async fn connect(
             "this token is for another project".into(),
         ));
     }
-    if let Some(bound) = access.bound_agent() {
-        if bound != agent_id {
-            return Err(ApiError::Forbidden(format!(
-                "this token speaks only as agent {bound:?}"
-            )));
-        }
-    }
+    access.speak_as(&agent_id)?;
     let project = projects::load(&state, &path).await?;
 
     let permit = state
@@ -239,10 +232,10 @@ async fn observe(
     }
     check_since(params.since)?;
     let project_id = super::parse_project_id(&path)?;
-    let access = auth::authenticate(
+    let access = super::access::authenticate(
         &state.pool,
         state.settings.admin_token.as_deref(),
-        auth::presented_token(&req).as_deref(),
+        super::access::presented_token(&req).as_deref(),
     )
     .await?;
     if !access.allows_project(project_id) {
