@@ -24,17 +24,39 @@ pub const DEFAULT_MESSAGE_TYPE: &str = "status";
 /// Priority of a send that names none: 0 critical, 1 high, 2 normal, 3 low.
 pub const DEFAULT_PRIORITY: i16 = 2;
 
-/// WebSocket close codes the broker uses besides the standard ones (1000 normal, 1001 going
-/// away, 1007 invalid UTF-8, 1009 frame too large, 1011 internal error).
-pub mod close_code {
+/// The WebSocket close codes the broker sends, each for one reason (the "Close codes" table
+/// of docs/PROTOCOL.md): the standard ones of RFC 6455 §7.4.1, then the broker's own in the
+/// private range (4000-4999). `code as u16` is the number on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum CloseCode {
+    /// The client closed the connection; the broker answers with 1000 whatever code it used.
+    Normal = 1000,
+    /// The broker is shutting down.
+    GoingAway = 1001,
+    /// Malformed WebSocket framing, or the connection could not be read.
+    ProtocolError = 1002,
+    /// A text frame is not valid UTF-8.
+    InvalidPayload = 1007,
+    /// A frame or fragmented message over `max_frame_bytes`.
+    MessageTooBig = 1009,
+    /// The broker could not join the channel, count the queue or read the store.
+    InternalError = 1011,
     /// Another connection with the same agent_id joined the project and took over.
-    pub const REPLACED: u16 = 4001;
-    /// The token the connection was opened with was revoked.
-    pub const TOKEN_REVOKED: u16 = 4003;
+    Replaced = 4001,
     /// Nothing was heard from the client (no frame, no pong) within the client timeout.
-    pub const HEARTBEAT_TIMEOUT: u16 = 4002;
+    HeartbeatTimeout = 4002,
+    /// The token the connection was opened with was revoked.
+    TokenRevoked = 4003,
     /// The client read too slowly: its outgoing queue reached its bound.
-    pub const SLOW_CONSUMER: u16 = 4008;
+    SlowConsumer = 4008,
+}
+
+impl CloseCode {
+    /// The number sent in the close frame.
+    pub const fn code(self) -> u16 {
+        self as u16
+    }
 }
 
 /// Machine-readable error codes, sent as `code` in error frames and REST error bodies.

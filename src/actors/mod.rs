@@ -22,11 +22,16 @@
 //! Beside that path: `CursorActor` records delivery progress, `DeadlineActor` fires request
 //! timeouts and sweeps expired messages, and `SearchIndexActor` indexes committed messages
 //! for full-text search.
+//!
+//! A session's delivery decisions (outbox, flow control, confirmation, draining, closing) are
+//! the plain state machine `delivery::Delivery`, with `feed::Feed` as its seam between the
+//! store and the live channel; `SessionActor` is the shell that does its I/O.
 
 pub mod acks;
 pub mod channel;
 pub mod cursor;
 pub mod deadlines;
+pub mod delivery;
 pub mod feed;
 pub mod inbox;
 pub mod persistence;
