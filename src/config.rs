@@ -215,6 +215,21 @@ pub struct Settings {
     /// is refused with 503 `busy` and a `Retry-After`.
     #[arg(long, env = "AGENTBUS_HEAVY_READ_WAIT_MS", default_value_t = 5_000)]
     pub heavy_read_wait_ms: u64,
+
+    /// This broker's name among the brokers sharing its database (docs/SCALING.md): 1 to 64
+    /// characters from `A-Z a-z 0-9 _ - . :`. Unset: `node-` and 8 random hex digits.
+    #[arg(long, env = "AGENTBUS_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// How often this broker refreshes its heartbeat row, in milliseconds.
+    #[arg(long, env = "AGENTBUS_NODE_HEARTBEAT_MS", default_value_t = 1_000)]
+    pub node_heartbeat_ms: u64,
+
+    /// A broker whose heartbeat is older than this (its own setting, in milliseconds) is dead
+    /// to the others: its sessions are marked gone and its duties taken over. At least twice
+    /// `node_heartbeat_ms`.
+    #[arg(long, env = "AGENTBUS_NODE_TIMEOUT_MS", default_value_t = 5_000)]
+    pub node_timeout_ms: u64,
 }
 
 impl Default for Settings {
@@ -256,6 +271,9 @@ impl Default for Settings {
             max_page_bytes: 4 * 1024 * 1024,
             max_heavy_reads: 4,
             heavy_read_wait_ms: 5_000,
+            node_id: None,
+            node_heartbeat_ms: 1_000,
+            node_timeout_ms: 5_000,
         }
     }
 }

@@ -237,17 +237,19 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let bind = settings.bind.clone();
     let app = Application::build(settings).await?;
     log::info!("agentbus listening on {bind} (port {})", app.port());
-    announce_listening(&bind, app.port())?;
+    announce_listening(&bind, app.port(), app.node_id())?;
     app.run_until_stopped().await?;
     Ok(())
 }
 
 /// The one line `serve` writes to standard output, once it accepts connections: a JSON
 /// object a supervisor or a test reads to learn the port (`--bind 127.0.0.1:0` picks a free
-/// one), e.g. `{"event":"listening","bind":"127.0.0.1:0","port":40123}`. Logs go to stderr.
-fn announce_listening(bind: &str, port: u16) -> anyhow::Result<()> {
+/// one), e.g. `{"event":"listening","bind":"127.0.0.1:0","port":40123,"node_id":"node-1a2b3c4d"}`.
+/// Logs go to stderr.
+fn announce_listening(bind: &str, port: u16, node_id: &str) -> anyhow::Result<()> {
     use std::io::Write;
-    let line = serde_json::json!({"event": "listening", "bind": bind, "port": port});
+    let line =
+        serde_json::json!({"event": "listening", "bind": bind, "port": port, "node_id": node_id});
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{line}")?;
     stdout.flush()?;

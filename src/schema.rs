@@ -134,3 +134,38 @@ diesel::table! {
 }
 
 diesel::allow_tables_to_appear_in_same_query!(agent_messages, dead_letters);
+
+diesel::table! {
+    cluster_nodes (node_id) {
+        #[max_length = 64]
+        node_id -> Varchar,
+        #[max_length = 255]
+        address -> Varchar,
+        started_at -> Timestamptz,
+        heartbeat_at -> Timestamptz,
+        timeout_ms -> Int8,
+    }
+}
+
+diesel::table! {
+    cluster_sessions (session_id) {
+        session_id -> Uuid,
+        #[max_length = 64]
+        node_id -> Varchar,
+        project_id -> Uuid,
+        #[max_length = 255]
+        agent_id -> Nullable<Varchar>,
+        generation -> Int8,
+        connected_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    cluster_duties (duty) {
+        #[max_length = 32]
+        duty -> Varchar,
+        #[max_length = 64]
+        node_id -> Nullable<Varchar>,
+        acquired_at -> Nullable<Timestamptz>,
+    }
+}

@@ -11,7 +11,8 @@ use actix_web::dev::{Server, ServerHandle};
 use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 
-use crate::actors::channel::{DrainAll, Presence};
+use crate::actors::channel::{ClusterLink, DrainAll, Presence};
+use crate::actors::cluster::{self, ClusterActor, NodeConfig};
 use crate::actors::cursor::CursorActor;
 use crate::actors::deadlines::DeadlineActor;
 use crate::actors::persistence::PersistenceActor;
@@ -32,6 +33,10 @@ pub struct Application {
     registry: ChannelRegistry,
     pool: db::DbPool,
     shutdown_timeout: Duration,
+    /// This broker's id among the brokers sharing its database.
+    node_id: String,
+    /// Runs the cluster actor: its heartbeat keeps its own thread, whatever the load.
+    cluster_arbiter: Arbiter,
 }
 
 impl Application {
@@ -53,6 +58,19 @@ impl Application {
                 settings.bind
             );
         }
+        let node_id = match &settings.node_id {
+            Some(id) => id.clone(),
+            None => cluster::generated_node_id(),
+        };
+        cluster::check_node_id(&node_id)?;
+        if settings.node_timeout_ms < 2 * settings.node_heartbeat_ms.max(1) {
+            anyhow::bail!(
+                "node_timeout_ms ({}) must be at least twice node_heartbeat_ms ({}): a node \
+                 would otherwise be declared dead between two of its own heartbeats",
+                settings.node_timeout_ms,
+                settings.node_heartbeat_ms
+            );
+        }
         db::ensure_database_exists(&settings.database_url).await?;
         db::run_migrations(&settings.database_url)?;
         let pool = db::build_pool(
@@ -63,7 +81,11 @@ impl Application {
 
         let broker_arbiter = Arbiter::new();
         let stats = Stats::default();
-        let registry = ChannelRegistry::new(broker_arbiter.handle(), stats.clone());
+        let registry =
+            ChannelRegistry::new(broker_arbiter.handle(), stats.clone()).clustered(ClusterLink {
+                node_id: node_id.clone(),
+                pool: pool.clone(),
+            });
         let search = {
             let pool = pool.clone();
             SearchIndexActor::start_in_arbiter(&broker_arbiter.handle(), move |_| {
@@ -73,12 +95,15 @@ impl Application {
         // The persistence actor and the deadline actor each send to the other: the deadline
         // actor is started from the persistence actor's start-up, with its address, so both
         // are built complete and neither waits to be wired.
+        let (deadlines_tx, deadlines_rx) = tokio::sync::oneshot::channel();
         let persistence = {
             let (pool, registry, stats) = (pool.clone(), registry.clone(), stats.clone());
             let batch_max_rows = settings.batch_max_rows;
             let max_uncommitted_bytes = settings.max_uncommitted_bytes;
+            let (search, node_id) = (search.clone(), node_id.clone());
             PersistenceActor::start_in_arbiter(&broker_arbiter.handle(), move |ctx| {
                 let deadlines = DeadlineActor::new(pool.clone(), ctx.address().recipient()).start();
+                let _ = deadlines_tx.send(deadlines.clone());
                 PersistenceActor::new(
                     pool,
                     registry,
@@ -88,8 +113,12 @@ impl Application {
                     batch_max_rows,
                     max_uncommitted_bytes,
                 )
+                .on_node(node_id)
             })
         };
+        let deadlines = deadlines_rx
+            .await
+            .context("the deadline actor did not start")?;
         let persistence = persistence.recipient();
         let cursors = {
             let pool = pool.clone();
@@ -99,6 +128,35 @@ impl Application {
         let listener = TcpListener::bind(&settings.bind)
             .with_context(|| format!("binding {}", settings.bind))?;
         let port = listener.local_addr()?.port();
+        // Registered before the first connection is accepted: sessions are recorded as this
+        // node's.
+        let node = NodeConfig {
+            node_id: node_id.clone(),
+            address: match settings.bind.rsplit_once(':') {
+                Some((host, _)) => format!("{host}:{port}"),
+                None => settings.bind.clone(),
+            },
+            database_url: settings.database_url.clone(),
+            heartbeat: Duration::from_millis(settings.node_heartbeat_ms.max(1)),
+            timeout: Duration::from_millis(settings.node_timeout_ms),
+        };
+        cluster::register(&pool, &node).await?;
+        log::info!("node {node_id} joined the cluster at {}", node.address);
+        let cluster_arbiter = Arbiter::new();
+        {
+            let (pool, registry) = (pool.clone(), registry.clone());
+            ClusterActor::start_in_arbiter(&cluster_arbiter.handle(), move |_| {
+                ClusterActor::new(
+                    node,
+                    pool,
+                    registry,
+                    deadlines.clone().recipient(),
+                    deadlines.recipient(),
+                    search.clone().recipient(),
+                    search.recipient(),
+                )
+            });
+        }
         let workers = match settings.workers {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,
@@ -170,7 +228,14 @@ impl Application {
             registry: shutdown_registry,
             pool: shutdown_pool,
             shutdown_timeout,
+            node_id,
+            cluster_arbiter,
         })
+    }
+
+    /// This broker's id among the brokers sharing its database.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
     }
 
     pub fn port(&self) -> u16 {
@@ -189,6 +254,8 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let handle = self.server.handle();
         let (registry, pool, timeout) = (self.registry, self.pool, self.shutdown_timeout);
+        let (leave_pool, node_id) = (pool.clone(), self.node_id.clone());
+        let shutdown_node = node_id.clone();
         actix_web::rt::spawn(async move {
             if shutdown_signal().await.is_err() {
                 return;
@@ -197,17 +264,15 @@ impl Application {
             handle.pause().await;
             let deadline = tokio::time::Instant::now() + timeout;
             drain(&registry, deadline).await;
-            match pool.get().await {
-                Ok(mut conn) => {
-                    if let Err(e) = db::queries::mark_all_sessions_disconnected(&mut conn).await {
-                        log::warn!("sessions not marked disconnected: {e}");
-                    }
-                }
-                Err(e) => log::warn!("sessions not marked disconnected: {e}"),
-            }
+            // This node's sessions are marked disconnected, its duties handed over.
+            cluster::leave(&pool, &shutdown_node).await;
             handle.stop(true).await;
         });
         let result = self.server.await;
+        // Also when stopped through the handle: the other nodes take over at once rather than
+        // after this node's timeout.
+        self.cluster_arbiter.stop();
+        cluster::leave(&leave_pool, &node_id).await;
         self.broker_arbiter.stop();
         result
     }

@@ -6,9 +6,15 @@
 //!   in PostgreSQL, so the timeouts are re-armed when the broker starts again.
 //! - The dead-letter sweep: messages that expired before reaching any recipient they were
 //!   owed to are recorded in `dead_letters` with reason `expired`.
+//!
+//! With several brokers on one database, each tracks the requests it committed, and re-arms
+//! every pending request when it starts; the node holding the `timeouts` duty also re-arms
+//! them whenever a node leaves or dies, so a dead node's requests still time out. A request
+//! armed on several nodes still times out once: the commit claims the request first (see
+//! `db::batch`). The sweep runs on the node holding the `sweep` duty only ([`Duties`]).
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashSet};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -32,6 +38,10 @@ pub struct DeadlineActor {
     persistence: Recipient<Persist>,
     /// Requests by deadline (earliest first).
     timers: BinaryHeap<Reverse<(DateTime<Utc>, Uuid, Uuid)>>,
+    /// The requests in `timers`, so that re-arming does not arm one twice.
+    armed_ids: HashSet<Uuid>,
+    /// Whether this broker runs the sweep (one broker per database does).
+    sweeps: bool,
     /// The wake-up for the earliest deadline.
     armed: Option<SpawnHandle>,
     /// Messages that expired at or before this time have been swept.
@@ -45,6 +55,8 @@ impl DeadlineActor {
             pool,
             persistence,
             timers: BinaryHeap::new(),
+            armed_ids: HashSet::new(),
+            sweeps: false,
             armed: None,
             swept_until: DateTime::<Utc>::UNIX_EPOCH,
             sweeping: false,
@@ -72,6 +84,7 @@ impl DeadlineActor {
                 break;
             }
             self.timers.pop();
+            self.armed_ids.remove(&request_id);
             self.persistence.do_send(Persist::new(
                 timeout_response(project_id, request_id),
                 Reply::Broker,
@@ -81,7 +94,7 @@ impl DeadlineActor {
     }
 
     fn sweep(&mut self, ctx: &mut Context<Self>) {
-        if self.sweeping {
+        if self.sweeping || !self.sweeps {
             return;
         }
         self.sweeping = true;
@@ -140,6 +153,14 @@ impl Actor for DeadlineActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         // Re-arm the timeouts of requests still waiting (from before a restart).
+        self.rearm(ctx);
+        ctx.run_interval(SWEEP_EVERY, |act, ctx| act.sweep(ctx));
+    }
+}
+
+impl DeadlineActor {
+    /// Arms every pending request that is not armed yet, from PostgreSQL.
+    fn rearm(&mut self, ctx: &mut Context<Self>) {
         let pool = self.pool.clone();
         let load = async move {
             let mut conn = pool.get().await.map_err(|e| e.to_string())?;
@@ -154,14 +175,44 @@ impl Actor for DeadlineActor {
                         log::info!("re-armed {} pending request timeout(s)", pending.len());
                     }
                     for (id, project_id, deadline) in pending {
-                        act.timers.push(Reverse((deadline, id, project_id)));
+                        if act.armed_ids.insert(id) {
+                            act.timers.push(Reverse((deadline, id, project_id)));
+                        }
                     }
                     act.arm(ctx);
                 }
                 Err(e) => log::error!("pending requests not loaded ({e}); their timeouts will not fire until restart"),
             }
         }));
-        ctx.run_interval(SWEEP_EVERY, |act, ctx| act.sweep(ctx));
+    }
+}
+
+/// Which duties of the deadline actor this broker holds (see `db::cluster`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Duties {
+    /// The dead-letter sweep of expired messages.
+    pub sweep: bool,
+}
+
+impl Handler<Duties> for DeadlineActor {
+    type Result = ();
+
+    fn handle(&mut self, duties: Duties, _ctx: &mut Self::Context) {
+        self.sweeps = duties.sweep;
+    }
+}
+
+/// Arm every pending request again (a node that may have been tracking some is gone).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Rearm;
+
+impl Handler<Rearm> for DeadlineActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Rearm, ctx: &mut Self::Context) {
+        self.rearm(ctx);
     }
 }
 
@@ -178,6 +229,9 @@ impl Handler<TrackRequest> for DeadlineActor {
     type Result = ();
 
     fn handle(&mut self, track: TrackRequest, ctx: &mut Self::Context) {
+        if !self.armed_ids.insert(track.request_id) {
+            return;
+        }
         let earliest = self.timers.peek().map(|Reverse((d, _, _))| *d);
         self.timers.push(Reverse((
             track.deadline,

@@ -65,6 +65,8 @@ pub struct PersistenceActor {
     /// Told after each commit that there is something new to index for search.
     search: Recipient<IndexSoon>,
     stats: Stats,
+    /// This broker's node id: each commit notifies the other nodes of its seqs.
+    node: Option<String>,
 }
 
 impl PersistenceActor {
@@ -88,7 +90,14 @@ impl PersistenceActor {
             writing: false,
             batch_max_rows: batch_max_rows.max(1),
             isolate: 0,
+            node: None,
         }
+    }
+
+    /// Commits as this node: every batch notifies the other nodes sharing the database.
+    pub fn on_node(mut self, node_id: String) -> Self {
+        self.node = Some(node_id);
+        self
     }
 
     /// Starts writing the next batch unless one is in flight.
@@ -112,14 +121,16 @@ impl PersistenceActor {
                 (p.message, p.reply)
             })
             .unzip();
-        let pool = self.pool.clone();
+        let (pool, node) = (self.pool.clone(), self.node.clone());
         let started = Instant::now();
         let write = async move {
             let created_at = commit_timestamp();
             let result = match pool.get().await {
-                Ok(mut conn) => batch::commit_batch(&mut conn, &mut batch, created_at)
-                    .await
-                    .map_err(WriteError::Database),
+                Ok(mut conn) => {
+                    batch::commit_batch_on(&mut conn, &mut batch, created_at, node.as_deref())
+                        .await
+                        .map_err(WriteError::Database)
+                }
                 Err(e) => Err(WriteError::Pool(e.to_string())),
             };
             (batch, created_at, result)

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use actix::{Actor, Addr, ArbiterHandle};
 use uuid::Uuid;
 
-use super::channel::{ChannelActor, Committed, CommittedItem};
+use super::channel::{ChannelActor, ClusterLink, Committed, CommittedItem};
 use super::settle::Settlement;
 use crate::stats::Stats;
 
@@ -19,6 +19,8 @@ pub struct ChannelRegistry {
     /// Where channels run: one arbiter (thread) for all of them, apart from the HTTP workers.
     arbiter: ArbiterHandle,
     stats: Stats,
+    /// This node and the database, for channels that follow other nodes' commits.
+    cluster: Option<ClusterLink>,
 }
 
 impl ChannelRegistry {
@@ -27,7 +29,20 @@ impl ChannelRegistry {
             channels: Arc::default(),
             arbiter,
             stats,
+            cluster: None,
         }
+    }
+
+    /// Channels started from now on register their sessions as this node's and follow the
+    /// commits of other nodes on the same database.
+    pub fn clustered(mut self, link: ClusterLink) -> Self {
+        self.cluster = Some(link);
+        self
+    }
+
+    /// This node's id, when it is part of a cluster.
+    pub fn node_id(&self) -> Option<&str> {
+        self.cluster.as_ref().map(|link| link.node_id.as_str())
     }
 
     /// The channel of `project_id`, started with `head_seq` as its newest committed seq if it
@@ -41,9 +56,13 @@ impl ChannelRegistry {
         channels
             .entry(project_id)
             .or_insert_with(|| {
-                let stats = self.stats.clone();
+                let (stats, cluster) = (self.stats.clone(), self.cluster.clone());
                 ChannelActor::start_in_arbiter(&self.arbiter, move |_| {
-                    ChannelActor::new(project_id, head_seq, stats)
+                    let channel = ChannelActor::new(project_id, head_seq, stats);
+                    match cluster {
+                        Some(link) => channel.clustered(link),
+                        None => channel,
+                    }
                 })
             })
             .clone()
@@ -60,9 +79,15 @@ impl ChannelRegistry {
             // A channel started here starts before these messages, so that a session joining
             // it now receives them live rather than missing them.
             self.get_or_start(project_id, head_before)
-                .do_send(Committed { items });
+                .do_send(Committed {
+                    head_before: Some(head_before),
+                    items,
+                });
         } else if let Some(channel) = self.get(project_id) {
-            channel.do_send(Committed { items });
+            channel.do_send(Committed {
+                head_before: None,
+                items,
+            });
         } else {
             // Only retries, and nobody connected to the project: settle them here.
             for item in items {
@@ -81,6 +106,16 @@ impl ChannelRegistry {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .get(&project_id)
             .cloned()
+    }
+
+    /// Every running channel, with its project.
+    pub fn projects(&self) -> Vec<(Uuid, Addr<ChannelActor>)> {
+        self.channels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .map(|(id, channel)| (*id, channel.clone()))
+            .collect()
     }
 
     /// Every running channel.

@@ -6,6 +6,9 @@
 //! [`PER_PASS`] messages per project; while a pass comes back full it goes on at once. Under
 //! load that turns thousands of small index insertions per second into a few large ones; at
 //! rest it does nothing. It also runs once at start, for what was stored before.
+//!
+//! With several brokers on one database, only the one holding the `search` duty indexes
+//! ([`Indexing`]); it is told of the other nodes' commits by their notifications.
 
 use std::time::Duration;
 
@@ -27,6 +30,8 @@ pub struct SearchIndexActor {
     /// Something may be left to index: messages were committed since the last pass started,
     /// or a pass failed.
     pending: bool,
+    /// This broker is the one that indexes (one per database).
+    active: bool,
 }
 
 impl SearchIndexActor {
@@ -35,11 +40,12 @@ impl SearchIndexActor {
             pool,
             indexing: false,
             pending: true,
+            active: false,
         }
     }
 
     fn index(&mut self, ctx: &mut Context<Self>) {
-        if self.indexing || !self.pending {
+        if self.indexing || !self.pending || !self.active {
             return;
         }
         self.indexing = true;
@@ -91,5 +97,23 @@ impl Handler<IndexSoon> for SearchIndexActor {
 
     fn handle(&mut self, _: IndexSoon, _ctx: &mut Self::Context) {
         self.pending = true;
+    }
+}
+
+/// Whether this broker indexes (it holds the `search` duty). Taking the duty over indexes
+/// whatever the previous holder left.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Indexing(pub bool);
+
+impl Handler<Indexing> for SearchIndexActor {
+    type Result = ();
+
+    fn handle(&mut self, Indexing(active): Indexing, ctx: &mut Self::Context) {
+        if active && !self.active {
+            self.pending = true;
+        }
+        self.active = active;
+        self.index(ctx);
     }
 }

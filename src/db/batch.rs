@@ -14,7 +14,7 @@
 //!    answered requests are marked, sends that nobody can receive are flagged, and requests
 //!    nobody can receive are dead-lettered.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -68,13 +68,24 @@ pub async fn commit_batch(
     batch: &mut [NewMessage],
     created_at: DateTime<Utc>,
 ) -> QueryResult<Vec<Outcome>> {
+    commit_batch_on(conn, batch, created_at, None).await
+}
+
+/// [`commit_batch`] by a broker node: with `node`, the transaction also notifies the other
+/// nodes of each project's new seqs (`db::cluster::COMMITS`), delivered with the commit.
+pub async fn commit_batch_on(
+    conn: &mut AsyncPgConnection,
+    batch: &mut [NewMessage],
+    created_at: DateTime<Utc>,
+    node: Option<&str>,
+) -> QueryResult<Vec<Outcome>> {
     let batch_ref = &mut *batch;
-    match store_batch(conn, batch_ref, created_at, false).await {
+    match store_batch(conn, batch_ref, created_at, false, node).await {
         Err(diesel::result::Error::DatabaseError(
             diesel::result::DatabaseErrorKind::UniqueViolation,
             info,
         )) if info.constraint_name() == Some(RETRY_INDEX) => {
-            store_batch(conn, batch, created_at, true).await
+            store_batch(conn, batch, created_at, true, node).await
         }
         result => result,
     }
@@ -87,10 +98,12 @@ async fn store_batch(
     batch: &mut [NewMessage],
     created_at: DateTime<Utc>,
     look_for_retries: bool,
+    node: Option<&str>,
 ) -> QueryResult<Vec<Outcome>> {
     conn.transaction(async move |conn| {
+        let claimed = claim_timeouts(conn, batch, created_at).await?;
         // Linking is idempotent: run again on a rewritten batch, it finds the same requests.
-        let links = link_replies(conn, batch, created_at).await?;
+        let links = link_replies(conn, batch, created_at, &claimed).await?;
         let batch = &*batch;
         let existing = if look_for_retries {
             find_retries(conn, batch).await?
@@ -132,16 +145,38 @@ async fn store_batch(
         if !new_per_project.is_empty() {
             let (ids, counts): (Vec<Uuid>, Vec<i64>) =
                 new_per_project.iter().map(|(k, v)| (*k, *v)).unzip();
-            let heads: Vec<Head> = diesel::sql_query(
-                "UPDATE projects AS p SET head_seq = p.head_seq + c.n \
-                 FROM unnest($1::uuid[], $2::int8[]) AS c(id, n) \
-                 WHERE p.id = c.id RETURNING p.id, p.head_seq",
-            )
-            .bind::<Array<SqlUuid>, _>(&ids)
-            .bind::<Array<BigInt>, _>(&counts)
-            .prepared()
-            .load(conn)
-            .await?;
+            let heads: Vec<Head> = match node {
+                None => {
+                    diesel::sql_query(
+                        "UPDATE projects AS p SET head_seq = p.head_seq + c.n \
+                         FROM unnest($1::uuid[], $2::int8[]) AS c(id, n) \
+                         WHERE p.id = c.id RETURNING p.id, p.head_seq",
+                    )
+                    .bind::<Array<SqlUuid>, _>(&ids)
+                    .bind::<Array<BigInt>, _>(&counts)
+                    .prepared()
+                    .load(conn)
+                    .await?
+                }
+                // The same statement, with one notification per project (node, project, seq
+                // range), sent by PostgreSQL when this transaction commits and not before.
+                Some(node) => {
+                    diesel::sql_query(
+                        "WITH h AS (UPDATE projects AS p SET head_seq = p.head_seq + c.n \
+                           FROM unnest($1::uuid[], $2::int8[]) AS c(id, n) \
+                           WHERE p.id = c.id RETURNING p.id, p.head_seq, c.n) \
+                         SELECT h.id, h.head_seq, pg_notify($3, $4 || ' ' || h.id || ' ' || \
+                           (h.head_seq - h.n + 1) || ' ' || h.head_seq) AS notified FROM h",
+                    )
+                    .bind::<Array<SqlUuid>, _>(&ids)
+                    .bind::<Array<BigInt>, _>(&counts)
+                    .bind::<Text, _>(crate::db::cluster::COMMITS)
+                    .bind::<Text, _>(node)
+                    .prepared()
+                    .load(conn)
+                    .await?
+                }
+            };
             for head in heads {
                 let n = new_per_project[&head.id];
                 next_seq.insert(head.id, head.head_seq - n + 1);
@@ -254,6 +289,38 @@ struct Links {
 /// share an id (see docs/PROTOCOL.md, "Request and reply").
 pub const CORRELATION_CANDIDATES: i64 = 16;
 
+/// Claims the requests that the batch's timeout responses answer: sets their `replied_at`
+/// now, under their row lock, unless a reply (or another timeout response, on this broker or
+/// another one sharing the database) did first. Returns the requests claimed: a timeout
+/// response for any other request is not stored. Taking the row lock first is what makes a
+/// request time out once however many brokers try: the second claim waits for the first
+/// transaction and then finds `replied_at` set.
+async fn claim_timeouts(
+    conn: &mut AsyncPgConnection,
+    batch: &[NewMessage],
+    at: DateTime<Utc>,
+) -> QueryResult<HashSet<Uuid>> {
+    let ids: Vec<Uuid> = batch.iter().filter_map(|m| m.timeout_of).collect();
+    if ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    #[derive(QueryableByName)]
+    struct Claimed {
+        #[diesel(sql_type = SqlUuid)]
+        id: Uuid,
+    }
+    let claimed: Vec<Claimed> = diesel::sql_query(
+        "UPDATE agent_messages SET replied_at = $2 \
+         WHERE id = ANY($1) AND expects_reply AND replied_at IS NULL RETURNING id",
+    )
+    .bind::<Array<SqlUuid>, _>(&ids)
+    .bind::<Timestamptz, _>(at)
+    .prepared()
+    .load(conn)
+    .await?;
+    Ok(claimed.into_iter().map(|c| c.id).collect())
+}
+
 /// Completes the replies of a batch: a message whose `reply_to` (or, failing that, whose
 /// `correlation_id`) names a request becomes a direct message to the requester, whatever
 /// its own `to` said, with the request's seq, the time since the request and whether the
@@ -262,6 +329,7 @@ async fn link_replies(
     conn: &mut AsyncPgConnection,
     batch: &mut [NewMessage],
     created_at: DateTime<Utc>,
+    claimed: &HashSet<Uuid>,
 ) -> QueryResult<Links> {
     let mut ids: Vec<Uuid> = Vec::new();
     // Each (project, correlation id) once: many messages of a batch may carry the same one.
@@ -329,7 +397,10 @@ async fn link_replies(
         };
         let Some(request) = request else { continue };
         let is_timeout = msg.timeout_of.is_some();
-        if is_timeout && (request.replied_at.is_some() || links.answered.contains(&request.id)) {
+        // Answered before this batch (a `replied_at` this batch's own claim set does not
+        // count).
+        let answered_before = request.replied_at.is_some() && !claimed.contains(&request.id);
+        if is_timeout && (!claimed.contains(&request.id) || links.answered.contains(&request.id)) {
             links.skipped.push(index);
             continue;
         }
@@ -347,7 +418,7 @@ async fn link_replies(
                     .reply_deadline
                     .is_some_and(|deadline| created_at > deadline),
         });
-        if request.replied_at.is_none() && !links.answered.contains(&request.id) {
+        if !answered_before && !links.answered.contains(&request.id) {
             links.answered.push(request.id);
         }
     }

@@ -2,6 +2,7 @@
 //! the broker runs (`queries`).
 
 pub mod batch;
+pub mod cluster;
 pub mod cursors;
 pub mod dead_letters;
 pub mod deadlines;

@@ -121,7 +121,7 @@ pub(super) async fn agent_views(
     project_id: Uuid,
     capability: Option<&str>,
 ) -> Result<Vec<AgentView>, ApiError> {
-    let online: HashMap<String, Uuid> = match state.registry.get(project_id) {
+    let mut online: HashMap<String, Uuid> = match state.registry.get(project_id) {
         Some(channel) => channel
             .send(Presence)
             .await
@@ -129,6 +129,14 @@ pub(super) async fn agent_views(
         None => HashMap::new(),
     };
     let mut conn = state.pool.get().await?;
+    // Agents connected to the other live brokers sharing this database.
+    if let Some(node) = state.registry.node_id() {
+        for (agent_id, session) in
+            crate::db::cluster::remote_sessions(&mut conn, project_id, node).await?
+        {
+            online.entry(agent_id).or_insert(session);
+        }
+    }
     let members = cursors::list_members(&mut conn, project_id, capability).await?;
     let recent = Utc::now()
         - chrono::Duration::from_std(state.settings.presence_interval())

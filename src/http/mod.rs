@@ -3,6 +3,7 @@
 
 mod access;
 mod agents;
+mod cluster;
 mod console;
 mod dead_letters;
 mod error;
@@ -85,6 +86,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .service(
         web::scope("/api")
             .route("/stats", web::get().to(stats::all))
+            .route("/cluster", web::get().to(cluster::show))
             .service(
                 web::resource("/projects")
                     .wrap(actix_web::middleware::from_fn(guards::admin_access))

@@ -22,12 +22,16 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
             timeout.as_millis()
         )),
     };
+    let node = state.registry.node_id().unwrap_or_default().to_owned();
     match verdict {
-        Ok(()) => HttpResponse::Ok().json(json!({"status": "ready"})),
+        Ok(()) => HttpResponse::Ok()
+            .insert_header((NODE_HEADER, node))
+            .json(json!({"status": "ready"})),
         Err(reason) => {
             log::warn!("not ready: {reason}");
             HttpResponse::ServiceUnavailable()
                 .insert_header(("Cache-Control", "no-store"))
+                .insert_header((NODE_HEADER, node))
                 .json(json!({"status": "not_ready", "reason": reason}))
         }
     }
@@ -62,12 +66,27 @@ async fn check(pool: &DbPool) -> Result<(), String> {
     }
 }
 
-/// Every metric, in the OpenMetrics text format, which Prometheus scrapes natively.
+/// The header of `/readyz` naming the node that answered (docs/SCALING.md).
+pub const NODE_HEADER: &str = "X-Agentbus-Node";
+
+/// Every metric, in the OpenMetrics text format, which Prometheus scrapes natively, with the
+/// node's id as an info metric (`agentbus_node_info{node_id="…"} 1`).
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let mut body = state.stats.metrics().encode();
+    if let Some(node) = state.registry.node_id() {
+        let info = format!(
+            "# HELP agentbus_node This broker's node id among the brokers sharing its database.\n\
+             # TYPE agentbus_node info\nagentbus_node_info{{node_id=\"{node}\"}} 1\n"
+        );
+        match body.rfind("# EOF") {
+            Some(end) => body.insert_str(end, &info),
+            None => body.push_str(&info),
+        }
+    }
     HttpResponse::Ok()
         .insert_header(ContentType(
             metrics::CONTENT_TYPE.parse().expect("a valid media type"),
         ))
         .insert_header(("Cache-Control", "no-store"))
-        .body(state.stats.metrics().encode())
+        .body(body)
 }

@@ -87,5 +87,13 @@ pub async fn revoke(
     if let Some(channel) = state.registry.get(project.id) {
         channel.do_send(Revoked { token_id });
     }
+    // The sessions opened with it on the other brokers sharing this database close too.
+    if let Some(node) = state.registry.node_id() {
+        if let Err(e) =
+            crate::db::cluster::notify_revoked(&mut conn, node, project.id, token_id).await
+        {
+            log::warn!("the other nodes were not told of the revocation of {token_id}: {e}");
+        }
+    }
     Ok(HttpResponse::NoContent().finish())
 }
