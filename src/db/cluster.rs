@@ -335,8 +335,14 @@ pub async fn register_session(
     };
     // The generation of a replacing row is taken under the row's lock, so generations follow
     // the order in which connections of one agent registered, whichever node they are on.
+    // The replaced session is marked disconnected here: it is closing (4001), or its node
+    // died and nobody else would.
     diesel::sql_query(
-        "WITH s AS (INSERT INTO cluster_sessions (session_id, node_id, project_id, agent_id, generation) \
+        "WITH old AS (SELECT c.session_id FROM cluster_sessions c \
+           WHERE c.project_id = $3 AND c.agent_id = $4 AND c.session_id <> $1), \
+         gone AS (UPDATE sessions SET disconnected_at = now() \
+           WHERE id IN (SELECT session_id FROM old) AND disconnected_at IS NULL RETURNING id), \
+         s AS (INSERT INTO cluster_sessions (session_id, node_id, project_id, agent_id, generation) \
            VALUES ($1, $2, $3, $4, nextval('cluster_session_generation')) \
            ON CONFLICT (project_id, agent_id) DO UPDATE SET session_id = EXCLUDED.session_id, \
              node_id = EXCLUDED.node_id, connected_at = now(), \

@@ -5,6 +5,7 @@ mod auth;
 mod bad_input;
 mod bench;
 mod cli;
+mod cluster;
 #[cfg(feature = "browser-tests")]
 mod console;
 mod crash;
