@@ -81,11 +81,9 @@ impl Application {
 
         let broker_arbiter = Arbiter::new();
         let stats = Stats::default();
+        let link = ClusterLink::new(node_id.clone(), pool.clone());
         let registry =
-            ChannelRegistry::new(broker_arbiter.handle(), stats.clone()).clustered(ClusterLink {
-                node_id: node_id.clone(),
-                pool: pool.clone(),
-            });
+            ChannelRegistry::new(broker_arbiter.handle(), stats.clone()).clustered(link.clone());
         let search = {
             let pool = pool.clone();
             SearchIndexActor::start_in_arbiter(&broker_arbiter.handle(), move |_| {
@@ -140,15 +138,17 @@ impl Application {
             heartbeat: Duration::from_millis(settings.node_heartbeat_ms.max(1)),
             timeout: Duration::from_millis(settings.node_timeout_ms),
         };
-        cluster::register(&pool, &node).await?;
+        let peers = cluster::register(&pool, &node).await?;
+        link.peers
+            .store(peers, std::sync::atomic::Ordering::Relaxed);
         log::info!("node {node_id} joined the cluster at {}", node.address);
         let cluster_arbiter = Arbiter::new();
         {
-            let (pool, registry) = (pool.clone(), registry.clone());
+            let registry = registry.clone();
             ClusterActor::start_in_arbiter(&cluster_arbiter.handle(), move |_| {
                 ClusterActor::new(
                     node,
-                    pool,
+                    link.peers,
                     registry,
                     deadlines.clone().recipient(),
                     deadlines.recipient(),

@@ -2,6 +2,8 @@
 //! committed message to its recipients, in seq order.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -40,6 +42,25 @@ const REMOTE_RETRY: Duration = Duration::from_millis(200);
 pub struct ClusterLink {
     pub node_id: String,
     pub pool: DbPool,
+    /// Whether other nodes share the database (kept by the cluster actor). Alone, a channel
+    /// routes exactly as a single broker does: its commits are the only ones, so nothing is
+    /// ever read back.
+    pub peers: Arc<AtomicBool>,
+}
+
+impl ClusterLink {
+    pub fn new(node_id: String, pool: DbPool) -> Self {
+        ClusterLink {
+            node_id,
+            pool,
+            peers: Arc::default(),
+        }
+    }
+
+    /// Whether other nodes share the database now.
+    pub fn has_peers(&self) -> bool {
+        self.peers.load(Ordering::Relaxed)
+    }
 }
 
 /// How a channel keeps up with commits made elsewhere (other nodes): the newest seq known to
@@ -106,6 +127,11 @@ impl ChannelActor {
         self
     }
 
+    /// The link to the other nodes, when there are any now.
+    fn peers(&self) -> Option<&ClusterLink> {
+        self.cluster.as_ref().filter(|link| link.has_peers())
+    }
+
     /// Someone here may receive a message: a session, an observer, a REST caller waiting for
     /// a reply or an inbox read waiting for mail. Without anyone, other nodes' commits are
     /// not read at all: the channel only moves its head past them.
@@ -148,7 +174,7 @@ impl ChannelActor {
                 None if self.remote.known_head > self.head_seq => self.remote.known_head,
                 None => return,
             };
-            let Some(link) = self.cluster.clone().filter(|_| self.interested()) else {
+            let Some(link) = self.peers().cloned().filter(|_| self.interested()) else {
                 // Nobody here to deliver to: sessions that join later read these from the
                 // store, up to the head they are given.
                 self.head_seq = target;
@@ -299,7 +325,7 @@ impl Actor for ChannelActor {
         );
         // Other nodes may have committed since the head this channel was started with was
         // read, before it could hear of it.
-        if let Some(link) = self.cluster.clone() {
+        if let Some(link) = self.peers().cloned() {
             let project_id = self.project_id;
             let read = async move {
                 let mut conn = link.pool.get().await.ok()?;
@@ -427,7 +453,7 @@ impl ChannelActor {
         self.head_seq
     }
 
-    /// The session's row goes from the cluster's table.
+    /// An observer's row goes from the cluster's table.
     fn unregister(&self, session_id: Uuid, ctx: &mut Context<Self>) {
         let Some(link) = self.cluster.clone() else {
             return;
@@ -462,8 +488,9 @@ impl Handler<Leave> for ChannelActor {
     type Result = ();
 
     fn handle(&mut self, leave: Leave, ctx: &mut Self::Context) {
-        self.unregister(leave.session_id, ctx);
         if leave.observer {
+            // An agent's session removes its own row with its disconnect bookkeeping.
+            self.unregister(leave.session_id, ctx);
             self.observers.remove(&leave.session_id);
             return;
         }
@@ -503,6 +530,7 @@ impl Handler<Committed> for ChannelActor {
     fn handle(&mut self, committed: Committed, ctx: &mut Self::Context) {
         let Committed { head_before, items } = committed;
         let gap = head_before.is_some_and(|before| before > self.head_seq);
+        let gap = gap && self.peers().is_some();
         if !gap && self.remote.held.is_empty() && !self.remote.fetching {
             // The usual case, and the only one with a single broker: straight from memory.
             return self.route_batch(items);
@@ -547,6 +575,10 @@ impl Handler<HeadCheck> for ChannelActor {
     type Result = ();
 
     fn handle(&mut self, check: HeadCheck, ctx: &mut Self::Context) {
+        if self.peers().is_none() {
+            self.remote.suspected = None;
+            return;
+        }
         if let Some(suspected) = self.remote.suspected.take() {
             if suspected > self.head_seq.max(self.remote.known_head) {
                 log::debug!(

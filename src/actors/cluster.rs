@@ -17,9 +17,12 @@
 //! The sessions themselves are registered by their channel (`ChannelActor`'s `Join`).
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use diesel_async::AsyncPgConnection;
 use futures_util::StreamExt;
 use uuid::Uuid;
 
@@ -48,7 +51,8 @@ pub struct NodeConfig {
 
 pub struct ClusterActor {
     config: NodeConfig,
-    pool: DbPool,
+    /// Whether other nodes share the database, shared with the channels.
+    peers: Arc<AtomicBool>,
     registry: ChannelRegistry,
     deadlines: Recipient<Duties>,
     rearm: Recipient<Rearm>,
@@ -58,14 +62,18 @@ pub struct ClusterActor {
     duties: BTreeSet<String>,
     /// A tick is in flight (they never overlap).
     ticking: bool,
+    /// The node's own connection for its ticks (none while a tick holds it, or after it
+    /// failed), apart from the pool: the heartbeat never waits for a pooled connection.
+    conn: Option<AsyncPgConnection>,
     /// A node left or died since the last tick: the holder of `timeouts` re-arms.
     departed: bool,
 }
 
 impl ClusterActor {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: NodeConfig,
-        pool: DbPool,
+        peers: Arc<AtomicBool>,
         registry: ChannelRegistry,
         deadlines: Recipient<Duties>,
         rearm: Recipient<Rearm>,
@@ -74,7 +82,7 @@ impl ClusterActor {
     ) -> Self {
         ClusterActor {
             config,
-            pool,
+            peers,
             registry,
             deadlines,
             rearm,
@@ -82,6 +90,7 @@ impl ClusterActor {
             index_soon,
             duties: BTreeSet::new(),
             ticking: false,
+            conn: None,
             departed: false,
         }
     }
@@ -91,72 +100,119 @@ impl ClusterActor {
             return;
         }
         self.ticking = true;
-        let (pool, config) = (self.pool.clone(), self.config.clone());
+        let config = self.config.clone();
         let channels = self.registry.projects();
         let projects: Vec<Uuid> = channels.iter().map(|(id, _)| *id).collect();
+        let conn = self.conn.take();
         let work = async move {
-            let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-            let alive = cluster::heartbeat(&mut conn, &config.node_id)
-                .await
-                .map_err(|e| e.to_string())?;
-            if !alive {
-                cluster::register_node(
-                    &mut conn,
-                    &config.node_id,
-                    &config.address,
-                    config.timeout.as_millis() as i64,
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            }
-            let dead = cluster::reap(&mut conn).await.map_err(|e| e.to_string())?;
-            let duties = cluster::claim_duties(&mut conn, &config.node_id)
-                .await
-                .map_err(|e| e.to_string())?;
-            let heads = if projects.is_empty() {
-                Vec::new()
-            } else {
-                cluster::project_heads(&mut conn, &projects)
+            let mut conn = match conn {
+                Some(conn) => conn,
+                None => cluster::connect(&config.database_url)
                     .await
-                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?,
             };
-            Ok::<_, String>((alive, dead, duties, heads))
+            let work = tick_work(&mut conn, &config, &projects);
+            // A connection that hangs is dropped; the next tick opens another.
+            match tokio::time::timeout(config.timeout, work).await {
+                Ok(Ok(done)) => Ok((conn, done)),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(format!("no answer within {:?}", config.timeout)),
+            }
         };
         ctx.spawn(work.into_actor(self).map(move |result, act, _ctx| {
             act.ticking = false;
-            let (alive, dead, duties, heads) = match result {
-                Ok(done) => done,
+            let (alive, dead, duties, heads, others) = match result {
+                Ok((conn, done)) => {
+                    act.conn = Some(conn);
+                    done
+                }
                 Err(e) => {
                     log::warn!("node {}: cluster heartbeat failed: {e}", act.config.node_id);
                     return;
                 }
             };
-            if !alive {
-                log::warn!(
-                    "node {}: the other nodes declared this node dead (no heartbeat for {:?}); \
-                     rejoined, closing its sessions so that their agents reconnect",
-                    act.config.node_id,
-                    act.config.timeout
-                );
-                for channel in act.registry.all() {
-                    channel.do_send(CloseSessions);
-                }
-            }
-            for node in &dead {
-                log::info!(
-                    "node {}: node {node} declared dead (no heartbeat within its timeout); \
-                     its sessions are gone and its duties free",
-                    act.config.node_id
-                );
-            }
-            act.departed |= !dead.is_empty();
-            act.apply_duties(duties.into_iter().collect());
-            for (project, head) in heads {
-                if let Some((_, channel)) = channels.iter().find(|(id, _)| *id == project) {
-                    channel.do_send(HeadCheck { head });
-                }
-            }
+            act.after_tick(alive, dead, duties, heads, others, &channels);
         }));
+    }
+}
+
+/// The heartbeat, the removal of dead nodes, the claim of free duties, the number of other
+/// nodes and the heads of the projects whose channels run here, on the node's own connection.
+async fn tick_work(
+    conn: &mut AsyncPgConnection,
+    config: &NodeConfig,
+    projects: &[Uuid],
+) -> Result<TickResult, String> {
+    let alive = cluster::heartbeat(conn, &config.node_id)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !alive {
+        cluster::register_node(
+            conn,
+            &config.node_id,
+            &config.address,
+            config.timeout.as_millis() as i64,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+    let dead = cluster::reap(conn).await.map_err(|e| e.to_string())?;
+    let duties = cluster::claim_duties(conn, &config.node_id)
+        .await
+        .map_err(|e| e.to_string())?;
+    let others = cluster::other_nodes(conn, &config.node_id)
+        .await
+        .map_err(|e| e.to_string())?;
+    let heads = if projects.is_empty() {
+        Vec::new()
+    } else {
+        cluster::project_heads(conn, projects)
+            .await
+            .map_err(|e| e.to_string())?
+    };
+    Ok((alive, dead, duties, heads, others))
+}
+
+/// What a tick found: alive, the nodes declared dead, the duties held, the project heads and
+/// how many other nodes there are.
+type TickResult = (bool, Vec<String>, Vec<String>, Vec<(Uuid, i64)>, i64);
+
+impl ClusterActor {
+    fn after_tick(
+        &mut self,
+        alive: bool,
+        dead: Vec<String>,
+        duties: Vec<String>,
+        heads: Vec<(Uuid, i64)>,
+        others: i64,
+        channels: &[(Uuid, Addr<super::channel::ChannelActor>)],
+    ) {
+        if !alive {
+            log::warn!(
+                "node {}: the other nodes declared this node dead (no heartbeat for {:?}); \
+                     rejoined, closing its sessions so that their agents reconnect",
+                self.config.node_id,
+                self.config.timeout
+            );
+            for channel in self.registry.all() {
+                channel.do_send(CloseSessions);
+            }
+        }
+        for node in &dead {
+            log::info!(
+                "node {}: node {node} declared dead (no heartbeat within its timeout); \
+                     its sessions are gone and its duties free",
+                self.config.node_id
+            );
+        }
+        self.departed |= !dead.is_empty();
+        self.peers.store(others > 0, Ordering::Relaxed);
+        self.apply_duties(duties.into_iter().collect());
+        for (project, head) in heads {
+            if let Some((_, channel)) = channels.iter().find(|(id, _)| *id == project) {
+                channel.do_send(HeadCheck { head });
+            }
+        }
     }
 
     /// Starts and stops what the duties held now call for.
@@ -192,6 +248,7 @@ impl ClusterActor {
     fn listen(&self, ctx: &mut Context<Self>) {
         let (config, registry) = (self.config.clone(), self.registry.clone());
         let (index_soon, me) = (self.index_soon.clone(), ctx.address());
+        let peers = Arc::clone(&self.peers);
         actix::spawn(async move {
             loop {
                 match cluster::listener(&config.database_url).await {
@@ -209,6 +266,9 @@ impl ClusterActor {
                                         &notification.payload,
                                     );
                                     if let Some(event) = event {
+                                        if event.node() != config.node_id {
+                                            peers.store(true, Ordering::Relaxed);
+                                        }
                                         dispatch(
                                             &config.node_id,
                                             &registry,
@@ -288,6 +348,7 @@ fn dispatch(
             }
         }
         ClusterEvent::Left { node } => me.do_send(NodeLeft { node_id: node }),
+        ClusterEvent::Joined { .. } => {}
     }
 }
 
@@ -321,8 +382,8 @@ impl Handler<NodeLeft> for ClusterActor {
 /// Registers this node at start. A row with the same id that is still alive may be this
 /// node's previous run, killed less than its timeout ago: it is waited for until its
 /// heartbeat is older than its timeout. A heartbeat that moves meanwhile belongs to another
-/// running broker, and starting is refused.
-pub async fn register(pool: &DbPool, config: &NodeConfig) -> anyhow::Result<()> {
+/// running broker, and starting is refused. Returns whether other nodes share the database.
+pub async fn register(pool: &DbPool, config: &NodeConfig) -> anyhow::Result<bool> {
     let mut conn = pool.get().await?;
     let started = tokio::time::Instant::now();
     let mut seen = None;
@@ -357,7 +418,7 @@ pub async fn register(pool: &DbPool, config: &NodeConfig) -> anyhow::Result<()> 
         config.timeout.as_millis() as i64,
     )
     .await?;
-    Ok(())
+    Ok(cluster::other_nodes(&mut conn, &config.node_id).await? > 0)
 }
 
 /// This node leaves: its sessions are marked disconnected, its duties freed, the others told.

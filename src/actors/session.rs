@@ -520,7 +520,10 @@ impl Actor for SessionActor {
                     let member =
                         cursors::mark_disconnected(&mut conn, project_id, &agent_id, session_id)
                             .await;
-                    session.and(member).map_err(|e| e.to_string())
+                    // No longer one of this node's live sessions (see `db::cluster`).
+                    let cluster =
+                        crate::db::cluster::unregister_session(&mut conn, session_id).await;
+                    session.and(member).and(cluster).map_err(|e| e.to_string())
                 }
                 Err(e) => Err(e.to_string()),
             };

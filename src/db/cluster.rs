@@ -65,6 +65,9 @@ pub enum ClusterEvent {
     },
     /// `node` left (graceful shutdown): its duties are free.
     Left { node: String },
+    /// `node` joined, before accepting any connection: the others follow its commits from
+    /// its first one.
+    Joined { node: String },
 }
 
 impl ClusterEvent {
@@ -74,7 +77,8 @@ impl ClusterEvent {
             ClusterEvent::Commits { node, .. }
             | ClusterEvent::Takeover { node, .. }
             | ClusterEvent::Revoked { node, .. }
-            | ClusterEvent::Left { node } => node,
+            | ClusterEvent::Left { node }
+            | ClusterEvent::Joined { node } => node,
         }
     }
 
@@ -107,6 +111,11 @@ pub async fn listener(database_url: &str) -> anyhow::Result<AsyncPgConnection> {
     conn.batch_execute(&format!("LISTEN {COMMITS}; LISTEN {EVENTS}"))
         .await?;
     Ok(conn)
+}
+
+/// A dedicated connection, apart from the pool.
+pub async fn connect(database_url: &str) -> diesel::ConnectionResult<AsyncPgConnection> {
+    AsyncPgConnection::establish(database_url).await
 }
 
 /// A round trip on the listening connection, to notice a connection that died quietly.
@@ -195,10 +204,26 @@ pub async fn register_node(
         .bind::<Text, _>(address)
         .bind::<BigInt, _>(timeout_ms)
         .execute(conn)
+        .await?;
+        notify(
+            conn,
+            &ClusterEvent::Joined {
+                node: node_id.to_owned(),
+            },
+        )
         .await
-        .map(drop)
     })
     .await
+}
+
+/// How many other nodes have a row (alive, or dead and not yet removed).
+pub async fn other_nodes(conn: &mut AsyncPgConnection, node_id: &str) -> QueryResult<i64> {
+    use crate::schema::cluster_nodes;
+    cluster_nodes::table
+        .filter(cluster_nodes::node_id.ne(node_id))
+        .count()
+        .get_result(conn)
+        .await
 }
 
 /// Marks the sessions of these nodes disconnected and deletes the nodes (their session rows
