@@ -19,6 +19,9 @@ const LOG_TAIL: usize = 20;
 pub struct BrokerTarget {
     /// `ws://host:port`, without a trailing slash.
     pub ws_base: String,
+    /// The other brokers sharing its database (`--nodes`), the same way: agent `i` connects
+    /// to node `i % (1 + len)`.
+    pub more_nodes: Vec<String>,
     /// Its database.
     pub database_url: String,
     /// Its process, for CPU and memory figures.
@@ -105,6 +108,7 @@ impl SpawnedBroker {
     pub fn target(&self) -> BrokerTarget {
         BrokerTarget {
             ws_base: format!("ws://127.0.0.1:{}", self.port),
+            more_nodes: Vec::new(),
             database_url: self.database_url.clone(),
             pid: Some(self.child.id()),
         }
@@ -137,6 +141,27 @@ impl Drop for SpawnedBroker {
     }
 }
 
+/// `nodes` brokers on one database (`--nodes`), named `bench-1` … `bench-N`, each started once
+/// the previous one listens: the first, and the others.
+pub fn start_nodes(
+    database_url: &str,
+    extra_args: &[String],
+    nodes: usize,
+) -> anyhow::Result<(SpawnedBroker, Vec<SpawnedBroker>)> {
+    let named = |i: usize| {
+        let mut args = extra_args.to_vec();
+        if nodes > 1 {
+            args.extend(["--node-id".to_owned(), format!("bench-{i}")]);
+        }
+        args
+    };
+    let first = SpawnedBroker::start(database_url, &named(1))?;
+    let more = (2..=nodes)
+        .map(|i| SpawnedBroker::start(database_url, &named(i)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((first, more))
+}
+
 /// The port in "agentbus listening on 127.0.0.1:0 (port 40123)".
 fn parse_port(line: &str) -> Option<u16> {
     line.split("(port ")
@@ -160,6 +185,16 @@ pub async fn drop_database(server: &str, name: &str) -> anyhow::Result<()> {
 }
 
 /// `ws://host:port` from what the user gave (`ws://host:port/`, `host:port`).
+impl BrokerTarget {
+    /// Where agent number `i` (over all projects) connects.
+    pub fn ws_base_for(&self, i: usize) -> &str {
+        match i % (1 + self.more_nodes.len()) {
+            0 => &self.ws_base,
+            n => &self.more_nodes[n - 1],
+        }
+    }
+}
+
 pub fn normalise_target(target: &str) -> String {
     let trimmed = target.trim_end_matches('/');
     if trimmed.starts_with("ws://") || trimmed.starts_with("wss://") {

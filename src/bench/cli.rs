@@ -55,6 +55,12 @@ pub struct BenchArgs {
     #[arg(long)]
     pub batch_max_rows: Option<usize>,
 
+    /// Spawned brokers sharing the run's database (docs/SCALING.md); agents are spread over
+    /// them round robin, so most deliveries cross nodes. CPU, memory and batch figures are
+    /// those of the first node.
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+
     /// More flags for the spawned broker's `serve`, one per occurrence
     /// (e.g. --broker-arg=--workers=1).
     #[arg(long = "broker-arg", allow_hyphen_values = true)]
@@ -136,6 +142,11 @@ impl BenchArgs {
             "--size must be at least 1 (content cannot be empty)"
         );
         anyhow::ensure!(self.window >= 1, "--window must be at least 1");
+        anyhow::ensure!(self.nodes >= 1, "--nodes must be at least 1");
+        anyhow::ensure!(
+            self.nodes == 1 || (self.spawns() && !self.compare),
+            "--nodes spreads agents over brokers it spawns: use it with --spawn (not --compare)"
+        );
         if self.mode != Mode::Broadcast {
             anyhow::ensure!(
                 self.agents >= 2,

@@ -411,16 +411,14 @@ pub async fn drive(
 ) -> anyhow::Result<DriveResult> {
     let with_idle = usize::from(w.connections > 0);
     let project_ids = create_projects(&target.database_url, label, w.projects + with_idle).await?;
-    let ws_url = |project: Uuid, agent: &str| {
-        format!(
-            "{}/ws/agent/messages/{project}?agent_id={agent}&agent_type=bench",
-            target.ws_base
-        )
+    let ws_url = |base: &str, project: Uuid, agent: &str| {
+        format!("{base}/ws/agent/messages/{project}?agent_id={agent}&agent_type=bench")
     };
     let mut urls = Vec::new();
     for &project in &project_ids[..w.projects] {
         for a in 0..w.agents {
-            urls.push(ws_url(project, &agent_id(a)));
+            let base = target.ws_base_for(urls.len());
+            urls.push(ws_url(base, project, &agent_id(a)));
         }
     }
     let agent_sockets = connect_all(urls).await?;
@@ -428,7 +426,7 @@ pub async fn drive(
         let idle_project = project_ids[w.projects];
         connect_all(
             (0..w.connections)
-                .map(|i| ws_url(idle_project, &format!("idle-{i}")))
+                .map(|i| ws_url(target.ws_base_for(i), idle_project, &format!("idle-{i}")))
                 .collect(),
         )
         .await?

@@ -95,6 +95,7 @@ pub async fn measure(args: &BenchArgs) -> anyhow::Result<Report> {
         let target = args.target.as_deref().unwrap_or_default();
         let target = BrokerTarget {
             ws_base: normalise_target(target),
+            more_nodes: Vec::new(),
             database_url: args.database_url.clone(),
             pid: args.pid,
         };
@@ -119,14 +120,19 @@ async fn spawned_run(
     let (database_url, db_name) = fresh_database_url(&args.database_server);
     log::info!("{name}: starting a broker on {database_url}");
     let started = {
-        let (url, extra) = (database_url.clone(), extra.to_vec());
-        tokio::task::spawn_blocking(move || SpawnedBroker::start(&url, &extra)).await?
+        let (url, extra, nodes) = (database_url.clone(), extra.to_vec(), args.nodes);
+        tokio::task::spawn_blocking(move || broker::start_nodes(&url, &extra, nodes)).await?
     };
     let result = match started {
-        Ok(mut broker) => {
-            let target = broker.target();
+        Ok((mut broker, mut more)) => {
+            let mut target = broker.target();
+            target.more_nodes = more.iter().map(|b| b.target().ws_base).collect();
             let result = async {
-                let run = driver::drive(&target, w, name, &mut || broker.is_running()).await?;
+                let run = {
+                    let mut alive =
+                        || broker.is_running() && more.iter_mut().all(SpawnedBroker::is_running);
+                    driver::drive(&target, w, name, &mut alive).await?
+                };
                 let verification = verify::verify(&database_url, w, &run).await?;
                 let mut report = RunReport::from_drive(name, batch_max_rows, &run, verification);
                 if run.broker_died {
