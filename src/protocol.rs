@@ -59,6 +59,36 @@ impl CloseCode {
     }
 }
 
+/// The one line `agentbus serve` writes to standard output once it accepts connections, for
+/// supervisors and tests to learn the port (`--bind 127.0.0.1:0` picks a free one), e.g.
+/// `{"event":"listening","bind":"127.0.0.1:0","port":40123}`. Logs go to standard error.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Listening {
+    /// Always `"listening"`.
+    pub event: String,
+    /// The address as configured.
+    pub bind: String,
+    /// The port actually bound.
+    pub port: u16,
+}
+
+impl Listening {
+    pub fn new(bind: &str, port: u16) -> Self {
+        Listening {
+            event: "listening".to_owned(),
+            bind: bind.to_owned(),
+            port,
+        }
+    }
+
+    /// The listening line, if `line` is one.
+    pub fn parse(line: &str) -> Option<Listening> {
+        serde_json::from_str::<Listening>(line.trim())
+            .ok()
+            .filter(|l| l.event == "listening")
+    }
+}
+
 /// Machine-readable error codes, sent as `code` in error frames and REST error bodies.
 #[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
