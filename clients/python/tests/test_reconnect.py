@@ -1,0 +1,189 @@
+"""Reconnecting and resuming: broker restarts, dropped connections, takeovers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+
+from agentbus import AckMode, AgentBus, ConnectionState, Message, Replaced, SentReceipt
+
+from conftest import FAST, Broker, Proxy, eventually
+
+N_MESSAGES = 120
+IN_FLIGHT = 8
+
+
+async def _produce(sender: AgentBus, receipts: dict[int, SentReceipt]) -> None:
+    """Send N_MESSAGES broadcasts, up to IN_FLIGHT at a time, keeping every receipt."""
+    window = asyncio.Semaphore(IN_FLIGHT)
+
+    async def one(i: int) -> None:
+        async with window:
+            receipts[i] = await sender.send(f"m{i}", type="status")
+
+    await asyncio.gather(*(one(i) for i in range(N_MESSAGES)))
+
+
+@pytest.mark.parametrize("ack", ["auto", "manual"])
+async def test_broker_restart_mid_stream_loses_and_repeats_nothing(
+    broker: Broker, project_id: str, ack: AckMode
+) -> None:
+    received: list[int] = []
+    handled = Counter[int]()
+    enough = asyncio.Event()
+    receipts: dict[int, SentReceipt] = {}
+
+    receiver = await AgentBus.connect(broker.url, project_id, "receiver", ack=ack, **FAST)
+    sender = await AgentBus.connect(broker.url, project_id, "sender", **FAST)
+    try:
+        if ack == "manual":
+            # Manual mode: a handler; the client acknowledges what it finished.
+            @receiver.on("status")
+            async def record(message: Message) -> None:
+                received.append(message.seq)
+                handled[message.seq] += 1
+                if len(received) == 30:
+                    enough.set()
+
+            consumer = None
+        else:
+            async def consume() -> None:
+                async for message in receiver:
+                    received.append(message.seq)
+                    handled[message.seq] += 1
+                    if len(received) == 30:
+                        enough.set()
+
+            consumer = asyncio.create_task(consume())
+
+        producer = asyncio.create_task(_produce(sender, receipts))
+        await asyncio.wait_for(enough.wait(), 30)
+        broker.kill()  # a crash while messages flow
+        assert not producer.done()
+        broker.start()  # the same port and database
+        await asyncio.wait_for(producer, 60)
+
+        expected = sorted(r.seq for r in receipts.values())
+        assert len(expected) == N_MESSAGES and len(set(expected)) == N_MESSAGES
+        await eventually(lambda: len(received) >= N_MESSAGES, timeout=30, what="every message")
+
+        assert received == expected, "every receipted message exactly once, in seq order"
+        assert set(handled.values()) == {1}
+        assert sender.reconnects >= 1 and receiver.reconnects >= 1
+
+        # Stored once each, despite the resends.
+        history = [m async for m in sender.rest.iter_history()]
+        assert Counter(m.content for m in history) == Counter(f"m{i}" for i in range(N_MESSAGES))
+
+        if ack == "manual":
+            async def drained() -> bool:
+                agents = {a.agent_id: a for a in await sender.rest.agents()}
+                return agents["receiver"].queue_depth == 0
+
+            await eventually(drained, what="the receiver's acknowledgements")
+        if consumer is not None:
+            consumer.cancel()
+    finally:
+        await asyncio.gather(receiver.close(), sender.close())
+
+
+async def test_resend_after_dropped_connection_is_stored_once(broker: Broker, project_id: str) -> None:
+    proxy = await Proxy(broker.port or 0).start()
+    receiver = await AgentBus.connect(broker.url, project_id, "receiver", **FAST)
+    sender = await AgentBus.connect(proxy.url, project_id, "sender", **FAST)
+    try:
+        proxy.hold_replies = True  # the send reaches the broker; its receipt will not come back
+        sending = asyncio.create_task(sender.send("exactly once", to="receiver"))
+        delivered = await receiver.receive(timeout=10)  # so it was committed
+        assert delivered.content == "exactly once"
+        assert not sending.done()
+
+        proxy.cut()  # the connection drops with the receipt lost
+        proxy.hold_replies = False
+        receipt = await asyncio.wait_for(sending, 30)
+
+        assert sender.reconnects == 1
+        assert (receipt.id, receipt.seq) == (delivered.id, delivered.seq)
+        page = await sender.rest.history()
+        assert [(m.seq, m.content) for m in page.messages] == [(delivered.seq, "exactly once")]
+        assert page.messages[0].client_msg_id == receipt.client_msg_id
+        with pytest.raises(TimeoutError):
+            await receiver.receive(timeout=0.3)
+    finally:
+        await asyncio.gather(receiver.close(), sender.close())
+        await proxy.close()
+
+
+async def test_manual_mode_acks_a_handler_that_outlived_its_connection(
+    broker: Broker, project_id: str
+) -> None:
+    proxy = await Proxy(broker.port or 0).start()
+    sender = await AgentBus.connect(broker.url, project_id, "sender", **FAST)
+    worker = await AgentBus.connect(proxy.url, project_id, "worker", ack="manual", **FAST)
+    started = asyncio.Event()
+    release = asyncio.Event()
+    calls: list[int] = []
+    states: list[ConnectionState] = []
+    worker.on_state_change(states.append)
+
+    @worker.on("task_assignment")
+    async def slow(message: Message) -> None:
+        calls.append(message.seq)
+        started.set()
+        await release.wait()
+
+    try:
+        receipt = await sender.send("long job", to="worker", type="task_assignment")
+        await asyncio.wait_for(started.wait(), 10)
+
+        proxy.cut()  # the connection drops while the handler still runs
+        await worker.wait_for_state(ConnectionState.RECONNECTING, timeout=10)
+        await worker.wait_for_state(ConnectionState.CONNECTED, timeout=30)
+        # The broker replays the unacknowledged message; the client recognises it.
+        assert worker.welcome is not None and worker.welcome.replay == 1
+        await eventually(lambda: worker.duplicates_dropped == 1, what="the replayed duplicate")
+        release.set()
+
+        async def acknowledged() -> bool:
+            agents = {a.agent_id: a for a in await sender.rest.agents()}
+            return agents["worker"].queue_depth == 0 and agents["worker"].ack_floor >= receipt.seq
+
+        await eventually(acknowledged, what="the acknowledgement on the new connection")
+        assert calls == [receipt.seq]
+        assert states == [ConnectionState.RECONNECTING, ConnectionState.CONNECTED]
+    finally:
+        await asyncio.gather(worker.close(), sender.close())
+        await proxy.close()
+
+    # Nothing is owed any more: a new connection of the same agent gets no replay.
+    async with AgentBus.connect(broker.url, project_id, "worker", ack="manual") as again:
+        assert again.welcome is not None and again.welcome.replay == 0
+
+
+async def test_takeover_is_final_and_not_fought(broker: Broker, project_id: str) -> None:
+    first = await AgentBus.connect(broker.url, project_id, "twin", **FAST)
+    sender = await AgentBus.connect(broker.url, project_id, "sender", **FAST)
+    try:
+        second = await AgentBus.connect(broker.url, project_id, "twin", **FAST)
+        try:
+            await first.wait_for_state(ConnectionState.CLOSED, timeout=10)
+            assert isinstance(first.error, Replaced) and first.error.close_code == 4001
+            with pytest.raises(Replaced):
+                await first.receive(timeout=5)
+            with pytest.raises(Replaced):
+                await first.send("still there?")
+
+            # The newer connection keeps the identity: it receives, and no reconnect
+            # of the first one came to take it back.
+            await sender.send("for the twin", to="twin")
+            assert (await second.receive(timeout=10)).content == "for the twin"
+            twin = [a for a in await sender.rest.agents() if a.agent_id == "twin"][0]
+            assert twin.session_ids == (second.session_id,)
+            assert second.state is ConnectionState.CONNECTED and second.reconnects == 0
+            assert first.reconnects == 0
+        finally:
+            await second.close()
+    finally:
+        await asyncio.gather(first.close(), sender.close())
