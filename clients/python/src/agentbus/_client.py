@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import json
 import logging
+import math
 import random
 import uuid
 from collections import OrderedDict
@@ -61,7 +62,6 @@ H = TypeVar("H", bound=Handler)
 _RETRYABLE = frozenset({"unavailable", "rate_limited", "overloaded"})
 # Upgrade refusals that do not change by retrying.
 _TERMINAL_STATUSES = frozenset({400, 401, 403, 404})
-_DEFAULT = object()
 _CLOSED = object()
 # A connection that lived this long resets the reconnect backoff.
 _STABLE_AFTER_S = 5.0
@@ -487,7 +487,7 @@ class AgentBus:
         error: str | None = None,
         agent_type: str | None = None,
         client_msg_id: str | None = None,
-        timeout: float | None | object = _DEFAULT,
+        timeout: float | None = None,
     ) -> SentReceipt:
         """Send a message and return the broker's receipt, once it is committed.
 
@@ -496,8 +496,8 @@ class AgentBus:
         retried with it across reconnects and passing refusals (``unavailable``,
         ``rate_limited``, ``overloaded``), so it is stored once. A refusal is
         raised as :class:`AgentBusError` with the broker's ``code``;
-        :class:`SendTimeout` after ``timeout`` seconds (default: the client's
-        ``send_timeout``) without a receipt.
+        :class:`SendTimeout` after ``timeout`` seconds without a receipt
+        (``None``: the client's ``send_timeout``; ``math.inf``: no limit).
         """
         frame = self._send_frame(
             content,
@@ -660,7 +660,7 @@ class AgentBus:
         return frame
 
     async def _send(
-        self, frame: dict[str, Any], client_msg_id: str | None, timeout: float | None | object
+        self, frame: dict[str, Any], client_msg_id: str | None, timeout: float | None
     ) -> SentReceipt:
         if self._supervisor is None:
             raise RuntimeError("the client is not started: use AgentBus.connect()")
@@ -687,8 +687,9 @@ class AgentBus:
             await self._write_send(entry)
         else:
             entry = existing
-        wait = self._send_timeout if timeout is _DEFAULT else timeout
-        assert wait is None or isinstance(wait, (int, float))
+        wait = self._send_timeout if timeout is None else timeout
+        if wait is not None and math.isinf(wait):
+            wait = None
         try:
             return await asyncio.wait_for(asyncio.shield(entry.future), wait)
         except TimeoutError:
@@ -1190,19 +1191,26 @@ class AgentBus:
                         success=False,
                         error=f"{exc.code}: {exc.message}"[:_MAX_ERROR_TEXT],
                     ),
+                    fallback=True,
                 )
             except AgentBusError as again:
                 log.warning("agentbus: reply to %s not sent: %s", message.seq, again)
 
-    async def _send_reply(self, message: Message, reply: Reply) -> SentReceipt:
-        return await self.reply(
-            message,
+    async def _send_reply(
+        self, message: Message, reply: Reply, *, fallback: bool = False
+    ) -> SentReceipt:
+        # One client_msg_id per request: if the handler runs again (the message
+        # was delivered again after a crash), the broker keeps the first reply.
+        prefix = "reply-refused" if fallback else "reply"
+        return await self.send(
             reply.content,
+            reply_to=message.id,
             success=reply.success,
             error=reply.error,
             metadata=reply.metadata,
             type=reply.type,
             priority=reply.priority,
+            client_msg_id=f"{prefix}:{message.id}",
         )
 
     # --- closing -------------------------------------------------------------------
@@ -1254,8 +1262,10 @@ class AgentBus:
             except TimeoutError:
                 self._supervisor.cancel()
                 await asyncio.gather(self._supervisor, return_exceptions=True)
-        for task in list(self._background):
+        leftovers = list(self._background)
+        for task in leftovers:
             task.cancel()
+        await asyncio.gather(*leftovers, return_exceptions=True)
         self._fail_all(self._error or ClientClosed())
         if self._first_welcome is not None and not self._first_welcome.done():
             self._first_welcome.set_exception(self._error or ClientClosed())
