@@ -116,3 +116,10 @@ async def test_rest_helpers(broker: Broker, project_id: str) -> None:
     async with RestClient(broker.url, project_id) as standalone:
         project = await standalone.project()
         assert project.id == project_id and project.head_seq == 5
+
+
+def test_the_installed_package_is_what_is_tested() -> None:
+    import agentbus
+
+    # run-tests.sh installs the package as users do; the tests must not import src/.
+    assert "site-packages" in agentbus.__file__, agentbus.__file__

@@ -11,19 +11,33 @@ from agentbus import AckMode, AgentBus, ConnectionState, Message, Replaced, Sent
 
 from conftest import FAST, Broker, Proxy, eventually
 
-N_MESSAGES = 120
 IN_FLIGHT = 8
+AFTER_RESTART = 40
 
 
-async def _produce(sender: AgentBus, receipts: dict[int, SentReceipt]) -> None:
-    """Send N_MESSAGES broadcasts, up to IN_FLIGHT at a time, keeping every receipt."""
-    window = asyncio.Semaphore(IN_FLIGHT)
+class Producer:
+    """Sends broadcasts, IN_FLIGHT at a time, until told where to stop."""
 
-    async def one(i: int) -> None:
-        async with window:
-            receipts[i] = await sender.send(f"m{i}", type="status")
+    def __init__(self, sender: AgentBus) -> None:
+        self.sender = sender
+        self.receipts: dict[int, SentReceipt] = {}
+        self.sent = 0
+        self.stop_at = 100_000  # set once the test has seen enough
 
-    await asyncio.gather(*(one(i) for i in range(N_MESSAGES)))
+    async def run(self) -> None:
+        window = asyncio.Semaphore(IN_FLIGHT)
+        tasks = []
+        while self.sent < self.stop_at:
+            await window.acquire()
+            tasks.append(asyncio.create_task(self._one(self.sent, window)))
+            self.sent += 1
+        await asyncio.gather(*tasks)
+
+    async def _one(self, i: int, window: asyncio.Semaphore) -> None:
+        try:
+            self.receipts[i] = await self.sender.send(f"m{i}", type="status")
+        finally:
+            window.release()
 
 
 @pytest.mark.parametrize("ack", ["auto", "manual"])
@@ -33,10 +47,10 @@ async def test_broker_restart_mid_stream_loses_and_repeats_nothing(
     received: list[int] = []
     handled = Counter[int]()
     enough = asyncio.Event()
-    receipts: dict[int, SentReceipt] = {}
 
     receiver = await AgentBus.connect(broker.url, project_id, "receiver", ack=ack, **FAST)
     sender = await AgentBus.connect(broker.url, project_id, "sender", **FAST)
+    producer = Producer(sender)
     try:
         if ack == "manual":
             # Manual mode: a handler; the client acknowledges what it finished.
@@ -58,16 +72,18 @@ async def test_broker_restart_mid_stream_loses_and_repeats_nothing(
 
             consumer = asyncio.create_task(consume())
 
-        producer = asyncio.create_task(_produce(sender, receipts))
+        producing = asyncio.create_task(producer.run())
         await asyncio.wait_for(enough.wait(), 30)
         broker.kill()  # a crash while messages flow
-        assert not producer.done()
         broker.start()  # the same port and database
-        await asyncio.wait_for(producer, 60)
+        producer.stop_at = producer.sent + AFTER_RESTART  # and some more after it
+        await asyncio.wait_for(producing, 60)
+        receipts = producer.receipts
+        total = producer.sent
 
         expected = sorted(r.seq for r in receipts.values())
-        assert len(expected) == N_MESSAGES and len(set(expected)) == N_MESSAGES
-        await eventually(lambda: len(received) >= N_MESSAGES, timeout=30, what="every message")
+        assert len(expected) == total and len(set(expected)) == total
+        await eventually(lambda: len(received) >= total, timeout=30, what="every message")
 
         assert received == expected, "every receipted message exactly once, in seq order"
         assert set(handled.values()) == {1}
@@ -75,7 +91,7 @@ async def test_broker_restart_mid_stream_loses_and_repeats_nothing(
 
         # Stored once each, despite the resends.
         history = [m async for m in sender.rest.iter_history()]
-        assert Counter(m.content for m in history) == Counter(f"m{i}" for i in range(N_MESSAGES))
+        assert Counter(m.content for m in history) == Counter(f"m{i}" for i in range(total))
 
         if ack == "manual":
             async def drained() -> bool:
