@@ -221,12 +221,15 @@ class Proxy:
     ``cut()`` drops every relayed connection at once (both sides see the TCP
     connection end, as when a network path fails). While ``hold_replies`` is
     set, bytes from the broker are dropped instead of relayed, so a client's
-    frames reach the broker but its answers never come back.
+    frames reach the broker but its answers never come back. While
+    ``replies_flowing`` is clear, they are held back, and relayed once it is set.
     """
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.hold_replies = False
+        self.replies_flowing = asyncio.Event()
+        self.replies_flowing.set()
         self.port: int | None = None
         self._server: asyncio.Server | None = None
         self._pairs: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
@@ -260,8 +263,10 @@ class Proxy:
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: bool) -> None:
         try:
             while data := await reader.read(65536):
-                if not upstream and self.hold_replies:
-                    continue
+                if not upstream:
+                    if self.hold_replies:
+                        continue
+                    await self.replies_flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):

@@ -70,6 +70,19 @@ async def test_async_iteration_ends_when_closed(broker: Broker, project_id: str)
         await receiver.close()
 
 
+async def test_since_replays_history_before_the_first_connection(broker: Broker, project_id: str) -> None:
+    async with AgentBus.connect(broker.url, project_id, "early", **FAST) as early:
+        for i in range(3):
+            await early.rest.publish(f"old {i}", sender_agent_id="ci", sender_agent_type="ci")
+        # A newcomer is owed nothing from before it joined...
+        async with AgentBus.connect(broker.url, project_id, "late", **FAST) as late:
+            assert late.welcome is not None and late.welcome.replay == 0
+        # ...unless it asks for the history with since.
+        async with AgentBus.connect(broker.url, project_id, "later", since=1, **FAST) as later:
+            assert later.welcome is not None and later.welcome.replay == 2
+            assert [(await later.receive(timeout=10)).content for _ in range(2)] == ["old 1", "old 2"]
+
+
 async def test_rest_helpers(broker: Broker, project_id: str) -> None:
     async with AgentBus.connect(
         broker.url, project_id, "gen-1", agent_type="codegen", capabilities=["rust", "sql"], **FAST

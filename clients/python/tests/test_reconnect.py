@@ -40,10 +40,15 @@ class Producer:
             window.release()
 
 
-@pytest.mark.parametrize("ack", ["auto", "manual"])
+@pytest.mark.parametrize(
+    ("ack", "stop"),
+    [("auto", "kill"), ("manual", "kill"), ("auto", "sigterm")],
+)
 async def test_broker_restart_mid_stream_loses_and_repeats_nothing(
-    broker: Broker, project_id: str, ack: AckMode
+    broker: Broker, project_id: str, ack: AckMode, stop: str
 ) -> None:
+    """kill: a crash. sigterm: a shutdown, which refuses new sends with `unavailable`
+    and closes with 1001 once the sends it took are settled."""
     received: list[int] = []
     handled = Counter[int]()
     enough = asyncio.Event()
@@ -74,7 +79,10 @@ async def test_broker_restart_mid_stream_loses_and_repeats_nothing(
 
         producing = asyncio.create_task(producer.run())
         await asyncio.wait_for(enough.wait(), 30)
-        broker.kill()  # a crash while messages flow
+        if stop == "kill":
+            broker.kill()  # a crash while messages flow
+        else:
+            broker.stop()
         broker.start()  # the same port and database
         producer.stop_at = producer.sent + AFTER_RESTART  # and some more after it
         await asyncio.wait_for(producing, 60)
@@ -127,6 +135,28 @@ async def test_resend_after_dropped_connection_is_stored_once(broker: Broker, pr
         assert page.messages[0].client_msg_id == receipt.client_msg_id
         with pytest.raises(TimeoutError):
             await receiver.receive(timeout=0.3)
+    finally:
+        await asyncio.gather(receiver.close(), sender.close())
+        await proxy.close()
+
+
+async def test_close_waits_for_the_receipts_of_sends_already_taken(
+    broker: Broker, project_id: str
+) -> None:
+    proxy = await Proxy(broker.port or 0).start()
+    receiver = await AgentBus.connect(broker.url, project_id, "receiver", **FAST)
+    sender = await AgentBus.connect(proxy.url, project_id, "sender", **FAST)
+    try:
+        proxy.replies_flowing.clear()  # receipts are held back on their way
+        sends = [asyncio.create_task(sender.send(f"x{i}", to="receiver")) for i in range(10)]
+        committed = [(await receiver.receive(timeout=10)).id for _ in range(10)]
+        closing = asyncio.create_task(sender.close())
+        assert not any(task.done() for task in sends)
+        proxy.replies_flowing.set()
+        await asyncio.wait_for(closing, 10)
+        receipts = [task.result() for task in sends]
+        assert [r.id for r in receipts] == committed
+        assert sender.state is ConnectionState.CLOSED and sender.reconnects == 0
     finally:
         await asyncio.gather(receiver.close(), sender.close())
         await proxy.close()

@@ -24,8 +24,6 @@ from typing import (
     overload,
 )
 
-import websockets
-from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from ._errors import (
@@ -42,7 +40,7 @@ from ._errors import (
 from ._models import ConnectionState, Message, Reply, SentReceipt, Welcome
 from ._rest import RestClient
 from ._urls import auth_headers, check_agent_id, check_base_url, check_project_id, ws_url
-from ._version import __version__
+from ._ws import Connection, open_connection
 
 log = logging.getLogger("agentbus")
 
@@ -70,7 +68,7 @@ _MAX_ERROR_TEXT = 4096
 
 @dataclass(eq=False)
 class _Conn:
-    ws: ClientConnection
+    ws: Connection
     welcome: Welcome
     since: int | None
     delivered: set[int] = field(default_factory=set)
@@ -822,14 +820,7 @@ class AgentBus:
         """
         since = self._since_pending
         try:
-            ws = await websockets.connect(
-                self._url(),
-                additional_headers=self._headers,
-                user_agent_header=f"agentbus-client-python/{__version__}",
-                open_timeout=self._open_timeout,
-                max_size=64 * 1024 * 1024,
-                max_queue=None,
-            )
+            ws = await open_connection(self._url(), self._headers, self._open_timeout)
         except InvalidStatus as exc:
             error = _refusal(exc)
             log.info("agentbus: connection refused: %s", error)
@@ -970,8 +961,8 @@ class AgentBus:
                 self._on_error(data)
             else:
                 log.debug("agentbus: ignoring frame with op %r", op)
-        except ValueError as exc:
-            log.warning("agentbus: ignoring a malformed frame: %s", exc)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("agentbus: ignoring a malformed frame: %r", exc)
 
     def _on_sent(self, data: dict[str, Any]) -> None:
         receipt = SentReceipt.from_json(data)

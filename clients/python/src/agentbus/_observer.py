@@ -8,15 +8,13 @@ import logging
 from types import TracebackType
 from typing import Any
 
-import websockets
-from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from ._client import _TERMINAL_STATUSES, _backoff, _refusal
 from ._errors import AgentBusError, ClientClosed, TokenRevoked
 from ._models import ConnectionState, Message, Welcome
 from ._urls import auth_headers, check_base_url, check_project_id, ws_url
-from ._version import __version__
+from ._ws import Connection, open_connection
 
 log = logging.getLogger("agentbus")
 
@@ -55,7 +53,7 @@ class Observer:
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._open_timeout = open_timeout
-        self._ws: ClientConnection | None = None
+        self._ws: Connection | None = None
         self._closed = False
         self._attempt = 0
         self.state = ConnectionState.CONNECTING
@@ -99,14 +97,7 @@ class Observer:
             params["since"] = str(self.last_seq)
         url = ws_url(self.base_url, self.project_id, params)
         try:
-            ws = await websockets.connect(
-                url,
-                additional_headers=self._headers,
-                user_agent_header=f"agentbus-client-python/{__version__}",
-                open_timeout=self._open_timeout,
-                max_size=64 * 1024 * 1024,
-                max_queue=None,
-            )
+            ws = await open_connection(url, self._headers, self._open_timeout)
         except InvalidStatus as exc:
             error = _refusal(exc)
             if error.status in _TERMINAL_STATUSES or not self._reconnect:
