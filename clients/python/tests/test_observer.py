@@ -1,32 +1,23 @@
-"""The read-only observer socket (``/ws/agent/messages/{id}`` without ``agent_id``).
-
-A broker without observer support refuses the upgrade (400 ``missing_field``);
-these tests are then skipped, saying so, unless ``AGENTBUS_REQUIRE_OBSERVER=1``
-makes that a failure.
-"""
+"""The read-only observer socket (``/ws/agent/messages/{id}`` without ``agent_id``)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
+import secrets
 
+import httpx
 import pytest
 import websockets
 
-from agentbus import AgentBus, ConnectionRefused, Message, Observer, observe
+from agentbus import AgentBus, ConnectionRefused, Message, Observer, create_project, observe
 
-from conftest import FAST, Broker
+from conftest import FAST, Broker, BrokerFactory
 
 
 async def _open(broker: Broker, project_id: str, since: int | None = None) -> Observer:
     observer = observe(broker.url, project_id, since=since, reconnect=False)
-    try:
-        await observer.connect()
-    except ConnectionRefused as exc:
-        if exc.code == "missing_field" and os.environ.get("AGENTBUS_REQUIRE_OBSERVER") != "1":
-            pytest.skip("this broker has no observer socket yet (the upgrade needs agent_id)")
-        raise
+    await observer.connect()
     return observer
 
 
@@ -100,3 +91,27 @@ async def test_observer_resumes_after_a_restart(broker: Broker, project_id: str)
             seen.append((await asyncio.wait_for(watching.__anext__(), 30)).seq)
             assert watching.reconnects == 1
     assert seen == [first.seq, second.seq]
+
+
+async def test_observer_tokens(start_broker: BrokerFactory) -> None:
+    admin = secrets.token_hex(16)
+    broker = start_broker("--admin-token", admin)
+    project = await create_project(broker.url, "secured", token=admin)
+    assert project.token is not None
+
+    with pytest.raises(ConnectionRefused) as caught:
+        await observe(broker.url, project.id, reconnect=False).connect()
+    assert (caught.value.status, caught.value.code) == (401, "unauthorized")
+
+    async with httpx.AsyncClient(base_url=broker.url, headers={"Authorization": f"Bearer {admin}"}) as http:
+        bound = (await http.post(f"/api/projects/{project.id}/tokens", json={"agent_id": "a"})).json()
+    with pytest.raises(ConnectionRefused) as refused:
+        await observe(broker.url, project.id, token=bound["token"], reconnect=False).connect()
+    assert (refused.value.status, refused.value.code) == (403, "forbidden")
+
+    async with observe(broker.url, project.id, token=project.token) as log:
+        await log.connect()
+        async with AgentBus.connect(broker.url, project.id, "a", token=bound["token"], **FAST) as a:
+            receipt = await a.send("seen by the log")
+        message = await asyncio.wait_for(log.__anext__(), 10)
+        assert (message.id, message.sender_agent_id) == (receipt.id, "a")
