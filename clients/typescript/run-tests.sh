@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs the pinned dependencies, builds the client, typechecks it with its tests, and runs
+# the tests against the real broker binary ($AGENTBUS_BIN, default ../../target/debug/agentbus)
+# and the PostgreSQL server on 127.0.0.1:5432. Runs from any directory.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+npm ci --no-audit --no-fund --loglevel=error >/dev/null
+rm -rf dist build
+npx tsc -p tsconfig.json
+npx tsc --noEmit -p tsconfig.json
+npx tsc --noEmit -p test/tsconfig.json
+npx tsc -p test/tsconfig.json
+# Each test file runs in its own process, at most two at a time (each starts its own brokers).
+timeout 600 node --test --test-concurrency=2 build/test/
