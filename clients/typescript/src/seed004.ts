@@ -51,7 +51,12 @@ export interface AgentbusInfo {
   message: Message;
 }
 
-export interface AgentMessage<T = unknown> {
+/**
+ * seed 004's message. (The payload's type defaults to `any`, not the seed's `unknown`: with
+ * `unknown`, the seed's own `CodeGenAgent` example, which passes an `AgentMessage` to a method
+ * taking an `AgentMessage<TaskAssignmentPayload>`, does not compile.)
+ */
+export interface AgentMessage<T = any> {
   /** A UUID: from `createMessage` when sending; the broker's message id when received. */
   id: string;
   from: AgentType;
@@ -71,7 +76,7 @@ export interface AgentMessage<T = unknown> {
   agentbus?: AgentbusInfo;
 }
 
-export interface MessageResponse<T = unknown> {
+export interface MessageResponse<T = any> {
   messageId: string;
   success: boolean;
   payload?: T;
@@ -423,6 +428,13 @@ export class MessageBus extends Emitter<MessageBusEvents> {
 
   /** Runs the handler of `agentType` for a delivered message; returns the reply of a request. */
   private async dispatch(agentType: AgentType, m: Message): Promise<ReplyInit | undefined> {
+    if (m.in_reply_to_seq !== undefined) {
+      // A response that came after its sender stopped waiting (a late one, or a second one):
+      // reported, not handed to the agent's handler.
+      const env = objectAt(m.metadata, 'agent_response');
+      this.emit('message:response', toMessageResponse(m, str(env?.messageId) ?? m.reply_to ?? m.id));
+      return undefined;
+    }
     const handler = await this.handlerFor(agentType);
     if (!handler) throw new AgentBusError('closed', 'this MessageBus was closed before the message was handled');
     const message = toAgentMessage(m);
@@ -546,6 +558,11 @@ export abstract class BaseAgent {
     priority: MessagePriority = MessagePriority.MEDIUM,
   ): Promise<MessageResponse> {
     return this.messageBus.send(this.messageBus.createMessage(this.agentType, to, type, payload, priority));
+  }
+
+  /** The agent's work on a task; override it (seed 004's agents call it from their handlers). */
+  protected async execute(_task: unknown): Promise<unknown> {
+    throw new Error(`${this.agentType} does not implement execute(task)`);
   }
 
   /** Handles a received message; override it. */

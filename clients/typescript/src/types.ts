@@ -125,6 +125,8 @@ export interface ObserverWelcome {
   session_id: string;
   project_id: string;
   head_seq: number;
+  /** How many messages (those after `since`, up to `head_seq`) come before live delivery. */
+  replay?: number;
 }
 
 /** An `error` frame. */
