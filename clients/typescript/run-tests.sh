@@ -11,5 +11,10 @@ npx tsc -p tsconfig.json
 npx tsc --noEmit -p tsconfig.json
 npx tsc --noEmit -p test/tsconfig.json
 npx tsc -p test/tsconfig.json
+# The browser code path is tested with Node's standard WebSocket (behind a flag in Node 20).
+node_flags=()
+if ! node -e 'process.exit(typeof WebSocket === "function" ? 0 : 1)'; then
+  node_flags+=(--experimental-websocket)
+fi
 # Each test file runs in its own process, at most two at a time (each starts its own brokers).
-timeout 600 node --test --test-concurrency=2 build/test/
+timeout 600 node "${node_flags[@]}" --test --test-concurrency=2 build/test/

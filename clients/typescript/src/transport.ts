@@ -201,7 +201,19 @@ export function openSocket(
     if (typeof event.data === 'string') handlers.onText(event.data);
   });
   sock.addEventListener('error', () => {
-    // Always followed by a close event, which reports the outcome.
+    // With `ws` a close event always follows. Some standard implementations (Node 20's) fire no
+    // close event after a failed handshake: the error then ends the connection by itself.
+    if (resolved.kind === 'standard') {
+      setTimeout(() => {
+        if (closed) return;
+        try {
+          sock.close();
+        } catch {
+          // already closed
+        }
+        finish({ code: 1006, reason: 'the connection failed' });
+      }, 0);
+    }
   });
   sock.addEventListener('close', (event: { code?: number; reason?: string }) => {
     finish({ code: event.code ?? 1006, reason: event.reason ?? '' });

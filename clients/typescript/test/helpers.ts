@@ -103,9 +103,19 @@ export class Broker {
     await exited;
   }
 
-  /** Starts the broker again, on the same port and database. */
-  async restart(): Promise<void> {
-    await this.kill();
+  /** Stops the broker as `agentbus serve` stops on SIGTERM: it settles pending sends and closes with 1001. */
+  async terminate(): Promise<void> {
+    const proc = this.proc;
+    if (!proc || proc.exitCode !== null || proc.signalCode !== null) return;
+    const exited = new Promise<void>((resolve) => proc.once('exit', () => resolve()));
+    proc.kill('SIGTERM');
+    await exited;
+  }
+
+  /** Starts the broker again, on the same port and database, after killing it (or `SIGTERM`). */
+  async restart(signal: 'SIGKILL' | 'SIGTERM' = 'SIGKILL'): Promise<void> {
+    if (signal === 'SIGTERM') await this.terminate();
+    else await this.kill();
     await this.spawn(`127.0.0.1:${this.port}`);
   }
 

@@ -1,6 +1,7 @@
 /**
- * Reconnecting and resuming: the broker killed (SIGKILL) and restarted on the same port while
- * messages flow, in both ack modes; a send whose receipt was lost with its connection.
+ * Reconnecting and resuming: the broker killed (SIGKILL), or stopped (SIGTERM), and restarted on
+ * the same port while messages flow, in both ack modes; a send whose receipt was lost with its
+ * connection.
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
@@ -13,7 +14,7 @@ import { Broker, TcpProxy, nextEvent, until } from './helpers.js';
 
 const fastReconnect = { initialDelayMs: 50, maxDelayMs: 500 };
 
-async function restartMidStream(t: TestContext, ack: AckMode): Promise<void> {
+async function restartMidStream(t: TestContext, ack: AckMode, signal: 'SIGKILL' | 'SIGTERM' = 'SIGKILL'): Promise<void> {
   const total = 400;
   const killAfter = 150;
   const broker = await Broker.start(t);
@@ -33,6 +34,8 @@ async function restartMidStream(t: TestContext, ack: AckMode): Promise<void> {
   t.after(() => sender.close());
   const senderWelcomes: string[] = [];
   sender.events.on('welcome', (w) => senderWelcomes.push(w.session_id));
+  const senderCloses: number[] = [];
+  sender.events.on('close', (e) => senderCloses.push(e.code));
 
   // Up to 32 sends in flight; the broker is killed once 150 receipts came, and started again.
   const receipts: SentReceipt[] = [];
@@ -41,7 +44,7 @@ async function restartMidStream(t: TestContext, ack: AckMode): Promise<void> {
   for (let i = 0; i < total; i++) {
     const p: Promise<void> = sender.send({ to: 'receiver', content: `m${i}` }).then((r) => {
       receipts.push(r);
-      if (receipts.length === killAfter) restarted = broker.restart();
+      if (receipts.length === killAfter) restarted = broker.restart(signal);
     });
     inFlight.add(p);
     void p.finally(() => inFlight.delete(p)).catch(() => undefined);
@@ -51,6 +54,8 @@ async function restartMidStream(t: TestContext, ack: AckMode): Promise<void> {
   assert.ok(restarted, 'the broker was restarted mid-stream');
   await restarted;
   assert.ok(senderWelcomes.length >= 1, 'the sender reconnected');
+  // A killed broker just vanishes (1006); a stopped one says it is going away (1001).
+  assert.equal(senderCloses[0], signal === 'SIGTERM' ? 1001 : 1006);
 
   // Every send got a receipt; each was stored once.
   assert.equal(receipts.length, total);
@@ -82,6 +87,9 @@ async function restartMidStream(t: TestContext, ack: AckMode): Promise<void> {
 test('auto mode: the broker restarted mid-stream, no loss and no duplicate', (t) => restartMidStream(t, 'auto'));
 
 test('manual mode: the broker restarted mid-stream, no loss and no duplicate', (t) => restartMidStream(t, 'manual'));
+
+test('a graceful restart (SIGTERM: unavailable, then 1001) mid-stream, no loss and no duplicate', (t) =>
+  restartMidStream(t, 'manual', 'SIGTERM'));
 
 test('a send whose receipt was lost with the connection is sent again and stored once', async (t) => {
   const broker = await Broker.start(t);
