@@ -212,10 +212,15 @@ export class AgentBusClient {
   private readonly pendingSends = new Map<string, PendingSend>();
   private readonly requestsByClientId = new Map<string, PendingRequest>();
   private readonly requestsById = new Map<string, PendingRequest>();
-  /** Requests whose receipt has not come yet: a reply to one of them may arrive first. */
-  private awaitingReceipt = 0;
-  /** Replies that arrived while some request still waited for its receipt, by `reply_to`. */
-  private readonly stash = new Map<string, Message[]>();
+  /** The `client_msg_id`s of requests whose receipt has not come yet: a reply to one of them may come first. */
+  private readonly unreceipted = new Set<string>();
+  /**
+   * Replies that arrived while some requests still waited for their receipts, each with the
+   * requests it may belong to. It is matched, or handed to the handlers, once those are known.
+   */
+  private held: Array<{ message: Message; waitingFor: Set<string> }> = [];
+  /** The last `hello`, sent again on every connection. */
+  private lastHello: Record<string, unknown> | undefined;
 
   /** seq → `processing` (given to the application) or `done` (finished). */
   private readonly seen = new Map<number, 'processing' | 'done'>();
@@ -421,7 +426,7 @@ export class AgentBusClient {
         );
       }, timeoutMs + this.requestGraceMs);
       this.requestsByClientId.set(clientMsgId, pr);
-      this.awaitingReceipt++;
+      this.unreceipted.add(clientMsgId);
       if (options.onSent) pr.onSent = options.onSent;
       this.enqueue(frame, pr).catch((error: AgentBusError) => pr.reject(error));
     });
@@ -452,11 +457,16 @@ export class AgentBusClient {
     });
   }
 
-  /** Declares what this agent can do (a `hello` frame). Sent now if connected; no answer. */
+  /**
+   * Declares what this agent can do (a `hello` frame): sent now if connected, and again on every
+   * later connection (after the `capabilities` option, which it replaces). No answer.
+   */
   hello(capabilities: string[], description?: string): void {
     if (!Array.isArray(capabilities)) throw invalidArgument('`capabilities` must be an array of strings');
     capabilities.forEach((c, i) => checkIdentifier(`capabilities[${i}]`, c));
-    this.writeControl(compact({ op: 'hello', capabilities, description }));
+    if (description !== undefined && typeof description !== 'string') throw invalidArgument('`description` must be a string');
+    this.lastHello = compact({ op: 'hello', capabilities: [...capabilities], description });
+    this.writeControl(this.lastHello);
   }
 
   /** Read receipts for these message ids (a `read` frame). Sent now if connected; no answer. */
@@ -634,9 +644,12 @@ export class AgentBusClient {
     this.frameTooLarge = false;
     // Messages at or below the floor are done and never come again (without `since`).
     for (const [seq, st] of this.seen) if (seq <= welcome.ack_floor && st === 'done') this.seen.delete(seq);
-    this.setState('open');
-    this.events.emit('welcome', welcome);
+    // Frames waiting for a connection go first, in order, before listeners can send more.
+    this.currentState = 'open';
+    if (this.lastHello) this.writeControl(this.lastHello);
     for (const p of this.pendingSends.values()) this.write(p);
+    this.events.emit('state', 'open');
+    this.events.emit('welcome', welcome);
     const first = this.firstWelcome;
     this.firstWelcome = undefined;
     first?.resolve();
@@ -663,10 +676,8 @@ export class AgentBusClient {
         this.settleRequest(pr, message);
         return;
       }
-      if (this.awaitingReceipt > 0 && message.in_reply_to_seq !== undefined) {
-        const list = this.stash.get(message.reply_to) ?? [];
-        list.push(message);
-        this.stash.set(message.reply_to, list);
+      if (this.unreceipted.size > 0 && message.in_reply_to_seq !== undefined) {
+        this.held.push({ message, waitingFor: new Set(this.unreceipted) });
         return;
       }
     }
@@ -690,16 +701,7 @@ export class AgentBusClient {
           throw error;
         }, 0);
       }
-      this.awaitingReceipt = Math.max(0, this.awaitingReceipt - 1);
-      const early = this.stash.get(receipt.id);
-      if (early) {
-        this.stash.delete(receipt.id);
-        const [first, ...rest] = early;
-        this.markDone(first!.seq);
-        this.settleRequest(pr, first!);
-        rest.forEach((m) => this.enqueueDispatch(m));
-      }
-      if (this.awaitingReceipt === 0) this.flushStash();
+      this.receiptKnown(pr.clientMsgId);
     }
     p.resolve({ id: receipt.id, seq: receipt.seq, client_msg_id: receipt.client_msg_id, created_at: receipt.created_at });
   }
@@ -863,17 +865,28 @@ export class AgentBusClient {
     clearTimeout(pr.timer);
     this.requestsByClientId.delete(pr.clientMsgId);
     if (pr.id !== undefined) this.requestsById.delete(pr.id);
-    else this.awaitingReceipt = Math.max(0, this.awaitingReceipt - 1);
-    if (this.awaitingReceipt === 0) this.flushStash();
+    else this.receiptKnown(pr.clientMsgId);
   }
 
-  private flushStash(): void {
-    if (this.stash.size === 0) return;
-    const held = [...this.stash.values()].flat().sort((a, b) => a.seq - b.seq);
-    this.stash.clear();
-    for (const m of held) {
+  /**
+   * The request `clientMsgId` got its receipt (or was given up): the replies held for it can
+   * be matched now, and those that waited for no other request are matched or handed on.
+   */
+  private receiptKnown(clientMsgId: string): void {
+    if (!this.unreceipted.delete(clientMsgId) || this.held.length === 0) return;
+    const ready: Message[] = [];
+    this.held = this.held.filter((h) => {
+      h.waitingFor.delete(clientMsgId);
+      const pr = h.message.reply_to ? this.requestsById.get(h.message.reply_to) : undefined;
+      if (pr || h.waitingFor.size === 0) {
+        ready.push(h.message);
+        return false;
+      }
+      return true;
+    });
+    for (const m of ready) {
       const pr = m.reply_to ? this.requestsById.get(m.reply_to) : undefined;
-      if (pr) {
+      if (pr && !pr.settled) {
         this.markDone(m.seq);
         this.settleRequest(pr, m);
       } else {

@@ -132,3 +132,64 @@ test('a send whose receipt was lost with the connection is sent again and stored
   await until('the receiver has the later message', () => received.includes('after'));
   assert.deepEqual(received, ['exactly once', 'after']);
 });
+
+test('a reply replayed before its request is receipted again still settles the request', async (t) => {
+  const broker = await Broker.start(t);
+  const projectId = await broker.createProject();
+  const proxy = await TcpProxy.start(t, broker.port);
+  const responder = await connect({ url: broker.url, projectId, agentId: 'responder' });
+  t.after(() => responder.close());
+  responder.on('request', (m) => `answer to ${m.content}`);
+  const asker = await connect({ url: proxy.url, projectId, agentId: 'asker', reconnect: fastReconnect });
+  t.after(() => asker.close());
+  const handedOn: string[] = [];
+  asker.register((m) => {
+    handedOn.push(m.content);
+  });
+
+  // The request is stored and answered, but the asker hears neither receipt nor reply.
+  proxy.holdReplies = true;
+  const asking = asker.request({ type: 'request', to: 'responder', content: 'q1' }, { timeoutMs: 30_000 });
+  const rest = broker.rest(projectId);
+  await until('the request and its reply are stored', async () => (await rest.history()).messages.length === 2);
+
+  // On the next connection the reply is replayed first; the request's receipt comes after it.
+  proxy.holdReplies = false;
+  const welcomed = nextEvent(asker.events, 'welcome', (w) => w.replay === 1);
+  proxy.dropAll();
+  await welcomed;
+  const reply = await asking;
+  assert.equal(reply.content, 'answer to q1');
+  assert.equal(reply.in_reply_to_seq, 1);
+  assert.equal((await rest.history()).messages.length, 2, 'the request was stored once');
+  assert.deepEqual(handedOn, [], 'the reply settled the request instead of going to a handler');
+});
+
+test('hello is declared again on every connection', async (t) => {
+  const broker = await Broker.start(t);
+  const projectId = await broker.createProject();
+  const proxy = await TcpProxy.start(t, broker.port);
+  const agent = await connect({
+    url: proxy.url,
+    projectId,
+    agentId: 'reviewer',
+    capabilities: ['initial'],
+    reconnect: fastReconnect,
+  });
+  t.after(() => agent.close());
+  const rest = broker.rest(projectId);
+  const declared = async () => (await rest.agents()).agents.find((a) => a.agent_id === 'reviewer');
+  assert.deepEqual((await declared())?.capabilities, ['initial']);
+  agent.hello(['review', 'rust'], 'Reviews Rust changes');
+  await until('the hello is stored', async () => (await declared())?.description === 'Reviews Rust changes');
+
+  // The new connection names `capabilities=initial` again, which replaces the list; the hello follows it.
+  const welcomed = nextEvent(agent.events, 'welcome');
+  proxy.dropAll();
+  await welcomed;
+  assert.equal(proxy.accepted, 2);
+  await until('the hello is stored again', async () => {
+    const a = await declared();
+    return a?.description === 'Reviews Rust changes' && a.capabilities.join(',') === 'review,rust' && a.online;
+  });
+});
