@@ -956,6 +956,11 @@ export class AgentBusClient {
     }
   }
 
+  private reportHandlerError(message: Message, error: unknown): void {
+    if (this.events.listenerCount('handlerError') > 0) this.events.emit('handlerError', { message, error });
+    else console.error(`agentbus: the handler of message #${message.seq} (${message.message_type}) failed:`, error);
+  }
+
   private async handle(message: Message): Promise<void> {
     const handler = this.handlers.get(message.message_type) ?? this.defaultHandler;
     if (!handler) {
@@ -966,7 +971,7 @@ export class AgentBusClient {
     try {
       result = await handler(message);
     } catch (error) {
-      this.events.emit('handlerError', { message, error });
+      this.reportHandlerError(message, error);
       if (message.expects_reply) {
         const text = error instanceof Error ? error.message : String(error);
         try {
@@ -977,7 +982,7 @@ export class AgentBusClient {
           });
           this.markDone(message.seq);
         } catch (replyError) {
-          this.events.emit('handlerError', { message, error: replyError });
+          this.reportHandlerError(message, replyError);
           this.markFailed(message.seq);
         }
       } else {
@@ -989,7 +994,7 @@ export class AgentBusClient {
       try {
         await this.reply(message, result);
       } catch (error) {
-        this.events.emit('handlerError', { message, error });
+        this.reportHandlerError(message, error);
         this.markFailed(message.seq);
         return;
       }

@@ -193,8 +193,8 @@ export class MessageBus extends Emitter<MessageBusEvents> {
   register(agentType: AgentType, handler: MessageHandler): void {
     if (typeof handler !== 'function') throw invalidArgument('a message handler must be a function');
     this.checkOpen();
+    this.connection(agentType); // validates the type before anything is registered
     this.handlers.set(agentType, handler);
-    this.connection(agentType);
     const waiters = this.waiting.get(agentType);
     if (waiters) {
       this.waiting.delete(agentType);
@@ -408,6 +408,11 @@ export class MessageBus extends Emitter<MessageBusEvents> {
       ...(this.config.WebSocket === undefined ? {} : { WebSocket: this.config.WebSocket }),
     });
     client.register((m) => this.dispatch(agentType, m));
+    client.events.on('handlerError', ({ message, error }) => {
+      // A message still waiting for a handler when the bus closed is simply left owed.
+      if (error instanceof AgentBusError && error.code === 'closed') return;
+      this.emit('message:error', { message: toAgentMessage(message), error });
+    });
     const ready = client.start().then(() => undefined);
     // A failed first connection is reported by the calls that wait for it.
     ready.catch(() => undefined);
