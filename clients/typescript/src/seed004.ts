@@ -118,6 +118,11 @@ export interface MessageBusEvents {
   'message:error': { message: AgentMessage; error: unknown };
   'agent:registered': { agentType: AgentType };
   'agent:unregistered': { agentType: AgentType };
+  /**
+   * Not in seed 004: the connection of one of this bus's agents stopped for good (its agent id
+   * was taken over by another connection, its token was revoked, the broker refused it).
+   */
+  'agent:error': { agentType: AgentType; error: AgentBusError };
 }
 
 /** The statistics `getStats()` returns (the seed's fields). */
@@ -408,6 +413,9 @@ export class MessageBus extends Emitter<MessageBusEvents> {
       ...(this.config.WebSocket === undefined ? {} : { WebSocket: this.config.WebSocket }),
     });
     client.register((m) => this.dispatch(agentType, m));
+    client.events.on('close', (event) => {
+      if (event.error && !this.closed) this.emit('agent:error', { agentType, error: event.error });
+    });
     client.events.on('handlerError', ({ message, error }) => {
       // A message still waiting for a handler when the bus closed is simply left owed.
       if (error instanceof AgentBusError && error.code === 'closed') return;

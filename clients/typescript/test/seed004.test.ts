@@ -7,9 +7,9 @@ import assert from 'node:assert/strict';
 import { after, afterEach, before, beforeEach, describe, test } from 'node:test';
 
 import { AgentBusError, BaseAgent, MessageBus, MessagePriority, MessageType } from '@agentbus/client';
-import type { AgentConfig, AgentMessage, AgentType, MessageResponse } from '@agentbus/client';
+import type { AgentConfig, AgentMessage, AgentType, MessageBusEvents, MessageResponse } from '@agentbus/client';
 
-import { Broker, deferred, until } from './helpers.js';
+import { Broker, deferred, nextEvent, until } from './helpers.js';
 
 /** The two matchers of Jest's `expect` that the seed's unit test uses. */
 function expect(actual: unknown) {
@@ -359,4 +359,45 @@ test('messages wait at the broker for an agent that is away', async (t) => {
   assert.equal(message.agentbus?.seq, 1);
   assert.equal(message.from, 'CoordinatorAgent');
   await until('acknowledged once handled', async () => (await coordinator.fetchQueueSize('CodeGenAgent')) === 0);
+});
+
+test('two buses acting as one agent: the older one is told and stops; distinct ids coexist', async (t) => {
+  const broker = await Broker.start(t);
+  const projectId = await broker.createProject('seed004 identities');
+  const answer = (name: string) => async (message: AgentMessage) => ({
+    messageId: message.id,
+    success: true,
+    payload: name,
+    timestamp: new Date().toISOString(),
+  });
+  const first = new MessageBus({ url: broker.url, projectId });
+  t.after(() => first.close());
+  first.register('CodeGenAgent', answer('first'));
+  await first.ready();
+  const told = nextEvent<MessageBusEvents, 'agent:error'>(first, 'agent:error');
+
+  const second = new MessageBus({ url: broker.url, projectId });
+  t.after(() => second.close());
+  second.register('CodeGenAgent', answer('second'));
+  await second.ready();
+  const { agentType, error } = await told;
+  assert.equal(agentType, 'CodeGenAgent');
+  assert.equal(error.code, 'replaced');
+
+  const coordinator = new MessageBus({ url: broker.url, projectId });
+  t.after(() => coordinator.close());
+  const response = await coordinator.sendAndWait(
+    coordinator.createMessage('CoordinatorAgent', 'CodeGenAgent', MessageType.TASK_ASSIGNMENT, 'x'),
+    10_000,
+  );
+  assert.equal(response.payload, 'second');
+
+  // With an id of its own, another CodeGenAgent process is a second member of the type.
+  const third = new MessageBus({ url: broker.url, projectId, agentId: (type) => `${type}-2` });
+  t.after(() => third.close());
+  third.register('CodeGenAgent', answer('third'));
+  await third.ready();
+  const { agents } = await coordinator.rest.agents();
+  const online = agents.filter((a) => a.agent_type === 'CodeGenAgent' && a.online).map((a) => a.agent_id);
+  assert.deepEqual(online.sort(), ['CodeGenAgent', 'CodeGenAgent-2']);
 });
