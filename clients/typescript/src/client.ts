@@ -30,7 +30,8 @@ import {
   utf8Length,
   uuid,
 } from './util.js';
-import type { ReconnectOptions, Timer } from './util.js';
+import type { ReconnectOptions } from './util.js';
+import type { Timer } from './timer.js';
 
 export type { ReconnectOptions } from './util.js';
 

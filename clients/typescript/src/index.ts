@@ -14,6 +14,7 @@ export type { ObserveOptions, ObserverEvents } from './observer.js';
 export { RestClient } from './rest.js';
 export type {
   DeadLetter,
+  FetchLike,
   HistoryPage,
   HistoryQuery,
   Inbox,

@@ -10,7 +10,8 @@ import { openSocket, resolveWebSocket } from './transport.js';
 import type { CloseInfo, ResolvedWebSocket, Socket, WebSocketConstructor } from './transport.js';
 import type { ErrorFrame, Message, ObserverWelcome } from './types.js';
 import { backoffDelay, baseUrls, checkPositiveInt, checkUuid, describe } from './util.js';
-import type { ReconnectOptions, Timer } from './util.js';
+import type { ReconnectOptions } from './util.js';
+import type { Timer } from './timer.js';
 import type { CloseEvent, ConnectionState } from './client.js';
 
 export interface ObserveOptions {

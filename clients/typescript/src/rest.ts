@@ -7,6 +7,12 @@ import { AgentBusError, invalidArgument } from './errors.js';
 import type { Agent, Json, JsonObject, Priority, Project, StoredMessage } from './types.js';
 import { baseUrls, checkUuid, compact, describe } from './util.js';
 
+/** The part of `fetch` this library uses (the runtime's `fetch` fits). */
+export type FetchLike = (
+  url: string,
+  init: { method: string; headers: Record<string, string>; body?: string },
+) => Promise<{ ok: boolean; status: number; headers: { get(name: string): string | null }; text(): Promise<string> }>;
+
 export interface RestOptions {
   /** The broker's address, such as `http://127.0.0.1:8080` (`ws://` works too). */
   url: string;
@@ -15,7 +21,7 @@ export interface RestOptions {
   /** A project token or the admin token, sent as `Authorization: Bearer`. */
   token?: string;
   /** A `fetch` implementation (default: the runtime's). */
-  fetch?: typeof fetch;
+  fetch?: FetchLike;
 }
 
 export interface HistoryQuery {
@@ -115,7 +121,7 @@ export class RestClient {
   readonly baseUrl: string;
   readonly projectId: string | undefined;
   private readonly token: string | undefined;
-  private readonly fetchImpl: typeof fetch;
+  private readonly fetchImpl: FetchLike;
 
   constructor(options: RestOptions) {
     if (options === null || typeof options !== 'object') throw invalidArgument('RestClient needs an options object');
@@ -124,7 +130,7 @@ export class RestClient {
     this.projectId = options.projectId;
     if (options.token !== undefined && typeof options.token !== 'string') throw invalidArgument('`token` must be a string');
     this.token = options.token;
-    const f = options.fetch ?? (globalThis as { fetch?: typeof fetch }).fetch;
+    const f = options.fetch ?? (globalThis as { fetch?: FetchLike }).fetch;
     if (typeof f !== 'function') throw invalidArgument('this runtime has no `fetch`: pass one as `fetch`');
     this.fetchImpl = f;
   }
@@ -242,12 +248,12 @@ export class RestClient {
   async call<T>(method: string, path: string, body?: unknown): Promise<T> {
     const headers: Record<string, string> = { Accept: 'application/json' };
     if (this.token !== undefined) headers.Authorization = `Bearer ${this.token}`;
-    const init: RequestInit = { method, headers };
+    const init: { method: string; headers: Record<string, string>; body?: string } = { method, headers };
     if (body !== undefined) {
       headers['Content-Type'] = 'application/json';
       init.body = JSON.stringify(body);
     }
-    let res: Response;
+    let res: Awaited<ReturnType<FetchLike>>;
     try {
       res = await this.fetchImpl(`${this.baseUrl}${path}`, init);
     } catch (cause) {

@@ -1,7 +1,5 @@
 import { invalidArgument } from './errors.js';
 
-export type Timer = ReturnType<typeof setTimeout>;
-
 const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const IDENT_RE = /^[A-Za-z0-9_.:-]{1,50}$/;
 
