@@ -138,7 +138,7 @@ test('errors carry the broker codes; bad input is refused before sending', async
 test('request timeouts: the broker answers at the deadline; the client gives up alone when the broker is gone', async (t) => {
   const broker = await Broker.start(t);
   const projectId = await broker.createProject();
-  const asker = await connect({ url: broker.url, projectId, agentId: 'asker', requestGraceMs: 1_000 });
+  const asker = await connect({ url: broker.url, projectId, agentId: 'asker' });
   t.after(() => asker.close());
   const silent = await connect({ url: broker.url, projectId, agentId: 'silent' });
   t.after(() => silent.close());
