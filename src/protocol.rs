@@ -90,8 +90,9 @@ impl Listening {
 }
 
 /// Machine-readable error codes, sent as `code` in error frames and REST error bodies.
-#[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::EnumIter)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum ErrorCode {
     /// The frame is not valid JSON.
     InvalidJson,
@@ -129,23 +130,9 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// The code as it is sent (`invalid_json` …): the same names serde writes.
     pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::InvalidJson => "invalid_json",
-            ErrorCode::InvalidFrame => "invalid_frame",
-            ErrorCode::MissingField => "missing_field",
-            ErrorCode::InvalidField => "invalid_field",
-            ErrorCode::UnknownOp => "unknown_op",
-            ErrorCode::BinaryNotSupported => "binary_not_supported",
-            ErrorCode::FrameTooLarge => "frame_too_large",
-            ErrorCode::Overloaded => "overloaded",
-            ErrorCode::RateLimited => "rate_limited",
-            ErrorCode::Unavailable => "unavailable",
-            ErrorCode::ProjectNotFound => "project_not_found",
-            ErrorCode::NoRecipient => "no_recipient",
-            ErrorCode::AckIgnored => "ack_ignored",
-            ErrorCode::ObserverReadOnly => "observer_read_only",
-        }
+        self.into()
     }
 }
 
@@ -1101,5 +1088,17 @@ mod tests {
                 up_to: Some(5)
             })
         );
+    }
+
+    #[test]
+    fn error_codes_are_written_as_serde_writes_them() {
+        use strum::IntoEnumIterator;
+        for code in ErrorCode::iter() {
+            assert_eq!(
+                serde_json::to_value(code).expect("JSON"),
+                serde_json::json!(code.as_str())
+            );
+        }
+        assert_eq!(ErrorCode::AckIgnored.as_str(), "ack_ignored");
     }
 }
