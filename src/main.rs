@@ -152,10 +152,10 @@ fn administer(command: Command, matches: &clap::ArgMatches) -> anyhow::Result<()
                     agent_id,
                     ..
                 } => {
-                    if let Some(agent_id) = &agent_id {
-                        agentbus::protocol::check_agent_id("agent_id", agent_id)
-                            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-                    }
+                    let agent_id = agent_id
+                        .map(|id| agentbus::domain::AgentId::parse("agent_id", id))
+                        .transpose()
+                        .map_err(|e| anyhow::anyhow!("{}", e.0))?;
                     if db::queries::find_project(&mut conn, project_id)
                         .await
                         .context("looking up the project")?
@@ -242,14 +242,12 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The one line `serve` writes to standard output, once it accepts connections: a JSON
-/// object a supervisor or a test reads to learn the port (`--bind 127.0.0.1:0` picks a free
-/// one), e.g. `{"event":"listening","bind":"127.0.0.1:0","port":40123,"node_id":"node-1a2b3c4d"}`.
-/// Logs go to stderr.
+/// Writes [`protocol::Listening`]'s line to standard output, with the node id, e.g.
+/// `{"event":"listening","bind":"127.0.0.1:0","port":40123,"node_id":"node-1a2b3c4d"}`.
 fn announce_listening(bind: &str, port: u16, node_id: &str) -> anyhow::Result<()> {
     use std::io::Write;
     let line =
-        serde_json::json!({"event": "listening", "bind": bind, "port": port, "node_id": node_id});
+        serde_json::to_string(&agentbus::protocol::Listening::new(bind, port).on_node(node_id))?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{line}")?;
     stdout.flush()?;

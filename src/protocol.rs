@@ -12,7 +12,7 @@ use crate::models::{NewMessage, StoredMessage};
 /// Longest agent id, in characters (the column is VARCHAR(255)).
 pub const MAX_AGENT_ID_CHARS: usize = crate::domain::agent_id::MAX_AGENT_ID_CHARS;
 /// Longest agent type and message type, in characters (VARCHAR(50)).
-pub const MAX_TYPE_CHARS: usize = 50;
+pub const MAX_TYPE_CHARS: usize = crate::domain::identifier::MAX_IDENTIFIER_CHARS;
 /// Longest correlation id, in characters.
 pub const MAX_CORRELATION_ID_CHARS: usize = 255;
 /// Longest client_msg_id, in characters.
@@ -59,9 +59,50 @@ impl CloseCode {
     }
 }
 
+/// The one line `agentbus serve` writes to standard output once it accepts connections, for
+/// supervisors and tests to learn the port (`--bind 127.0.0.1:0` picks a free one), e.g.
+/// `{"event":"listening","bind":"127.0.0.1:0","port":40123}`. Logs go to standard error.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Listening {
+    /// Always `"listening"`.
+    pub event: String,
+    /// The address as configured.
+    pub bind: String,
+    /// The port actually bound.
+    pub port: u16,
+    /// The broker's node id among the brokers sharing its database (docs/SCALING.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+}
+
+impl Listening {
+    pub fn new(bind: &str, port: u16) -> Self {
+        Listening {
+            event: "listening".to_owned(),
+            bind: bind.to_owned(),
+            port,
+            node_id: None,
+        }
+    }
+
+    /// The same line naming the broker's node.
+    pub fn on_node(mut self, node_id: &str) -> Self {
+        self.node_id = Some(node_id.to_owned());
+        self
+    }
+
+    /// The listening line, if `line` is one.
+    pub fn parse(line: &str) -> Option<Listening> {
+        serde_json::from_str::<Listening>(line.trim())
+            .ok()
+            .filter(|l| l.event == "listening")
+    }
+}
+
 /// Machine-readable error codes, sent as `code` in error frames and REST error bodies.
-#[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::EnumIter)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum ErrorCode {
     /// The frame is not valid JSON.
     InvalidJson,
@@ -99,23 +140,9 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// The code as it is sent (`invalid_json` …): the same names serde writes.
     pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::InvalidJson => "invalid_json",
-            ErrorCode::InvalidFrame => "invalid_frame",
-            ErrorCode::MissingField => "missing_field",
-            ErrorCode::InvalidField => "invalid_field",
-            ErrorCode::UnknownOp => "unknown_op",
-            ErrorCode::BinaryNotSupported => "binary_not_supported",
-            ErrorCode::FrameTooLarge => "frame_too_large",
-            ErrorCode::Overloaded => "overloaded",
-            ErrorCode::RateLimited => "rate_limited",
-            ErrorCode::Unavailable => "unavailable",
-            ErrorCode::ProjectNotFound => "project_not_found",
-            ErrorCode::NoRecipient => "no_recipient",
-            ErrorCode::AckIgnored => "ack_ignored",
-            ErrorCode::ObserverReadOnly => "observer_read_only",
-        }
+        self.into()
     }
 }
 
@@ -160,7 +187,7 @@ impl Rejection {
         }
     }
 
-    fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
         Rejection {
             code: ErrorCode::InvalidField,
             message: message.into(),
@@ -288,27 +315,41 @@ fn parse_hello(frame: SendFields) -> Result<ClientOp, Rejection> {
     })
 }
 
+/// An acknowledgement, as the `ack` frame and `POST …/agents/{agent_id}/ack` ask for it:
+/// these seqs, and/or every owed message up to `up_to` (inclusive), are done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckRequest {
+    pub seqs: Vec<i64>,
+    pub up_to: Option<i64>,
+}
+
+impl AckRequest {
+    /// Checks an ack: at least one of the two, at most [`MAX_ACK_SEQS`] seqs, each seq at
+    /// least 1.
+    pub fn new(seqs: Option<Vec<i64>>, up_to: Option<i64>) -> Result<AckRequest, Rejection> {
+        let seqs = seqs.unwrap_or_default();
+        if seqs.is_empty() && up_to.is_none() {
+            return Err(Rejection::new(
+                ErrorCode::MissingField,
+                "an ack needs `seqs` (a list of seqs) and/or `up_to` (a seq)",
+            ));
+        }
+        if seqs.len() > MAX_ACK_SEQS {
+            return Err(Rejection::invalid(
+                "seqs",
+                format!("at most {MAX_ACK_SEQS} seqs per ack"),
+            ));
+        }
+        if seqs.iter().chain(up_to.iter()).any(|&s| s < 1) {
+            return Err(Rejection::invalid("seqs", "seqs start at 1"));
+        }
+        Ok(AckRequest { seqs, up_to })
+    }
+}
+
 fn parse_ack(frame: SendFields) -> Result<ClientOp, Rejection> {
-    let seqs = frame.seqs.unwrap_or_default();
-    if seqs.is_empty() && frame.up_to.is_none() {
-        return Err(Rejection::new(
-            ErrorCode::MissingField,
-            "an ack needs `seqs` (a list of seqs) and/or `up_to` (a seq)",
-        ));
-    }
-    if seqs.len() > MAX_ACK_SEQS {
-        return Err(Rejection::invalid(
-            "seqs",
-            format!("at most {MAX_ACK_SEQS} seqs per ack"),
-        ));
-    }
-    if seqs.iter().chain(frame.up_to.iter()).any(|&s| s < 1) {
-        return Err(Rejection::invalid("seqs", "seqs start at 1"));
-    }
-    Ok(ClientOp::Ack {
-        seqs,
-        up_to: frame.up_to,
-    })
+    let AckRequest { seqs, up_to } = AckRequest::new(frame.seqs, frame.up_to)?;
+    Ok(ClientOp::Ack { seqs, up_to })
 }
 
 fn parse_read(frame: SendFields) -> Result<ClientOp, Rejection> {
@@ -711,22 +752,8 @@ pub fn check_identifier(
     value: &str,
     max_chars: usize,
 ) -> Result<(), Rejection> {
-    if value.is_empty() || value.len() > max_chars {
-        return Err(Rejection::invalid(
-            field,
-            format!("`{field}` must be 1 to {max_chars} characters"),
-        ));
-    }
-    if !value
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
-    {
-        return Err(Rejection::invalid(
-            field,
-            format!("`{field}` may contain only letters, digits, '_', '-', '.' and ':'"),
-        ));
-    }
-    Ok(())
+    crate::domain::identifier::check(field, value, max_chars)
+        .map_err(|e| Rejection::invalid(field, e.0))
 }
 
 /// A message as delivered to a recipient: `{"op":"message", ...}`. Serialised once per
@@ -1023,5 +1050,51 @@ mod tests {
             check(r#"{"content":"x","to":"a\u0000b"}"#).field,
             Some("to")
         );
+    }
+
+    #[test]
+    fn the_listening_line_round_trips_and_nothing_else_parses_as_it() {
+        let line = serde_json::to_string(&Listening::new("127.0.0.1:0", 40123)).expect("JSON");
+        assert_eq!(
+            line,
+            r#"{"event":"listening","bind":"127.0.0.1:0","port":40123}"#
+        );
+        assert_eq!(Listening::parse(&line).map(|l| l.port), Some(40123));
+        assert_eq!(
+            Listening::parse(r#"{"event":"stopped","bind":"x","port":1}"#),
+            None
+        );
+        assert_eq!(
+            Listening::parse("agentbus listening on 127.0.0.1:0 (port 1)"),
+            None
+        );
+    }
+
+    #[test]
+    fn an_ack_request_needs_something_within_bounds() {
+        assert!(AckRequest::new(None, None).is_err());
+        assert!(AckRequest::new(Some(vec![]), None).is_err());
+        assert!(AckRequest::new(Some(vec![0]), None).is_err());
+        assert!(AckRequest::new(None, Some(0)).is_err());
+        assert!(AckRequest::new(Some(vec![1; MAX_ACK_SEQS + 1]), None).is_err());
+        assert_eq!(
+            AckRequest::new(Some(vec![2]), Some(5)),
+            Ok(AckRequest {
+                seqs: vec![2],
+                up_to: Some(5)
+            })
+        );
+    }
+
+    #[test]
+    fn error_codes_are_written_as_serde_writes_them() {
+        use strum::IntoEnumIterator;
+        for code in ErrorCode::iter() {
+            assert_eq!(
+                serde_json::to_value(code).expect("JSON"),
+                serde_json::json!(code.as_str())
+            );
+        }
+        assert_eq!(ErrorCode::AckIgnored.as_str(), "ack_ignored");
     }
 }

@@ -17,7 +17,7 @@ use crate::actors::inbox::{self as inbox_actor, InboxError, InboxPage, InboxRead
 use crate::auth::Access;
 use crate::db::cursors::{self, Progress};
 use crate::db::inbox::{self, Interface, Joining, MemberState};
-use crate::protocol::{self, MAX_ACK_SEQS};
+use crate::protocol::{self, AckRequest};
 
 /// A token bound to an agent acts for that agent only.
 fn speaks_as(req: &actix_web::HttpRequest, agent_id: &str) -> Result<(), ApiError> {
@@ -195,8 +195,9 @@ pub async fn join(
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let access = granted(&req)?;
-    let agent_id = super::access::acting_agent(&access, body.agent_id)?
-        .ok_or_else(|| ApiError::bad_request("missing_field", "`agent_id` is required"))?;
+    let agent_id = super::access::acting_agent(&access, "agent_id", body.agent_id)?
+        .ok_or_else(|| ApiError::bad_request("missing_field", "`agent_id` is required"))?
+        .into_string();
     let agent_type = body
         .agent_type
         .ok_or_else(|| ApiError::bad_request("missing_field", "`agent_type` is required"))?;
@@ -437,25 +438,10 @@ pub async fn ack(
     let (project_raw, agent_id) = path.into_inner();
     speaks_as(&req, &agent_id)?;
     let body = body.into_inner();
-    let seqs = body.seqs.unwrap_or_default();
-    if seqs.is_empty() && body.up_to.is_none() {
-        return Err(ApiError::bad_request(
-            "missing_field",
-            "give `seqs` and/or `up_to`",
-        ));
-    }
-    if seqs.len() > MAX_ACK_SEQS || seqs.iter().chain(body.up_to.iter()).any(|&s| s < 1) {
-        return Err(ApiError::bad_request(
-            "invalid_field",
-            format!("`seqs` must be 1 to {MAX_ACK_SEQS} seqs, each at least 1"),
-        ));
-    }
+    let AckRequest { seqs, up_to } = AckRequest::new(body.seqs, body.up_to)?;
     let project = projects::load(&state, &project_raw).await?;
     let mut conn = state.pool.get().await?;
-    let progress = Progress {
-        done: seqs,
-        up_to: body.up_to,
-    };
+    let progress = Progress { done: seqs, up_to };
     let applied = cursors::apply_progress(&mut conn, project.id, &agent_id, &progress)
         .await?
         .ok_or_else(|| {
@@ -489,7 +475,7 @@ pub async fn read(
     let agent_id = body.into_inner().agent_id.ok_or_else(|| {
         ApiError::bad_request("missing_field", "`agent_id` (the reader) is required")
     })?;
-    protocol::check_agent_id("agent_id", &agent_id)?;
+    let agent_id = super::parse_agent_id("agent_id", agent_id)?.into_string();
     speaks_as(&req, &agent_id)?;
     let message_id = super::parse_message_id(&message_raw)?;
     let project = projects::load(&state, &project_raw).await?;
