@@ -99,6 +99,7 @@ impl Application {
             let batch_max_rows = settings.batch_max_rows;
             let max_uncommitted_bytes = settings.max_uncommitted_bytes;
             let (search, node_id) = (search.clone(), node_id.clone());
+            let peers = Arc::clone(&link.peers);
             PersistenceActor::start_in_arbiter(&broker_arbiter.handle(), move |ctx| {
                 let deadlines = DeadlineActor::new(pool.clone(), ctx.address().recipient()).start();
                 let _ = deadlines_tx.send(deadlines.clone());
@@ -111,7 +112,7 @@ impl Application {
                     batch_max_rows,
                     max_uncommitted_bytes,
                 )
-                .on_node(node_id)
+                .on_node(node_id, peers)
             })
         };
         let deadlines = deadlines_rx

@@ -6,6 +6,8 @@
 //! themselves. No timer ever holds a message back.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use actix::prelude::*;
@@ -65,8 +67,9 @@ pub struct PersistenceActor {
     /// Told after each commit that there is something new to index for search.
     search: Recipient<IndexSoon>,
     stats: Stats,
-    /// This broker's node id: each commit notifies the other nodes of its seqs.
-    node: Option<String>,
+    /// This broker's node id, and whether other nodes share the database: while they do,
+    /// each commit notifies them of its seqs.
+    node: Option<(String, Arc<AtomicBool>)>,
 }
 
 impl PersistenceActor {
@@ -94,9 +97,11 @@ impl PersistenceActor {
         }
     }
 
-    /// Commits as this node: every batch notifies the other nodes sharing the database.
-    pub fn on_node(mut self, node_id: String) -> Self {
-        self.node = Some(node_id);
+    /// Commits as this node: while `peers` says other nodes share the database, every batch
+    /// notifies them. (Alone, nothing is notified; a node that joins catches up with what it
+    /// missed before it was heard of by its periodic head check.)
+    pub fn on_node(mut self, node_id: String, peers: Arc<AtomicBool>) -> Self {
+        self.node = Some((node_id, peers));
         self
     }
 
@@ -121,7 +126,12 @@ impl PersistenceActor {
                 (p.message, p.reply)
             })
             .unzip();
-        let (pool, node) = (self.pool.clone(), self.node.clone());
+        let pool = self.pool.clone();
+        let node = self
+            .node
+            .as_ref()
+            .filter(|(_, peers)| peers.load(Ordering::Relaxed))
+            .map(|(id, _)| id.clone());
         let started = Instant::now();
         let write = async move {
             let created_at = commit_timestamp();
