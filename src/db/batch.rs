@@ -79,16 +79,39 @@ pub async fn commit_batch_on(
     created_at: DateTime<Utc>,
     node: Option<&str>,
 ) -> QueryResult<Vec<Outcome>> {
-    let batch_ref = &mut *batch;
-    match store_batch(conn, batch_ref, created_at, false, node).await {
-        Err(diesel::result::Error::DatabaseError(
-            diesel::result::DatabaseErrorKind::UniqueViolation,
-            info,
-        )) if info.constraint_name() == Some(RETRY_INDEX) => {
-            store_batch(conn, batch, created_at, true, node).await
+    let mut attempt = 1;
+    loop {
+        let batch_ref = &mut *batch;
+        let result = match store_batch(conn, batch_ref, created_at, false, node).await {
+            Err(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::UniqueViolation,
+                info,
+            )) if info.constraint_name() == Some(RETRY_INDEX) => {
+                store_batch(conn, batch, created_at, true, node).await
+            }
+            result => result,
+        };
+        match result {
+            // Brokers sharing the database lock rows of the same projects and members in
+            // their own orders; PostgreSQL breaks the rare cycle by aborting one transaction,
+            // which gave everything back: it is written again.
+            Err(e) if is_deadlock(&e) && attempt < DEADLOCK_ATTEMPTS => {
+                log::info!(
+                    "a batch was aborted to break a deadlock with another broker; writing it again"
+                );
+                attempt += 1;
+            }
+            result => return result,
         }
-        result => result,
     }
+}
+
+/// How many times a batch is written when PostgreSQL aborts it to break a deadlock.
+const DEADLOCK_ATTEMPTS: usize = 5;
+
+/// PostgreSQL aborted the transaction to break a deadlock (SQLSTATE 40P01).
+fn is_deadlock(e: &diesel::result::Error) -> bool {
+    matches!(e, diesel::result::Error::DatabaseError(_, info) if info.message().contains("deadlock detected"))
 }
 
 /// [`commit_batch`] in one transaction; `look_for_retries`: whether to look up the batch's
@@ -145,6 +168,18 @@ async fn store_batch(
         if !new_per_project.is_empty() {
             let (ids, counts): (Vec<Uuid>, Vec<i64>) =
                 new_per_project.iter().map(|(k, v)| (*k, *v)).unzip();
+            if node.is_some() && ids.len() > 1 {
+                // Other brokers commit to the same projects: their head rows are locked in
+                // one order (by id) by every broker, so two batches never wait on each other
+                // in a cycle.
+                diesel::sql_query(
+                    "SELECT id FROM projects WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                )
+                .bind::<Array<SqlUuid>, _>(&ids)
+                .prepared()
+                .execute(conn)
+                .await?;
+            }
             let heads: Vec<Head> = match node {
                 None => {
                     diesel::sql_query(
