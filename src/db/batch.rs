@@ -171,9 +171,10 @@ async fn store_batch(
             if node.is_some() && ids.len() > 1 {
                 // Other brokers commit to the same projects: their head rows are locked in
                 // one order (by id) by every broker, so two batches never wait on each other
-                // in a cycle.
+                // in a cycle. The lock is the one the UPDATE below takes (NO KEY UPDATE),
+                // which leaves foreign-key checks (the search indexer's progress rows) alone.
                 diesel::sql_query(
-                    "SELECT id FROM projects WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                    "SELECT id FROM projects WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
                 )
                 .bind::<Array<SqlUuid>, _>(&ids)
                 .prepared()
