@@ -59,6 +59,7 @@ diesel::table! {
         error -> Nullable<Text>,
         duration_ms -> Nullable<Int8>,
         late -> Bool,
+        task -> Bool,
     }
 }
 

@@ -365,6 +365,7 @@ mod tests {
             error: None,
             duration_ms: None,
             late: false,
+            task: false,
         }
     }
 

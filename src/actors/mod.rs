@@ -11,11 +11,13 @@
 //! A message reaches nobody, not even its sender's receipt, before its batch committed.
 //!
 //! Beside that path: `CursorActor` records delivery progress, `DeadlineActor` fires request
-//! timeouts and sweeps expired messages, and `SearchIndexActor` indexes committed messages
-//! for full-text search.
+//! timeouts and sweeps expired messages, `SearchIndexActor` indexes committed messages
+//! for full-text search, and `CoordinationActor` keeps the deadlines of file claims and tasks
+//! (whose decisions are stored as ordinary messages, through `Persist`).
 
 pub mod acks;
 pub mod channel;
+pub mod coordination;
 pub mod cursor;
 pub mod deadlines;
 pub mod feed;

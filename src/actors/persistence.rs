@@ -145,6 +145,8 @@ pub struct PersistenceActor {
     /// Told after each commit that there is something new to index for search.
     search: Addr<SearchIndexActor>,
     stats: Stats,
+    /// Where committed tasks with a claim deadline go to have it armed (set once running).
+    task_deadlines: Option<Recipient<super::coordination::Arm>>,
 }
 
 impl PersistenceActor {
@@ -168,6 +170,7 @@ impl PersistenceActor {
             writing: false,
             batch_max_rows: batch_max_rows.max(1),
             isolate: 0,
+            task_deadlines: None,
         }
     }
 
@@ -298,7 +301,15 @@ impl PersistenceActor {
         {
             let (settled, client_msg_id) = match outcome {
                 Outcome::Stored { seq, no_recipient } => {
+                    let claim_timeout = message.task.and_then(|t| t.claim_timeout_ms);
                     let stored = message.into_stored(seq, created_at);
+                    if let (Some(ms), Some(deadlines)) = (claim_timeout, &self.task_deadlines) {
+                        deadlines.do_send(super::coordination::Arm {
+                            deadline: super::coordination::Deadline::TaskUnclaimed,
+                            id: stored.id,
+                            at: created_at + chrono::Duration::milliseconds(ms),
+                        });
+                    }
                     if stored.expects_reply && !no_recipient {
                         self.track_request(&stored);
                     }
@@ -401,6 +412,19 @@ impl Handler<Persist> for PersistenceActor {
         }
         self.queue.push_back((persist, bytes));
         self.write_next_batch(ctx);
+    }
+}
+
+/// Wires the coordination actor in: it arms the claim deadlines of committed tasks.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttachTaskDeadlines(pub Recipient<super::coordination::Arm>);
+
+impl Handler<AttachTaskDeadlines> for PersistenceActor {
+    type Result = ();
+
+    fn handle(&mut self, attach: AttachTaskDeadlines, _ctx: &mut Self::Context) {
+        self.task_deadlines = Some(attach.0);
     }
 }
 

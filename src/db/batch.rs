@@ -166,6 +166,7 @@ async fn store_batch(
             return Ok(plan);
         }
         cols.insert(conn, created_at).await?;
+        crate::db::tasks::open_committed(conn, batch, &plan, created_at).await?;
         cols.ensure_recipients(conn).await?;
         mark_answered(conn, &links.answered, created_at).await?;
         flag_unreachable(conn, batch, &mut plan, created_at).await?;

@@ -2,12 +2,15 @@
 //! the broker runs (`queries`).
 
 pub mod batch;
+pub mod claims;
 pub mod cursors;
 pub mod inbox;
+pub mod outbox;
 pub mod paging;
 pub mod prepared;
 pub mod queries;
 pub mod search;
+pub mod tasks;
 
 use std::time::Duration;
 

@@ -4,3 +4,6 @@
 pub mod agent_id;
 
 pub use agent_id::BROKER_AGENT_ID;
+pub mod claims;
+pub mod notice;
+pub mod tasks;

@@ -555,6 +555,7 @@ mod tests {
             error: None,
             duration_ms: None,
             late: false,
+            task: false,
         };
         let line = render(&message);
         assert!(

@@ -175,6 +175,7 @@ pub async fn connect(
         settings: state.settings.clone(),
         stats: state.stats.clone(),
         project_limits: state.project_limits.clone(),
+        coordination: state.coordination.clone(),
     };
     let identity = Identity {
         session_id,

@@ -4,6 +4,7 @@
 mod auth;
 mod bad_input;
 mod bench;
+mod claims;
 mod cli;
 #[cfg(feature = "browser-tests")]
 mod console;
