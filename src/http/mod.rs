@@ -8,6 +8,7 @@ mod dead_letters;
 mod error;
 pub mod guards;
 mod mcp;
+mod mcp_coordination;
 mod mcp_tools;
 mod messages;
 mod ops;

@@ -847,3 +847,186 @@ async fn an_objection_window_survives_a_broker_restart_and_is_decided_once() {
     assert_eq!(claim_row["claim"]["state"], "granted");
     assert!(time(&claim_row["claim"]["granted_at"]) >= decide_at);
 }
+
+#[tokio::test]
+async fn the_claim_commands_exit_with_what_happened() {
+    use crate::cli::cli;
+    let app = TestApp::spawn().await;
+    let project = app.create_project("cli-claims").await;
+    let out = cli(
+        &app,
+        project,
+        "shell-a",
+        &[
+            "claim",
+            "src/api/**",
+            "--ttl",
+            "45m",
+            "--reason",
+            "API work",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let line = out.lines()[0].to_owned();
+    assert!(
+        line.contains("shell-a holds src/api/** (exclusive) until"),
+        "{line}"
+    );
+    assert!(line.ends_with(": API work"), "{line}");
+    let claim_id = line.split(' ').next().unwrap().to_owned();
+
+    // Held by another agent: exit 4, the holder named on stderr.
+    let out = cli(&app, project, "shell-b", &["claim", "src/api/users.rs"]).await;
+    assert_eq!(out.code, 4, "{out:?}");
+    assert!(
+        out.stderr.contains("shell-a holds src/api/** (exclusive)"),
+        "{out:?}"
+    );
+    assert!(out.stderr.contains("API work"), "{out:?}");
+
+    // Objected: exit 5. The objection comes from a WebSocket agent watching the project.
+    let mut reviewer = Peer::connect(&app, project, "reviewer", "reviewer").await;
+    let env = crate::cli::env_for(&app, &project.to_string(), "shell-b");
+    let waiting = tokio::spawn(crate::cli::run(
+        crate::cli::agentbus(&["claim", "docs/**", "--objection-window", "30s"], &env),
+        None,
+    ));
+    let announced = {
+        let until = deadline();
+        loop {
+            let frame = reviewer.agent.next_json_until(until).await;
+            if frame["metadata"]["event"] == "announced" {
+                break frame;
+            }
+        }
+    };
+    reviewer
+        .send(json!({"op": "object", "claim_id": announced["metadata"]["claim"]["id"], "reason": "docs freeze"}))
+        .await;
+    assert_eq!(reviewer.next_op("claim_result").await["ok"], true);
+    let out = waiting.await.expect("the claim command");
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(
+        out.stderr.contains("reviewer objected: docs freeze"),
+        "{out:?}"
+    );
+
+    // Listing: held claims only, one line each; --all shows the refused ones too.
+    let out = cli(&app, project, "shell-b", &["claims"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.lines().len(), 1, "{out:?}");
+    let out = cli(&app, project, "shell-b", &["claims", "--all", "--json"]).await;
+    assert_eq!(out.json()["claims"].as_array().unwrap().len(), 3, "{out:?}");
+
+    // Only its holder releases it; then nothing is held (exit 1).
+    let out = cli(&app, project, "shell-b", &["release", &claim_id]).await;
+    assert_eq!(out.code, 3, "{out:?}");
+    let out = cli(&app, project, "shell-a", &["release", "--all"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.lines()[0].contains("released"), "{out:?}");
+    let out = cli(&app, project, "shell-a", &["claims"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    // Bad input: refused by the broker (exit 3), or by the command line (exit 2).
+    let out = cli(&app, project, "shell-a", &["claim", "/etc/passwd"]).await;
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.error_line().contains("absolute"), "{out:?}");
+    let out = cli(&app, project, "shell-a", &["claim", "x", "--ttl", "soon"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+}
+
+/// A throwaway directory, removed when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn git(dir: &std::path::Path, args: &[&str], env: &[(&str, String)]) -> std::process::Output {
+    Command::new("git")
+        .args(["-c", "user.name=Test", "-c", "user.email=test@example.com"])
+        .args(args)
+        .current_dir(dir)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("run git")
+}
+
+#[tokio::test]
+async fn the_guard_refuses_a_commit_touching_another_agents_claim() {
+    let app = TestApp::spawn().await;
+    let project = app.create_project("guard").await;
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("agentbus-guard-{}", Uuid::new_v4().simple())));
+    std::fs::create_dir_all(dir.0.join("src/api")).expect("mkdir");
+    let repo = dir.0.as_path();
+    assert!(git(repo, &["init", "-q"], &[]).status.success());
+    // The install line of docs/AGENTS.md, with the binary under test.
+    let hook = repo.join(".git/hooks/pre-commit");
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\nexec {} guard\n", env!("CARGO_BIN_EXE_agentbus")),
+    )
+    .expect("hook");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let env = crate::cli::env_for(&app, &project.to_string(), "committer");
+
+    // Another agent holds src/api/** exclusively.
+    let mut holder = Peer::connect(&app, project, "api-owner", "coder").await;
+    let held = holder
+        .claim(json!({"paths": ["src/api/**"], "reason": "rewriting the router"}))
+        .await;
+    assert_eq!(held["ok"], true);
+    std::fs::write(repo.join("src/api/routes.rs"), "fn main() {}\n").expect("write");
+    std::fs::write(repo.join("README.md"), "hello\n").expect("write");
+    assert!(git(repo, &["add", "."], &env).status.success());
+    let refused = git(repo, &["commit", "-q", "-m", "touch the router"], &env);
+    assert!(!refused.status.success(), "the commit went through");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("src/api/routes.rs: held by api-owner"),
+        "{said}"
+    );
+    assert!(said.contains("rewriting the router"), "{said}");
+    assert!(!said.contains("README.md"), "{said}");
+    assert!(
+        git(repo, &["rev-parse", "--verify", "HEAD"], &env)
+            .stdout
+            .is_empty(),
+        "nothing committed"
+    );
+
+    // Paths nobody holds go through; so does everything once the claim is released.
+    assert!(
+        git(repo, &["rm", "-q", "--cached", "src/api/routes.rs"], &env)
+            .status
+            .success()
+    );
+    let only_readme = git(repo, &["commit", "-q", "-m", "readme"], &env);
+    assert!(
+        only_readme.status.success(),
+        "{}",
+        String::from_utf8_lossy(&only_readme.stderr)
+    );
+    holder
+        .send(json!({"op": "release", "claim_id": id(&held)}))
+        .await;
+    assert_eq!(holder.next_op("claim_result").await["ok"], true);
+    assert!(git(repo, &["add", "."], &env).status.success());
+    let allowed = git(repo, &["commit", "-q", "-m", "touch the router"], &env);
+    assert!(
+        allowed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+    // The committing agent's own claims never block it.
+    let mine = crate::cli::cli(&app, project, "committer", &["claim", "src/api/**"]).await;
+    assert_eq!(mine.code, 0, "{mine:?}");
+    std::fs::write(repo.join("src/api/routes.rs"), "fn main() { }\n").expect("write");
+    assert!(git(repo, &["commit", "-q", "-am", "again"], &env)
+        .status
+        .success());
+}
