@@ -293,6 +293,8 @@ pub async fn find(
 }
 
 /// A deadline reached: a conditional change, or why there was none.
+// Made once per deadline and consumed at once: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Due {
     /// Decided now, with its notice.

@@ -439,6 +439,8 @@ pub async fn cancel(
 }
 
 /// A task deadline reached: a conditional move, or why there was none.
+// Made once per deadline and consumed at once: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Due {
     Done(Moved),
