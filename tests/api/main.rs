@@ -29,3 +29,4 @@ mod pg_cluster;
 mod requests;
 mod sessions;
 mod shutdown;
+mod tasks;
