@@ -4,8 +4,10 @@
 // never as HTML: content and metadata come from agents and may contain markup or script.
 //
 // The message log is a window onto the project's history: the latest page first, older
-// pages on scrolling up (before_seq), new messages by polling (after_seq). The window holds
-// at most MAX_ROWS rows, so a project with a long history stays as cheap as a short one.
+// pages on scrolling up (before_seq), new messages fetched after the cursor (after_seq) the
+// moment the project's observer WebSocket reports a commit (polling every second only while
+// that socket is down). The window holds at most MAX_ROWS rows, so a project with a long
+// history stays as cheap as a short one.
 'use strict';
 
 (() => {
@@ -28,6 +30,11 @@
   const POLL_MS = 1000;
   const POLL_HIDDEN_MS = 8000;
   const POLL_MAX_BACKOFF_MS = 10000;
+  /** While the observer socket is up, a poll is only a safety net. */
+  const POLL_SOCKET_MS = 15000;
+  const SOCKET_RETRY_MAX_MS = 10000;
+  /** `?poll=off`: no timed polls at all, the socket alone drives the live log. */
+  const POLL_OFF = new URLSearchParams(location.search).get('poll') === 'off';
   const AGENTS_MS = 4000;
   const AGENTS_HIDDEN_MS = 15000;
   const AUX_MS = 5000;
@@ -313,6 +320,9 @@
     loadProjects();
     if (!state.project) fetchProject(state.projectGen);
     reloadLog();
+    // Again, with the token just entered.
+    closeLive();
+    openLive();
     refreshAgents();
     if (state.view !== 'messages') refreshAux(state.projectGen);
   }
@@ -354,6 +364,10 @@
     loadingOlder: false,
     loadingNewer: false,
     polling: false,
+    /** A fetch was asked for while one was out: run another as soon as it ends. */
+    pollAgain: false,
+    /** The project's observer socket: { ws, projectId, open, retries, timer }. */
+    live: null,
     unseen: 0,
     /** The reader is at the bottom: keep them there as rows arrive or the layout changes. */
     stick: true,
@@ -516,6 +530,83 @@
     for (const key of Object.keys(state.timers)) clearTimeout(state.timers[key]);
   }
 
+  /**
+   * Opens the observer WebSocket of the current project (a connection without agent_id: it
+   * receives every message as it commits). Each `message` frame asks for a fetch after the
+   * cursor, so the filters keep applying on the server side; the socket is a wake-up, the
+   * history API stays the one source of rows. If it fails, polling takes over and the socket
+   * is tried again with backoff.
+   */
+  function openLive() {
+    const projectId = state.projectId;
+    const current = state.live && state.live.projectId === projectId ? state.live : null;
+    if (current && (current.ws || current.timer)) return;
+    const retries = current ? current.retries : 0;
+    closeLive();
+    if (!projectId || typeof WebSocket === 'undefined') return;
+    const live = { ws: null, projectId, open: false, retries, timer: 0 };
+    state.live = live;
+    const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
+    const token = readToken();
+    const query = token ? `?token=${encodeURIComponent(token)}` : '';
+    let ws;
+    try {
+      ws = new WebSocket(`${scheme}://${location.host}/ws/agent/messages/${projectId}${query}`);
+    } catch (err) {
+      retryLive(live);
+      return;
+    }
+    live.ws = ws;
+    ws.onopen = () => {
+      if (state.live !== live) return;
+      live.open = true;
+      live.retries = 0;
+      $('status').dataset.socket = 'open';
+      // Anything committed between the last fetch and the socket's start.
+      pollNow();
+    };
+    ws.onmessage = (event) => {
+      if (state.live !== live) return;
+      let frame;
+      try {
+        frame = JSON.parse(event.data);
+      } catch (err) {
+        return;
+      }
+      if (frame.op === 'message') pollNow();
+    };
+    ws.onclose = () => {
+      if (state.live !== live) return;
+      live.open = false;
+      live.ws = null;
+      $('status').dataset.socket = 'closed';
+      retryLive(live);
+      // Polling resumes at its own pace while the socket is down.
+      if (!state.polling) schedulePoll(state.logGen);
+    };
+  }
+
+  function retryLive(live) {
+    live.retries += 1;
+    const delay = Math.min(SOCKET_RETRY_MAX_MS, 500 * 2 ** live.retries) * (0.5 + Math.random() / 2);
+    live.timer = setTimeout(() => {
+      live.timer = 0;
+      if (state.live === live && state.projectId === live.projectId) openLive();
+    }, delay);
+  }
+
+  function closeLive() {
+    const live = state.live;
+    if (!live) return;
+    state.live = null;
+    clearTimeout(live.timer);
+    if (live.ws) {
+      live.ws.onclose = null;
+      live.ws.close();
+    }
+    $('status').dataset.socket = 'closed';
+  }
+
   function openProject(projectId) {
     stopTimers();
     state.projectGen += 1;
@@ -538,6 +629,7 @@
     if (!projectId) {
       document.title = 'agentbus console';
       setStatus('', '');
+      closeLive();
       loadProjects();
       return;
     }
@@ -551,6 +643,7 @@
     deadLettersKey = '';
     $('stats-body').replaceChildren();
     reloadLog();
+    openLive();
     refreshAgents();
   }
 
@@ -659,21 +752,25 @@
     return Math.max(cursor, last, page.head_seq || 0);
   }
 
+  /** When the next timed poll runs; null: none (the socket alone wakes the log). */
   function pollDelay() {
     if (state.failures > 0) return Math.min(POLL_MAX_BACKOFF_MS, POLL_MS * 2 ** state.failures);
+    if (POLL_OFF) return null;
+    if (state.live && state.live.open) return POLL_SOCKET_MS;
     return document.hidden ? POLL_HIDDEN_MS : POLL_MS;
   }
 
   function schedulePoll(gen, delay = pollDelay()) {
     clearTimeout(state.timers.poll);
+    if (delay == null) return;
     state.timers.poll = setTimeout(() => poll(gen), delay);
   }
 
   async function poll(gen) {
     if (gen !== state.logGen) return;
     if (state.polling) {
-      // A poll of an older generation is still out: try again shortly.
-      schedulePoll(gen, 100);
+      // A fetch (perhaps of an older generation) is still out: another follows it at once.
+      state.pollAgain = true;
       return;
     }
     state.polling = true;
@@ -690,7 +787,12 @@
       setStatus('error', `reconnecting… (${err.message})`);
     } finally {
       state.polling = false;
-      if (gen === state.logGen) schedulePoll(gen, more ? 0 : pollDelay());
+      if (state.pollAgain) {
+        state.pollAgain = false;
+        schedulePoll(state.logGen, 0);
+      } else if (gen === state.logGen) {
+        schedulePoll(gen, more ? 0 : pollDelay());
+      }
     }
   }
 

@@ -6,17 +6,13 @@
 //!
 //! Tokens carry 244 random bits; only their SHA-256 is stored, so a leaked database
 //! does not leak usable tokens.
+//!
+//! Pure rules only: the tokens table is read and written by [`crate::db::tokens`], and a
+//! request's credentials are taken from it and judged by `http::access`.
 
-use actix_web::HttpRequest;
-use chrono::{DateTime, Utc};
-use diesel::prelude::*;
-use diesel::sql_types::{Nullable, Text, Timestamptz, Uuid as SqlUuid};
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use serde::Serialize;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use uuid::Uuid;
-
-use crate::db::DbPool;
 
 /// What the presented credentials allow.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,7 +30,6 @@ pub enum Access {
 }
 
 impl Access {
-    /// May these credentials use `project_id`?
     pub fn allows_project(&self, project_id: Uuid) -> bool {
         match self {
             Access::Open | Access::Admin => true,
@@ -42,11 +37,12 @@ impl Access {
         }
     }
 
+    /// Admin rights: the admin token, or an open broker.
     pub fn is_admin(&self) -> bool {
         matches!(self, Access::Open | Access::Admin)
     }
 
-    /// The agent these credentials must speak as, if any.
+    /// The agent a bound project token speaks as.
     pub fn bound_agent(&self) -> Option<&str> {
         match self {
             Access::Project { agent_id, .. } => agent_id.as_deref(),
@@ -60,6 +56,24 @@ impl Access {
             _ => None,
         }
     }
+
+    /// May these credentials act as `agent_id`? Everything but a token bound to another
+    /// agent may; the refusal names the agent the token speaks as.
+    pub fn speak_as(&self, agent_id: &str) -> Result<(), NotThisAgent> {
+        match self.bound_agent() {
+            Some(bound) if bound != agent_id => Err(NotThisAgent {
+                bound: bound.to_owned(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A token bound to one agent was used to act as another.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("this token speaks only as agent {bound:?}")]
+pub struct NotThisAgent {
+    pub bound: String,
 }
 
 /// Why credentials were refused.
@@ -73,167 +87,46 @@ pub enum AuthError {
     Database(String),
 }
 
-/// The token a request presents: the bearer header, else the `token` query parameter.
-pub fn presented_token(req: &HttpRequest) -> Option<String> {
-    if let Some(value) = req.headers().get(actix_web::http::header::AUTHORIZATION) {
-        // The scheme name is case-insensitive (RFC 7235).
-        if let Some((scheme, token)) = value.to_str().ok().and_then(|v| v.split_once(' ')) {
-            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() {
-                return Some(token.trim().to_owned());
-            }
-        }
-    }
-    url_query_token(req.query_string())
+/// The first step of judging credentials, before any database read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// Decided: no token needed, or the admin token.
+    Decided(Access),
+    /// A project token, to be looked up by this hash.
+    LookUp { token_hash: String },
 }
 
-fn url_query_token(query: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=')?;
-        (key == "token").then(|| value.to_owned())
-    })
-}
-
-/// Resolves the credentials of a request (a database lookup only for project tokens).
-pub async fn authenticate(
-    pool: &DbPool,
-    admin_token: Option<&str>,
-    presented: Option<&str>,
-) -> Result<Access, AuthError> {
+/// Judges the presented token against the configured admin token (compared in constant
+/// time). An empty admin token counts as none.
+pub fn judge(admin_token: Option<&str>, presented: Option<&str>) -> Result<Credentials, AuthError> {
     let Some(admin) = admin_token.filter(|t| !t.is_empty()) else {
-        return Ok(Access::Open);
+        return Ok(Credentials::Decided(Access::Open));
     };
     let token = presented
         .filter(|t| !t.is_empty())
         .ok_or(AuthError::Missing)?;
-    if constant_time_eq(token.as_bytes(), admin.as_bytes()) {
-        return Ok(Access::Admin);
+    if bool::from(token.as_bytes().ct_eq(admin.as_bytes())) {
+        return Ok(Credentials::Decided(Access::Admin));
     }
-    let mut conn = pool
-        .get()
-        .await
-        .map_err(|e| AuthError::Database(e.to_string()))?;
-    let found = find_token(&mut conn, &hash(token))
-        .await
-        .map_err(|e| AuthError::Database(e.to_string()))?;
-    match found {
-        Some(t) if t.revoked_at.is_none() => Ok(Access::Project {
-            token_id: t.id,
-            project_id: t.project_id,
-            agent_id: t.agent_id,
-        }),
-        _ => Err(AuthError::Invalid),
-    }
+    Ok(Credentials::LookUp {
+        token_hash: hash(token),
+    })
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
+/// The stored form of a token: its SHA-256, in lowercase hex.
 pub fn hash(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-/// A new token: 244 random bits (two v4 UUIDs), prefixed so it is recognisable in
-/// configuration files.
+/// A new token: `ab_` and 64 hex characters (two v4 UUIDs, 244 random bits).
 pub fn generate() -> String {
     format!("ab_{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple())
 }
 
-#[derive(QueryableByName, Debug)]
-struct TokenRow {
-    #[diesel(sql_type = SqlUuid)]
-    id: Uuid,
-    #[diesel(sql_type = SqlUuid)]
-    project_id: Uuid,
-    #[diesel(sql_type = Nullable<Text>)]
-    agent_id: Option<String>,
-    #[diesel(sql_type = Nullable<Timestamptz>)]
-    revoked_at: Option<DateTime<Utc>>,
-}
-
-async fn find_token(
-    conn: &mut AsyncPgConnection,
-    token_hash: &str,
-) -> QueryResult<Option<TokenRow>> {
-    diesel::sql_query(
-        "SELECT id, project_id, agent_id, revoked_at FROM tokens WHERE token_hash = $1",
-    )
-    .bind::<Text, _>(token_hash)
-    .get_result(conn)
-    .await
-    .optional()
-}
-
-/// A token as listed (never the token itself).
-#[derive(QueryableByName, Serialize, Debug)]
-pub struct TokenInfo {
-    #[diesel(sql_type = SqlUuid)]
-    pub id: Uuid,
-    #[diesel(sql_type = SqlUuid)]
-    pub project_id: Uuid,
-    #[diesel(sql_type = Nullable<Text>)]
-    pub agent_id: Option<String>,
-    #[diesel(sql_type = Timestamptz)]
-    pub created_at: DateTime<Utc>,
-    #[diesel(sql_type = Nullable<Timestamptz>)]
-    pub revoked_at: Option<DateTime<Utc>>,
-}
-
-/// Issues a token for a project; returns its id and the token (shown once).
-pub async fn issue(
-    conn: &mut AsyncPgConnection,
-    project_id: Uuid,
-    agent_id: Option<&str>,
-) -> QueryResult<(Uuid, String)> {
-    let (id, token) = (Uuid::new_v4(), generate());
-    diesel::sql_query(
-        "INSERT INTO tokens (id, project_id, agent_id, token_hash) VALUES ($1, $2, $3, $4)",
-    )
-    .bind::<SqlUuid, _>(id)
-    .bind::<SqlUuid, _>(project_id)
-    .bind::<Nullable<Text>, _>(agent_id)
-    .bind::<Text, _>(hash(&token))
-    .execute(conn)
-    .await?;
-    Ok((id, token))
-}
-
-/// Revokes a token of a project; false when there is no such (unrevoked) token.
-pub async fn revoke(
-    conn: &mut AsyncPgConnection,
-    project_id: Uuid,
-    token_id: Uuid,
-) -> QueryResult<bool> {
-    diesel::sql_query(
-        "UPDATE tokens SET revoked_at = now() WHERE id = $1 AND project_id = $2 AND revoked_at IS NULL",
-    )
-    .bind::<SqlUuid, _>(token_id)
-    .bind::<SqlUuid, _>(project_id)
-    .execute(conn)
-    .await
-    .map(|n| n == 1)
-}
-
-pub async fn list(conn: &mut AsyncPgConnection, project_id: Uuid) -> QueryResult<Vec<TokenInfo>> {
-    diesel::sql_query(
-        "SELECT id, project_id, agent_id, created_at, revoked_at FROM tokens \
-         WHERE project_id = $1 ORDER BY created_at",
-    )
-    .bind::<SqlUuid, _>(project_id)
-    .load(conn)
-    .await
-}
-
-/// Shortest admin token accepted: a guessable one would undo everything it protects.
+/// Shortest admin token the broker accepts.
 pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
 
-/// Whether an address is loopback (127.0.0.0/8, ::1, localhost).
+/// Whether every address `bind` resolves to is a loopback address.
 pub fn is_loopback_bind(bind: &str) -> bool {
     use std::net::ToSocketAddrs;
     match bind.to_socket_addrs() {
@@ -252,11 +145,56 @@ mod tests {
         assert!(t.starts_with("ab_") && t.len() == 67);
         assert_eq!(hash(&t), hash(&t));
         assert_ne!(hash(&t), hash(&generate()));
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
-        assert_eq!(url_query_token("agent_id=a&token=xyz"), Some("xyz".into()));
-        assert_eq!(url_query_token("agent_id=a"), None);
+        assert_eq!(
+            hash("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn the_admin_token_is_judged_before_any_lookup() {
+        let admin = Some("0123456789abcdef");
+        assert_eq!(
+            judge(None, None).ok(),
+            Some(Credentials::Decided(Access::Open))
+        );
+        assert_eq!(
+            judge(Some(""), Some("x")).ok(),
+            Some(Credentials::Decided(Access::Open))
+        );
+        assert!(matches!(judge(admin, None), Err(AuthError::Missing)));
+        assert!(matches!(judge(admin, Some("")), Err(AuthError::Missing)));
+        assert_eq!(
+            judge(admin, admin).ok(),
+            Some(Credentials::Decided(Access::Admin))
+        );
+        assert_eq!(
+            judge(admin, Some("0123456789abcdeF")).ok(),
+            Some(Credentials::LookUp {
+                token_hash: hash("0123456789abcdeF")
+            })
+        );
+    }
+
+    #[test]
+    fn a_bound_token_speaks_as_its_agent_only() {
+        let bound = Access::Project {
+            token_id: Uuid::nil(),
+            project_id: Uuid::nil(),
+            agent_id: Some("gen-1".into()),
+        };
+        assert_eq!(bound.speak_as("gen-1"), Ok(()));
+        assert_eq!(
+            bound.speak_as("gen-2").map_err(|e| e.to_string()),
+            Err("this token speaks only as agent \"gen-1\"".into())
+        );
+        let unbound = Access::Project {
+            token_id: Uuid::nil(),
+            project_id: Uuid::nil(),
+            agent_id: None,
+        };
+        assert_eq!(unbound.speak_as("anyone"), Ok(()));
+        assert_eq!(Access::Admin.speak_as("anyone"), Ok(()));
     }
 
     #[test]

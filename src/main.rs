@@ -166,7 +166,7 @@ fn administer(command: Command, matches: &clap::ArgMatches) -> anyhow::Result<()
                         );
                     }
                     let (id, token) =
-                        agentbus::auth::issue(&mut conn, project_id, agent_id.as_deref()).await?;
+                        agentbus::db::tokens::issue(&mut conn, project_id, agent_id.as_deref()).await?;
                     println!(
                         "{}",
                         serde_json::to_string_pretty(&serde_json::json!({
@@ -179,7 +179,7 @@ fn administer(command: Command, matches: &clap::ArgMatches) -> anyhow::Result<()
                     token_id,
                     ..
                 } => {
-                    if !agentbus::auth::revoke(&mut conn, project_id, token_id).await? {
+                    if !agentbus::db::tokens::revoke(&mut conn, project_id, token_id).await? {
                         anyhow::bail!("no active token {token_id} in project {project_id}");
                     }
                     println!("revoked {token_id}; new connections with it are refused");
@@ -242,12 +242,10 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The one line `serve` writes to standard output, once it accepts connections: a JSON
-/// object a supervisor or a test reads to learn the port (`--bind 127.0.0.1:0` picks a free
-/// one), e.g. `{"event":"listening","bind":"127.0.0.1:0","port":40123}`. Logs go to stderr.
+/// Writes [`protocol::Listening`]'s line to standard output.
 fn announce_listening(bind: &str, port: u16) -> anyhow::Result<()> {
     use std::io::Write;
-    let line = serde_json::json!({"event": "listening", "bind": bind, "port": port});
+    let line = serde_json::to_string(&agentbus::protocol::Listening::new(bind, port))?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{line}")?;
     stdout.flush()?;

@@ -29,7 +29,12 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::protocol::ErrorCode;
-use crate::stats::{BATCH_SIZE_BUCKETS, COMMIT_MS_BUCKETS};
+
+/// Upper bounds of the batch-size histogram buckets (rows).
+pub const BATCH_SIZE_BUCKETS: [u64; 8] = [1, 2, 5, 10, 50, 100, 500, 1000];
+/// Upper bounds of the commit-latency histogram buckets (milliseconds).
+pub const COMMIT_MS_BUCKETS: [f64; 10] =
+    [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 500.0, 1000.0];
 
 /// The media type of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

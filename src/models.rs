@@ -106,45 +106,6 @@ pub struct ReplyLink {
 }
 
 impl NewMessage {
-    /// A validated send from `sender`, as the broker will store it. Requests without a
-    /// correlation id are correlated by their own id.
-    pub fn from_send(
-        send: crate::protocol::ValidSend,
-        project_id: Uuid,
-        sender_agent_id: String,
-        sender_agent_type: String,
-        sender_session_id: Option<Uuid>,
-    ) -> NewMessage {
-        let id = Uuid::new_v4();
-        let correlation_id = match (send.correlation_id, send.reply_timeout_ms) {
-            (None, Some(_)) => Some(id.to_string()),
-            (given, _) => given,
-        };
-        NewMessage {
-            id,
-            project_id,
-            sender_agent_id,
-            sender_agent_type: send.agent_type.unwrap_or(sender_agent_type),
-            sender_session_id,
-            recipient_agent_id: send.to,
-            message_type: send.message_type,
-            content: send.content,
-            metadata: send.metadata,
-            priority: send.priority,
-            correlation_id,
-            reply_to: send.reply_to,
-            client_msg_id: send.client_msg_id,
-            ttl_ms: send.ttl_ms,
-            recipient_agent_type: send.to_type,
-            reply_timeout_ms: send.reply_timeout_ms,
-            success: send.success,
-            error: send.error,
-            reply: None,
-            timeout_of: None,
-            task: send.task,
-        }
-    }
-
     /// About how many bytes of memory this message holds while it waits for its commit: its
     /// text fields, its metadata as JSON, and a fixed allowance for everything else. What the
     /// broker-wide budget of uncommitted sends (`max_uncommitted_bytes`) counts.

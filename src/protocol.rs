@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::models::StoredMessage;
+use crate::models::{NewMessage, StoredMessage};
 
 pub mod coordination;
 
@@ -26,17 +26,69 @@ pub const DEFAULT_MESSAGE_TYPE: &str = "status";
 /// Priority of a send that names none: 0 critical, 1 high, 2 normal, 3 low.
 pub const DEFAULT_PRIORITY: i16 = 2;
 
-/// WebSocket close codes the broker uses besides the standard ones (1000 normal, 1001 going
-/// away, 1007 invalid UTF-8, 1009 frame too large, 1011 internal error).
-pub mod close_code {
+/// The WebSocket close codes the broker sends, each for one reason (the "Close codes" table
+/// of docs/PROTOCOL.md): the standard ones of RFC 6455 §7.4.1, then the broker's own in the
+/// private range (4000-4999). `code as u16` is the number on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum CloseCode {
+    /// The client closed the connection; the broker answers with 1000 whatever code it used.
+    Normal = 1000,
+    /// The broker is shutting down.
+    GoingAway = 1001,
+    /// Malformed WebSocket framing, or the connection could not be read.
+    ProtocolError = 1002,
+    /// A text frame is not valid UTF-8.
+    InvalidPayload = 1007,
+    /// A frame or fragmented message over `max_frame_bytes`.
+    MessageTooBig = 1009,
+    /// The broker could not join the channel, count the queue or read the store.
+    InternalError = 1011,
     /// Another connection with the same agent_id joined the project and took over.
-    pub const REPLACED: u16 = 4001;
-    /// The token the connection was opened with was revoked.
-    pub const TOKEN_REVOKED: u16 = 4003;
+    Replaced = 4001,
     /// Nothing was heard from the client (no frame, no pong) within the client timeout.
-    pub const HEARTBEAT_TIMEOUT: u16 = 4002;
+    HeartbeatTimeout = 4002,
+    /// The token the connection was opened with was revoked.
+    TokenRevoked = 4003,
     /// The client read too slowly: its outgoing queue reached its bound.
-    pub const SLOW_CONSUMER: u16 = 4008;
+    SlowConsumer = 4008,
+}
+
+impl CloseCode {
+    /// The number sent in the close frame.
+    pub const fn code(self) -> u16 {
+        self as u16
+    }
+}
+
+/// The one line `agentbus serve` writes to standard output once it accepts connections, for
+/// supervisors and tests to learn the port (`--bind 127.0.0.1:0` picks a free one), e.g.
+/// `{"event":"listening","bind":"127.0.0.1:0","port":40123}`. Logs go to standard error.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Listening {
+    /// Always `"listening"`.
+    pub event: String,
+    /// The address as configured.
+    pub bind: String,
+    /// The port actually bound.
+    pub port: u16,
+}
+
+impl Listening {
+    pub fn new(bind: &str, port: u16) -> Self {
+        Listening {
+            event: "listening".to_owned(),
+            bind: bind.to_owned(),
+            port,
+        }
+    }
+
+    /// The listening line, if `line` is one.
+    pub fn parse(line: &str) -> Option<Listening> {
+        serde_json::from_str::<Listening>(line.trim())
+            .ok()
+            .filter(|l| l.event == "listening")
+    }
 }
 
 /// Machine-readable error codes, sent as `code` in error frames and REST error bodies.
@@ -73,6 +125,9 @@ pub enum ErrorCode {
     /// connection (never given to it, or already acknowledged), so nothing was recorded for
     /// them.
     AckIgnored,
+    /// The connection is a read-only observer (no `agent_id`): it cannot send, acknowledge
+    /// or mark anything read.
+    ObserverReadOnly,
 }
 
 impl ErrorCode {
@@ -91,6 +146,7 @@ impl ErrorCode {
             ErrorCode::ProjectNotFound => "project_not_found",
             ErrorCode::NoRecipient => "no_recipient",
             ErrorCode::AckIgnored => "ack_ignored",
+            ErrorCode::ObserverReadOnly => "observer_read_only",
         }
     }
 }
@@ -389,6 +445,48 @@ pub struct ValidSend {
     pub error: Option<String>,
     /// `Some` for a task.
     pub task: Option<crate::domain::tasks::TaskTerms>,
+}
+
+impl ValidSend {
+    /// A validated send from `sender`, as the broker will store it. Requests without a
+    /// correlation id are correlated by their own id.
+    pub fn into_message(
+        self,
+        project_id: Uuid,
+        sender_agent_id: String,
+        sender_agent_type: String,
+        sender_session_id: Option<Uuid>,
+    ) -> NewMessage {
+        let send = self;
+        let id = Uuid::new_v4();
+        let correlation_id = match (send.correlation_id, send.reply_timeout_ms) {
+            (None, Some(_)) => Some(id.to_string()),
+            (given, _) => given,
+        };
+        NewMessage {
+            id,
+            project_id,
+            sender_agent_id,
+            sender_agent_type: send.agent_type.unwrap_or(sender_agent_type),
+            sender_session_id,
+            recipient_agent_id: send.to,
+            message_type: send.message_type,
+            content: send.content,
+            metadata: send.metadata,
+            priority: send.priority,
+            correlation_id,
+            reply_to: send.reply_to,
+            client_msg_id: send.client_msg_id,
+            ttl_ms: send.ttl_ms,
+            recipient_agent_type: send.to_type,
+            reply_timeout_ms: send.reply_timeout_ms,
+            success: send.success,
+            error: send.error,
+            reply: None,
+            timeout_of: None,
+            task: send.task,
+        }
+    }
 }
 
 /// The configurable bounds of a send.
@@ -814,6 +912,17 @@ pub enum ServerFrame<'a> {
         replay: i64,
         /// The same, per priority: `[critical, high, normal, low]`.
         replay_by_priority: [i64; 4],
+    },
+    /// First frame of an observer's connection (no `agent_id`): it receives every message of
+    /// the project, after `since` when given, else from `head_seq` on.
+    #[serde(rename = "welcome")]
+    ObserverWelcome {
+        observer: bool,
+        session_id: Uuid,
+        project_id: Uuid,
+        head_seq: i64,
+        /// How many messages are replayed (`since` given) before live delivery starts.
+        replay: i64,
     },
     /// To the sender, after the message's batch committed.
     Sent {

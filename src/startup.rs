@@ -13,7 +13,7 @@ use anyhow::Context;
 
 use crate::actors::channel::{DrainAll, Presence};
 use crate::actors::cursor::CursorActor;
-use crate::actors::deadlines::{AttachPersistence, DeadlineActor};
+use crate::actors::deadlines::DeadlineActor;
 use crate::actors::persistence::PersistenceActor;
 use crate::actors::registry::ChannelRegistry;
 use crate::actors::search::SearchIndexActor;
@@ -21,6 +21,7 @@ use crate::config::Settings;
 use crate::db;
 use crate::http::{self, AppState};
 use crate::stats::Stats;
+use actix::AsyncContext;
 
 pub struct Application {
     port: u16,
@@ -63,40 +64,32 @@ impl Application {
         let broker_arbiter = Arbiter::new();
         let stats = Stats::default();
         let registry = ChannelRegistry::new(broker_arbiter.handle(), stats.clone());
-        let deadlines = {
-            let pool = pool.clone();
-            DeadlineActor::start_in_arbiter(&broker_arbiter.handle(), move |_| {
-                DeadlineActor::new(pool)
-            })
-        };
         let search = {
             let pool = pool.clone();
             SearchIndexActor::start_in_arbiter(&broker_arbiter.handle(), move |_| {
                 SearchIndexActor::new(pool)
             })
         };
+        // The persistence actor and the deadline actor each send to the other: the deadline
+        // actor is started from the persistence actor's start-up, with its address, so both
+        // are built complete and neither waits to be wired.
         let persistence = {
-            let (pool, registry, deadlines, stats) = (
-                pool.clone(),
-                registry.clone(),
-                deadlines.clone(),
-                stats.clone(),
-            );
+            let (pool, registry, stats) = (pool.clone(), registry.clone(), stats.clone());
             let batch_max_rows = settings.batch_max_rows;
             let max_uncommitted_bytes = settings.max_uncommitted_bytes;
-            PersistenceActor::start_in_arbiter(&broker_arbiter.handle(), move |_| {
+            PersistenceActor::start_in_arbiter(&broker_arbiter.handle(), move |ctx| {
+                let deadlines = DeadlineActor::new(pool.clone(), ctx.address().recipient()).start();
                 PersistenceActor::new(
                     pool,
                     registry,
-                    deadlines,
-                    search,
+                    deadlines.recipient(),
+                    search.recipient(),
                     stats,
                     batch_max_rows,
                     max_uncommitted_bytes,
                 )
             })
         };
-        deadlines.do_send(AttachPersistence(persistence.clone()));
         let coordination = {
             let (actor_pool, recipient) = (pool.clone(), persistence.clone().recipient());
             let db_timeout = settings.db_timeout();
@@ -119,6 +112,7 @@ impl Application {
                 settings.db_timeout(),
             )
         };
+        let persistence = persistence.recipient();
         let cursors = {
             let pool = pool.clone();
             CursorActor::start_in_arbiter(&broker_arbiter.handle(), move |_| CursorActor::new(pool))

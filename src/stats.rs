@@ -12,17 +12,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, BATCH_SIZE_BUCKETS, COMMIT_MS_BUCKETS};
 use crate::models::StoredMessage;
 use crate::protocol::ErrorCode;
 
 /// Seconds over which rates are averaged.
 const RATE_WINDOW_SECS: usize = 10;
-/// Upper bounds of the batch-size histogram buckets (rows).
-pub const BATCH_SIZE_BUCKETS: [u64; 8] = [1, 2, 5, 10, 50, 100, 500, 1000];
-/// Upper bounds of the commit-latency histogram buckets (milliseconds).
-pub const COMMIT_MS_BUCKETS: [f64; 10] =
-    [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 500.0, 1000.0];
 
 /// Shared handle to the broker's counters and metrics. Cloning is cheap.
 #[derive(Clone)]

@@ -4,13 +4,13 @@
 use std::collections::HashMap;
 
 use actix::prelude::*;
+use bytestring::ByteString;
 use chrono::{DateTime, Utc};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::inbox::{InboxWaiters, Wake};
-use super::persistence::{Reply, Settlement};
-use super::session::{Deliver, Drain, Replaced, SessionActor, TokenRevoked};
+use super::settle::{Reply, Settlement};
 use crate::models::StoredMessage;
 use crate::protocol;
 use crate::stats::Stats;
@@ -22,7 +22,7 @@ struct Member {
     token_id: Option<Uuid>,
     /// For messages addressed to a type.
     agent_type: String,
-    addr: Addr<SessionActor>,
+    session: Recipient<ToSession>,
 }
 
 pub struct ChannelActor {
@@ -32,6 +32,9 @@ pub struct ChannelActor {
     head_seq: i64,
     /// Connected sessions by agent_id: at most one per agent (a new one takes over).
     members: HashMap<String, Member>,
+    /// Read-only observers by session id: each receives every message of the project. They
+    /// are no members: not in the presence list, not counted as recipients.
+    observers: HashMap<Uuid, Member>,
     /// REST callers waiting for the first reply to a request (sendAndWait), by request id.
     reply_waiters: HashMap<Uuid, oneshot::Sender<StoredMessage>>,
     /// Inbox reads over HTTP waiting for something to be owed to their agent.
@@ -45,6 +48,7 @@ impl ChannelActor {
             project_id,
             head_seq,
             members: HashMap::new(),
+            observers: HashMap::new(),
             reply_waiters: HashMap::new(),
             inbox_waiters: InboxWaiters::default(),
             stats,
@@ -70,6 +74,7 @@ impl ChannelActor {
                 delivered = self.deliver(&message);
                 self.inbox_waiters.wake_for(&message);
             }
+            self.observe(&message);
             if let Some(waiter) = message
                 .reply_to
                 .and_then(|id| self.reply_waiters.remove(&id))
@@ -96,7 +101,7 @@ impl ChannelActor {
             };
             let frame = protocol::message_frame(message);
             let bytes = frame.len();
-            member.addr.do_send(Deliver { frame, seq });
+            member.session.do_send(ToSession::Deliver { frame, seq });
             return (1, bytes);
         }
         let mut frame = None;
@@ -108,7 +113,7 @@ impl ChannelActor {
             };
             if addressed && *agent_id != message.sender_agent_id {
                 let frame = frame.get_or_insert_with(|| protocol::message_frame(message));
-                member.addr.do_send(Deliver {
+                member.session.do_send(ToSession::Deliver {
                     frame: frame.clone(),
                     seq,
                 });
@@ -116,6 +121,23 @@ impl ChannelActor {
             }
         }
         (count, frame.map_or(0, |f| f.len() * count as usize))
+    }
+}
+
+impl ChannelActor {
+    /// Hands a committed message to every observer (whoever it was addressed to, expired or
+    /// not: observers see what the project's history holds).
+    fn observe(&self, message: &StoredMessage) {
+        if self.observers.is_empty() {
+            return;
+        }
+        let frame = protocol::message_frame(message);
+        for observer in self.observers.values() {
+            observer.session.do_send(ToSession::Deliver {
+                frame: frame.clone(),
+                seq: message.seq,
+            });
+        }
     }
 }
 
@@ -131,6 +153,24 @@ impl Actor for ChannelActor {
     }
 }
 
+/// What a channel tells one of its sessions.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub enum ToSession {
+    /// A committed message for this session's client, live.
+    Deliver {
+        /// The message frame, serialised once for all its recipients.
+        frame: ByteString,
+        seq: i64,
+    },
+    /// Another connection of the same agent took over (close 4001).
+    Replaced,
+    /// The broker is shutting down: settle what was sent, then close with 1001.
+    Drain,
+    /// The token this session connected with was revoked (close 4003).
+    TokenRevoked,
+}
+
 /// A session joins its project's channel. Answered with the head seq from which the session
 /// receives messages live.
 #[derive(Message)]
@@ -140,7 +180,9 @@ pub struct Join {
     pub token_id: Option<Uuid>,
     pub agent_id: String,
     pub agent_type: String,
-    pub addr: Addr<SessionActor>,
+    /// A read-only observer: it receives every message and takes over from nobody.
+    pub observer: bool,
+    pub session: Recipient<ToSession>,
 }
 
 impl Handler<Join> for ChannelActor {
@@ -151,8 +193,12 @@ impl Handler<Join> for ChannelActor {
             session_id: join.session_id,
             token_id: join.token_id,
             agent_type: join.agent_type,
-            addr: join.addr,
+            session: join.session,
         };
+        if join.observer {
+            self.observers.insert(join.session_id, member);
+            return self.head_seq;
+        }
         if let Some(previous) = self.members.insert(join.agent_id.clone(), member) {
             log::info!(
                 "project {}: agent {:?} reconnected (session {}); closing session {}",
@@ -161,7 +207,7 @@ impl Handler<Join> for ChannelActor {
                 join.session_id,
                 previous.session_id
             );
-            previous.addr.do_send(Replaced);
+            previous.session.do_send(ToSession::Replaced);
         }
         self.head_seq
     }
@@ -173,12 +219,17 @@ impl Handler<Join> for ChannelActor {
 pub struct Leave {
     pub session_id: Uuid,
     pub agent_id: String,
+    pub observer: bool,
 }
 
 impl Handler<Leave> for ChannelActor {
     type Result = ();
 
     fn handle(&mut self, leave: Leave, _ctx: &mut Self::Context) {
+        if leave.observer {
+            self.observers.remove(&leave.session_id);
+            return;
+        }
         // A session replaced by a newer one must not remove its successor.
         if self
             .members
@@ -287,12 +338,12 @@ impl Handler<DrainAll> for ChannelActor {
     type Result = usize;
 
     fn handle(&mut self, _: DrainAll, _ctx: &mut Self::Context) -> usize {
-        for member in self.members.values() {
-            member.addr.do_send(Drain);
+        for member in self.members.values().chain(self.observers.values()) {
+            member.session.do_send(ToSession::Drain);
         }
         // Waiting inbox reads answer now (with nothing), and so does every later one.
         self.inbox_waiters.drain();
-        self.members.len()
+        self.members.len() + self.observers.len()
     }
 }
 
@@ -307,9 +358,9 @@ impl Handler<Revoked> for ChannelActor {
     type Result = ();
 
     fn handle(&mut self, revoked: Revoked, _ctx: &mut Self::Context) {
-        for member in self.members.values() {
+        for member in self.members.values().chain(self.observers.values()) {
             if member.token_id == Some(revoked.token_id) {
-                member.addr.do_send(TokenRevoked);
+                member.session.do_send(ToSession::TokenRevoked);
             }
         }
     }

@@ -20,7 +20,8 @@ use chrono::{DateTime, Utc};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::persistence::{Persist, Reply, Settlement};
+use super::persistence::Persist;
+use super::settle::{Reply, Settlement};
 use crate::db::claims::{self as claim_db, ClaimDeadline, Decision, Releaser};
 use crate::db::outbox::{self, Pending};
 use crate::db::tasks::{self as task_db, TaskDeadline};

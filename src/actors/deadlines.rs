@@ -13,13 +13,11 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
-use diesel::sql_types::{Timestamptz, Uuid as SqlUuid};
-use diesel::QueryableByName;
-use diesel_async::RunQueryDsl;
 use uuid::Uuid;
 
-use super::persistence::{Persist, PersistenceActor, Reply};
-use crate::db::DbPool;
+use super::persistence::Persist;
+use super::settle::Reply;
+use crate::db::{deadlines, DbPool};
 use crate::models::NewMessage;
 
 /// How often expired messages are swept into the dead-letter list.
@@ -30,8 +28,8 @@ pub const BROKER_AGENT_TYPE: &str = "broker";
 
 pub struct DeadlineActor {
     pool: DbPool,
-    /// Where timeout responses are sent to be stored (set once both actors run).
-    persistence: Option<Addr<PersistenceActor>>,
+    /// Where timeout responses are sent to be stored.
+    persistence: Recipient<Persist>,
     /// Requests by deadline (earliest first).
     timers: BinaryHeap<Reverse<(DateTime<Utc>, Uuid, Uuid)>>,
     /// The wake-up for the earliest deadline.
@@ -42,10 +40,10 @@ pub struct DeadlineActor {
 }
 
 impl DeadlineActor {
-    pub fn new(pool: DbPool) -> Self {
+    pub fn new(pool: DbPool, persistence: Recipient<Persist>) -> Self {
         DeadlineActor {
             pool,
-            persistence: None,
+            persistence,
             timers: BinaryHeap::new(),
             armed: None,
             swept_until: DateTime::<Utc>::UNIX_EPOCH,
@@ -68,18 +66,13 @@ impl DeadlineActor {
     }
 
     fn fire(&mut self, ctx: &mut Context<Self>) {
-        let Some(persistence) = self.persistence.clone() else {
-            // Not wired yet: try again shortly.
-            self.armed = Some(ctx.run_later(Duration::from_millis(50), |act, ctx| act.fire(ctx)));
-            return;
-        };
         let now = Utc::now();
         while let Some(Reverse((deadline, request_id, project_id))) = self.timers.peek().copied() {
             if deadline > now {
                 break;
             }
             self.timers.pop();
-            persistence.do_send(Persist::new(
+            self.persistence.do_send(Persist::new(
                 timeout_response(project_id, request_id),
                 Reply::Broker,
             ));
@@ -96,24 +89,9 @@ impl DeadlineActor {
         let (from, until) = (self.swept_until, Utc::now());
         let sweep = async move {
             let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-            // "Was owed to someone" at expiry: visible to a member (`agentbus_owed` without
-            // its expiry test, since every row here has expired).
-            diesel::sql_query(
-                "INSERT INTO dead_letters (message_id, project_id, reason, dead_at) \
-                 SELECT a.id, a.project_id, 'expired', a.expires_at FROM agent_messages a \
-                 WHERE a.expires_at IS NOT NULL AND a.delivered_at IS NULL \
-                   AND a.expires_at > $1 AND a.expires_at <= $2 \
-                   AND EXISTS (SELECT 1 FROM members m \
-                     WHERE m.project_id = a.project_id \
-                       AND agentbus_visible(a.recipient_agent_id, a.recipient_agent_type, \
-                             a.sender_agent_id, a.seq, m.agent_id, m.agent_type, m.joined_seq)) \
-                 ON CONFLICT (message_id) DO NOTHING",
-            )
-            .bind::<Timestamptz, _>(from)
-            .bind::<Timestamptz, _>(until)
-            .execute(&mut conn)
-            .await
-            .map_err(|e| e.to_string())
+            deadlines::sweep_expired(&mut conn, from, until)
+                .await
+                .map_err(|e| e.to_string())
         };
         ctx.spawn(sweep.into_actor(self).map(move |result, act, _| {
             act.sweeping = false;
@@ -158,16 +136,6 @@ fn timeout_response(project_id: Uuid, request_id: Uuid) -> NewMessage {
     }
 }
 
-#[derive(QueryableByName)]
-struct PendingRequest {
-    #[diesel(sql_type = SqlUuid)]
-    id: Uuid,
-    #[diesel(sql_type = SqlUuid)]
-    project_id: Uuid,
-    #[diesel(sql_type = Timestamptz)]
-    reply_deadline: DateTime<Utc>,
-}
-
 impl Actor for DeadlineActor {
     type Context = Context<Self>;
 
@@ -176,13 +144,9 @@ impl Actor for DeadlineActor {
         let pool = self.pool.clone();
         let load = async move {
             let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-            diesel::sql_query(
-                "SELECT id, project_id, reply_deadline FROM agent_messages \
-                 WHERE expects_reply AND replied_at IS NULL AND reply_deadline IS NOT NULL",
-            )
-            .load::<PendingRequest>(&mut conn)
-            .await
-            .map_err(|e| e.to_string())
+            deadlines::pending_requests(&mut conn)
+                .await
+                .map_err(|e| e.to_string())
         };
         ctx.wait(load.into_actor(self).map(|pending, act, ctx| {
             match pending {
@@ -190,8 +154,8 @@ impl Actor for DeadlineActor {
                     if !pending.is_empty() {
                         log::info!("re-armed {} pending request timeout(s)", pending.len());
                     }
-                    for r in pending {
-                        act.timers.push(Reverse((r.reply_deadline, r.id, r.project_id)));
+                    for (id, project_id, deadline) in pending {
+                        act.timers.push(Reverse((deadline, id, project_id)));
                     }
                     act.arm(ctx);
                 }
@@ -224,18 +188,5 @@ impl Handler<TrackRequest> for DeadlineActor {
         if earliest.is_none_or(|d| track.deadline < d) {
             self.arm(ctx);
         }
-    }
-}
-
-/// Wires the persistence actor in (the two refer to each other).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct AttachPersistence(pub Addr<PersistenceActor>);
-
-impl Handler<AttachPersistence> for DeadlineActor {
-    type Result = ();
-
-    fn handle(&mut self, attach: AttachPersistence, _ctx: &mut Self::Context) {
-        self.persistence = Some(attach.0);
     }
 }

@@ -10,19 +10,34 @@
 //!
 //! A message reaches nobody, not even its sender's receipt, before its batch committed.
 //!
+//! Actors know each other's messages, never each other's types: each actor's inbound
+//! messages are defined beside it, and an actor holds `Recipient<…>` of the messages it
+//! sends (a channel holds `Recipient<ToSession>` per session; the persistence actor holds
+//! `Recipient<TrackRequest>` and `Recipient<IndexSoon>`; the deadline actor is started by the
+//! persistence actor with its `Recipient<Persist>`). What became of a send is a raw
+//! [`settle::Settlement`]; each waiter (a session, a REST call) words its own answer.
+//! Committed messages reach channels through one seam, [`registry::ChannelRegistry::route`],
+//! which any other source of commits can feed the same way.
+//!
 //! Beside that path: `CursorActor` records delivery progress, `DeadlineActor` fires request
 //! timeouts and sweeps expired messages, `SearchIndexActor` indexes committed messages
 //! for full-text search, and `CoordinationActor` keeps the deadlines of file claims and tasks
 //! (whose decisions are stored as ordinary messages, through `Persist`).
+//!
+//! A session's delivery decisions (outbox, flow control, confirmation, draining, closing) are
+//! the plain state machine `delivery::Delivery`, with `feed::Feed` as its seam between the
+//! store and the live channel; `SessionActor` is the shell that does its I/O.
 
 pub mod acks;
 pub mod channel;
 pub mod coordination;
 pub mod cursor;
 pub mod deadlines;
+pub mod delivery;
 pub mod feed;
 pub mod inbox;
 pub mod persistence;
 pub mod registry;
 pub mod search;
 pub mod session;
+pub mod settle;

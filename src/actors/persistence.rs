@@ -11,99 +11,19 @@ use std::time::Instant;
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::channel::{Committed, CommittedItem};
-use super::deadlines::{DeadlineActor, TrackRequest};
+use super::channel::CommittedItem;
+use super::deadlines::TrackRequest;
 use super::registry::ChannelRegistry;
-use super::search::{IndexSoon, SearchIndexActor};
-use super::session::{Notify, SessionActor, Settled};
+use super::search::IndexSoon;
+use super::settle::{Reply, Settlement};
 use crate::db::batch::{self, Outcome};
 use crate::db::DbPool;
 use crate::limits::CommitBudget;
 use crate::models::{NewMessage, StoredMessage};
-use crate::protocol::{self, ErrorCode, Rejection};
+use crate::protocol::{ErrorCode, Rejection};
 use crate::stats::Stats;
-
-/// Who to tell what became of a send.
-pub enum Reply {
-    /// A WebSocket session: it gets a `sent` receipt (through the channel, in seq order with
-    /// its deliveries) or an error frame.
-    Session(Addr<SessionActor>),
-    /// A REST publish waiting for the commit.
-    Http(oneshot::Sender<Settlement>),
-    /// The broker itself (its timeout responses): nobody to tell.
-    Broker,
-}
-
-/// What became of a send.
-// Moved once from the persistence actor to the one who waits, never stored in bulk: boxing
-// the large variant would only add an allocation per message.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-pub enum Settlement {
-    Stored {
-        message: StoredMessage,
-        /// Stored, but nobody can receive it (the sender is warned with `no_recipient`).
-        no_recipient: bool,
-    },
-    Failed {
-        rejection: Rejection,
-        client_msg_id: Option<String>,
-    },
-}
-
-impl Reply {
-    pub fn settle(self, settlement: Settlement) {
-        match self {
-            Reply::Session(addr) => match &settlement {
-                Settlement::Stored {
-                    message,
-                    no_recipient,
-                } => {
-                    addr.do_send(Settled(protocol::receipt_frame(message)));
-                    if *no_recipient {
-                        let warning =
-                            Rejection::new(ErrorCode::NoRecipient, no_recipient_text(message));
-                        addr.do_send(Notify(protocol::error_frame(
-                            &warning,
-                            message.client_msg_id.as_deref(),
-                        )));
-                    }
-                }
-                Settlement::Failed {
-                    rejection,
-                    client_msg_id,
-                } => addr.do_send(Settled(protocol::error_frame(
-                    rejection,
-                    client_msg_id.as_deref(),
-                ))),
-            },
-            Reply::Broker => {}
-            Reply::Http(tx) => {
-                // The HTTP caller may have gone away; there is nobody left to tell.
-                let _ = tx.send(settlement);
-            }
-        }
-    }
-}
-
-/// Why a stored message can reach nobody, in words.
-pub fn no_recipient_text(message: &StoredMessage) -> String {
-    let whom = match (&message.recipient_agent_id, &message.recipient_agent_type) {
-        (Some(agent), _) => format!("agent {agent:?} has never connected to this project"),
-        (None, Some(agent_type)) => {
-            format!("no agent of type {agent_type:?} is a member of this project")
-        }
-        (None, None) => "no other agent is a member of this project".to_owned(),
-    };
-    if message.expects_reply {
-        format!("stored, but {whom}: the request was dead-lettered")
-    } else {
-        format!("stored, but {whom}")
-    }
-}
 
 /// Store this message, then route it and settle its sender.
 #[derive(Message)]
@@ -141,9 +61,9 @@ pub struct PersistenceActor {
     /// a batch the database refused, and each must succeed or fail on its own.
     isolate: usize,
     /// Where committed requests go to have their timeout armed.
-    deadlines: Addr<DeadlineActor>,
+    deadlines: Recipient<TrackRequest>,
     /// Told after each commit that there is something new to index for search.
-    search: Addr<SearchIndexActor>,
+    search: Recipient<IndexSoon>,
     stats: Stats,
     /// Where committed tasks with a claim deadline go to have it armed (set once running).
     task_deadlines: Option<Recipient<super::coordination::Arm>>,
@@ -153,8 +73,8 @@ impl PersistenceActor {
     pub fn new(
         pool: DbPool,
         registry: ChannelRegistry,
-        deadlines: Addr<DeadlineActor>,
-        search: Addr<SearchIndexActor>,
+        deadlines: Recipient<TrackRequest>,
+        search: Recipient<IndexSoon>,
         stats: Stats,
         batch_max_rows: usize,
         max_uncommitted_bytes: usize,
@@ -357,23 +277,7 @@ impl PersistenceActor {
             });
         }
         for (project_id, (head_before, items)) in per_project {
-            if let Some(head_before) = head_before {
-                // A channel started here starts before this batch, so that a session joining
-                // it now receives the batch live rather than missing it.
-                self.registry
-                    .get_or_start(project_id, head_before)
-                    .do_send(Committed { items });
-            } else if let Some(channel) = self.registry.get(project_id) {
-                channel.do_send(Committed { items });
-            } else {
-                // Only retries, and nobody connected to the project: settle them here.
-                for item in items {
-                    item.reply.settle(Settlement::Stored {
-                        message: item.message,
-                        no_recipient: false,
-                    });
-                }
-            }
+            self.registry.route(project_id, head_before, items);
         }
     }
 }

@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use actix::{Actor, Addr, ArbiterHandle};
 use uuid::Uuid;
 
-use super::channel::ChannelActor;
+use super::channel::{ChannelActor, Committed, CommittedItem};
+use super::settle::Settlement;
 use crate::stats::Stats;
 
 /// The running channels, one per project that has seen a connection or a message since the
@@ -46,6 +47,31 @@ impl ChannelRegistry {
                 })
             })
             .clone()
+    }
+
+    /// Routes committed messages of one project, in seq order, to its channel: the one way
+    /// a commit reaches live sessions. The persistence actor calls it after each batch; any
+    /// other source of commits (another broker's, read back from PostgreSQL) can call it the
+    /// same way, with items settled by [`super::settle::Reply::Broker`]. `head_before`: the
+    /// seq just before the first new message of the items, or `None` if they are all
+    /// retries of messages stored earlier.
+    pub fn route(&self, project_id: Uuid, head_before: Option<i64>, items: Vec<CommittedItem>) {
+        if let Some(head_before) = head_before {
+            // A channel started here starts before these messages, so that a session joining
+            // it now receives them live rather than missing them.
+            self.get_or_start(project_id, head_before)
+                .do_send(Committed { items });
+        } else if let Some(channel) = self.get(project_id) {
+            channel.do_send(Committed { items });
+        } else {
+            // Only retries, and nobody connected to the project: settle them here.
+            for item in items {
+                item.reply.settle(Settlement::Stored {
+                    message: item.message,
+                    no_recipient: false,
+                });
+            }
+        }
     }
 
     /// The channel of `project_id` if it is running.

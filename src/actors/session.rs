@@ -1,34 +1,32 @@
 //! `SessionActor`: one per WebSocket connection. It parses and validates the client's frames,
-//! forwards sends to the persistence actor, keeps the connection alive with pings, and writes
-//! everything the broker has for the client to the socket, in order, through a bounded outbox.
+//! forwards sends to the persistence actor, and carries out what its [`Delivery`] core
+//! decides: the write steps (one at a time, in order), the store reads of the replay and
+//! catch-up, the progress reports and the timers. The decisions themselves (the outbox and
+//! its bounds, flow control, confirmation, draining and closing) live in
+//! [`super::delivery`], without I/O; this actor only feeds it events and executes its
+//! actions.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use actix_web::web::Bytes;
-use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
+use actix_ws::{AggregatedMessage, CloseCode as WsCloseCode, CloseReason, ProtocolError};
 use bytestring::ByteString;
 use uuid::Uuid;
 
-use super::acks;
-use super::channel::{ChannelActor, Join, Leave};
+use super::channel::{ChannelActor, Join, Leave, ToSession};
 use super::cursor::{CursorActor, GiveUp, MarkRead, RecordAttempts, ReportProgress};
-use super::feed::{Feed, Live, StoreRange};
-use super::persistence::{Persist, PersistenceActor, Reply};
+use super::delivery::{Action, Delivery, Frame, Limits, SendRefused, Setup};
+use super::feed::StoreRange;
+use super::persistence::Persist;
+use super::settle::{no_recipient_text, Reply, Settled, Settlement};
 use crate::config::Settings;
-use crate::db::cursors::{self, MemberCursor, OwedQuery, Progress};
+use crate::db::cursors::{self, MemberCursor, OwedQuery};
 use crate::db::{queries, DbPool};
 use crate::frames::{Oversize, Refusal};
 use crate::limits::{ConnectionPermit, ProjectLimits, SessionLimit};
-use crate::models::{NewMessage, StoredMessage};
-use crate::protocol::{self, close_code, AckMode, ClientOp, ErrorCode, Rejection, ServerFrame};
+use crate::protocol::{self, AckMode, ClientOp, CloseCode, ErrorCode, Rejection, ServerFrame};
 
-/// Most frames handed to the socket in one write step.
-const WRITE_BATCH: usize = 64;
-/// Most messages read from the store in one page (replay and catch-up).
-const STORE_PAGE: usize = 256;
 /// How long a closing session waits for its close frame to be written before it stops anyway
 /// (a dead peer never drains its socket).
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -42,6 +40,10 @@ pub struct Identity {
     pub project_id: Uuid,
     pub agent_id: String,
     pub agent_type: String,
+    /// A read-only observer (connected without `agent_id`): it receives every message of the
+    /// project, is no member (no cursor, nothing owed to it, not in the agent list) and
+    /// cannot send. `agent_id` and `agent_type` are empty.
+    pub observer: bool,
 }
 
 /// How the session delivers, chosen at connect time.
@@ -58,7 +60,7 @@ pub struct DeliveryOptions {
 #[derive(Clone)]
 pub struct SessionDeps {
     pub channel: Addr<ChannelActor>,
-    pub persistence: Addr<PersistenceActor>,
+    pub persistence: Recipient<Persist>,
     pub cursors: Addr<CursorActor>,
     pub pool: DbPool,
     pub settings: Arc<Settings>,
@@ -68,92 +70,27 @@ pub struct SessionDeps {
     pub coordination: super::coordination::Coordination,
 }
 
-/// A frame waiting to be written to the socket.
-enum Outgoing {
-    /// A delivered message: once written it counts as done in auto mode.
-    Message {
-        frame: ByteString,
-        seq: i64,
-    },
-    Text(ByteString),
-    /// A ping carrying its sequence number: the pong that answers it proves the client's
-    /// WebSocket received every frame written before it.
-    Ping(u64),
-    /// Only ever the first frame of a write step, taken from `SessionActor::pong`; never
-    /// queued in the outbox.
-    Pong(Bytes),
-    Close(CloseReason),
-}
-
 pub struct SessionActor {
     identity: Identity,
     deps: SessionDeps,
-    /// The write half of the WebSocket. Only the write pump uses it, one step at a time.
+    options: DeliveryOptions,
+    /// The decisions: what to write, when, and what it means once written.
+    delivery: Delivery,
+    /// The write half of the WebSocket. Only the write steps use it, one at a time.
     ws: actix_ws::Session,
-    /// When the client was last heard from (any frame, pongs included).
-    last_heard: Instant,
-    /// Frames for the client, in the order they must arrive. Bounded by
-    /// `outbox_max_frames`/`outbox_max_bytes`: a client that reads too slowly is disconnected
-    /// rather than allowed to grow the broker's memory.
-    outbox: VecDeque<Outgoing>,
-    outbox_bytes: usize,
-    /// The answer to the client's most recent ping, not written yet. One at most, outside
-    /// the outbox: a newer ping replaces it (RFC 6455 §5.5.3 lets an endpoint answer only the
-    /// most recent ping), so a client that pings without reading costs one pong, not one per
-    /// ping.
-    pong: Option<Bytes>,
     /// Why the reading side stopped early, if it did (a frame header over the limit).
     refusal: Refusal,
-    /// Whether a write step is in flight. There is never more than one, which is what keeps
-    /// frames in order.
-    writing: bool,
-    /// Sends forwarded for storage whose receipt (or error) has not come back yet.
-    pending_sends: usize,
     /// This connection's rate limit.
     limit: SessionLimit,
     /// Its place among the connections of its project and address, freed when it stops.
     _permit: ConnectionPermit,
-    /// Set once a close frame is queued: nothing more is accepted or sent.
-    closing: bool,
-    /// Closing once the pending sends settle (the broker shuts down, or the client closed):
-    /// no new sends are taken; the code and reason of the close to send then.
-    draining: Option<(u16, &'static str)>,
-    /// Auto mode: messages written to the socket whose receipt the client has not confirmed
-    /// yet, in write order. They become done when a pong answers a ping written after them;
-    /// if the connection dies first, they are delivered again on the next connection.
-    unconfirmed: VecDeque<i64>,
-    /// Pings written and not answered yet: (ping number, how many of `unconfirmed` were
-    /// written before it).
-    pings: VecDeque<(u64, usize)>,
-    /// Number of the next ping, and whether one is queued but not written yet.
-    next_ping: u64,
-    ping_queued: bool,
-    delivery: DeliveryOptions,
-    /// Where messages come from right now: the store (the replay at connect, or a catch-up
-    /// after live traffic had to be skipped) or the channel, live.
-    feed: Feed,
-    /// A store page is being read.
-    loading: bool,
-    /// Manual mode: messages queued or written but not acknowledged yet.
-    in_flight: BTreeSet<i64>,
-    /// Auto mode, once live: every owed message up to this seq was queued before live
-    /// delivery began (see `on_pong`).
-    live_from: Option<i64>,
-    /// Manual mode: messages queued since the delivery counts were last reported.
-    attempted: Vec<i64>,
-}
-
-/// What a write step put on the socket, for bookkeeping once it completes.
-enum Written {
-    Message(i64),
-    Ping(u64),
 }
 
 impl SessionActor {
     pub fn new(
         identity: Identity,
         deps: SessionDeps,
-        delivery: DeliveryOptions,
+        options: DeliveryOptions,
         ws: actix_ws::Session,
         permit: ConnectionPermit,
         refusal: Refusal,
@@ -162,37 +99,33 @@ impl SessionActor {
             deps.settings.rate_per_session,
             deps.settings.burst_per_session,
         );
+        let delivery = Delivery::new(
+            Setup {
+                session_id: identity.session_id,
+                ack: options.ack,
+                observer: identity.observer,
+                skips_owed: options
+                    .since
+                    .is_some_and(|since| since > options.cursor.ack_floor),
+                limits: Limits::new(&deps.settings),
+            },
+            Instant::now(),
+        );
         SessionActor {
             identity,
             deps,
+            options,
+            delivery,
             ws,
-            last_heard: Instant::now(),
-            outbox: VecDeque::new(),
-            outbox_bytes: 0,
-            pong: None,
             refusal,
-            writing: false,
-            pending_sends: 0,
             limit,
             _permit: permit,
-            closing: false,
-            draining: None,
-            unconfirmed: VecDeque::new(),
-            pings: VecDeque::new(),
-            next_ping: 0,
-            ping_queued: false,
-            delivery,
-            feed: Feed::default(),
-            loading: false,
-            in_flight: BTreeSet::new(),
-            attempted: Vec::new(),
-            live_from: None,
         }
     }
 
     /// The store query for a range, with room for `limit` messages.
     fn owed_query(&self, range: &StoreRange, limit: usize) -> OwedQuery {
-        let replay_all = self.delivery.since.is_some();
+        let replay_all = self.options.since.is_some();
         OwedQuery {
             project_id: self.identity.project_id,
             agent_id: self.identity.agent_id.clone(),
@@ -203,73 +136,99 @@ impl SessionActor {
             broadcasts_after: if replay_all {
                 -1
             } else {
-                self.delivery.cursor.broadcasts_after()
+                self.options.cursor.broadcasts_after()
             },
             acked: if replay_all {
                 Vec::new()
             } else {
-                self.delivery.cursor.acked_above.clone()
+                self.options.cursor.acked_above.clone()
             },
             by_priority: range.by_priority,
             resume: range.resume,
             limit: limit as i64,
+            observer: self.identity.observer,
         }
     }
 
-    /// How many more messages may be queued for the client now.
-    fn room(&self) -> usize {
-        let settings = &self.deps.settings;
-        if self.outbox_bytes >= settings.outbox_max_bytes / 2 {
-            return 0;
-        }
-        let outbox_room = (settings.outbox_max_frames / 2).saturating_sub(self.outbox.len());
-        match self.delivery.ack {
-            AckMode::Auto => outbox_room.min(
-                self.unconfirmed_cap()
-                    .saturating_sub(self.unconfirmed.len()),
-            ),
-            AckMode::Manual => {
-                outbox_room.min(settings.max_in_flight.saturating_sub(self.in_flight.len()))
+    /// Carries out what the delivery core asked for since the last call. Every event handed
+    /// to the core is followed by this.
+    fn execute(&mut self, ctx: &mut Context<Self>) {
+        while let Some(action) = self.delivery.next_action() {
+            match action {
+                Action::Write(frames) => self.write(frames, ctx),
+                Action::ReadStore { range, limit } => self.read_store(&range, limit, ctx),
+                Action::Report(progress) => self.deps.cursors.do_send(ReportProgress {
+                    project_id: self.identity.project_id,
+                    agent_id: self.identity.agent_id.clone(),
+                    progress,
+                }),
+                Action::RecordAttempts(seqs) => self.deps.cursors.do_send(RecordAttempts {
+                    project_id: self.identity.project_id,
+                    agent_id: self.identity.agent_id.clone(),
+                    seqs,
+                }),
+                Action::GiveUp(messages) => self.deps.cursors.do_send(GiveUp {
+                    project_id: self.identity.project_id,
+                    agent_id: self.identity.agent_id.clone(),
+                    messages,
+                }),
+                Action::GuardDrain => {
+                    let limit = self.deps.settings.db_timeout() * 3;
+                    ctx.run_later(limit, |act, ctx| {
+                        act.delivery.drain_expired();
+                        act.execute(ctx);
+                    });
+                }
+                Action::GuardClose => {
+                    ctx.run_later(CLOSE_GRACE, |_, ctx| ctx.stop());
+                }
+                Action::Stop => ctx.stop(),
             }
         }
     }
 
-    /// Auto mode: most messages written and not yet confirmed by a pong. Each costs only its
-    /// seq, so the bound is generous: it only stops a client that never answers pings.
-    fn unconfirmed_cap(&self) -> usize {
-        self.deps.settings.outbox_max_frames.saturating_mul(16)
+    /// Writes one step of frames; the core hears when it is done. The connection is gone if
+    /// a write fails.
+    fn write(&mut self, frames: Vec<Frame>, ctx: &mut Context<Self>) {
+        let mut ws = self.ws.clone();
+        let write = async move {
+            for frame in frames {
+                match frame {
+                    Frame::Text(text) => ws.text(text).await?,
+                    Frame::Ping(id) => ws.ping(&id.to_be_bytes()).await?,
+                    Frame::Pong(payload) => ws.pong(&payload).await?,
+                    Frame::Close(code, reason) => {
+                        let reason = CloseReason {
+                            code: WsCloseCode::from(code.code()),
+                            description: Some(reason.to_owned()),
+                        };
+                        ws.close(Some(reason)).await?;
+                        break;
+                    }
+                }
+            }
+            Ok::<_, actix_ws::Closed>(())
+        };
+        ctx.spawn(write.into_actor(self).map(|result, act, ctx| match result {
+            Ok(()) => {
+                act.delivery.written();
+                act.execute(ctx);
+            }
+            Err(_) => ctx.stop(),
+        }));
     }
 
-    /// Reads the next page of the store range if there is room for it.
-    fn fetch_more(&mut self, ctx: &mut Context<Self>) {
-        if self.loading || self.closing {
-            return;
-        }
-        let Some(range) = self.feed.reading() else {
-            return;
-        };
-        let limit = self.room().min(STORE_PAGE);
-        // Wait for room for a worthwhile page (a quarter of the window) rather than reading
-        // the store once per acknowledgement, unless the client has nothing left to read.
-        let worthwhile = match self.delivery.ack {
-            AckMode::Manual => (self.deps.settings.max_in_flight / 4).clamp(1, STORE_PAGE),
-            AckMode::Auto => 1,
-        };
-        if limit == 0
-            || (limit < worthwhile && !(self.in_flight.is_empty() && self.outbox.is_empty()))
-        {
-            return;
-        }
-        self.loading = true;
+    /// Reads a page of owed messages (and, in manual mode, how often each was delivered
+    /// already, for the delivery limit) and hands it to the core.
+    fn read_store(&mut self, range: &StoreRange, limit: usize, ctx: &mut Context<Self>) {
         let query = self.owed_query(range, limit);
-        let manual = self.delivery.ack == AckMode::Manual;
+        let manual = self.options.ack == AckMode::Manual;
         let pool = self.deps.pool.clone();
         let read = async move {
             let mut conn = pool.get().await.map_err(|e| e.to_string())?;
             let page = cursors::owed_page(&mut conn, &query)
                 .await
                 .map_err(|e| e.to_string())?;
-            // Manual mode: how often each was delivered already, for the delivery limit.
             let attempts = if manual && !page.is_empty() {
                 let seqs: Vec<i64> = page.iter().map(|m| m.seq).collect();
                 cursors::delivery_attempts(&mut conn, query.project_id, &query.agent_id, &seqs)
@@ -280,171 +239,58 @@ impl SessionActor {
             };
             Ok::<_, String>((page, attempts))
         };
-        ctx.spawn(read.into_actor(self).map(move |page, act, ctx| {
-            act.loading = false;
+        ctx.spawn(read.into_actor(self).map(|page, act, ctx| {
             match page {
-                Ok((page, attempts)) => act.on_store_page(page, attempts, limit, ctx),
+                Ok((page, attempts)) => act.delivery.store_page(&page, &attempts),
                 Err(e) => {
                     log::warn!(
                         "session {}: reading owed messages failed: {e}",
                         act.identity.session_id
                     );
-                    act.close(ctx, 1011, "the store is unavailable; reconnect to resume");
+                    act.delivery.store_failed();
                 }
             }
+            act.execute(ctx);
         }));
-    }
-
-    fn on_store_page(
-        &mut self,
-        page: Vec<StoredMessage>,
-        attempts: HashMap<i64, i32>,
-        limit: usize,
-        ctx: &mut Context<Self>,
-    ) {
-        let mut exhausted = page.len() < limit;
-        if self.feed.reading().is_none() {
-            return;
-        }
-        let max_deliveries = self.deps.settings.max_deliveries as i32;
-        // Half the outbox's byte bound for the store, so large messages are paced rather
-        // than overflowing it; at least one message always goes.
-        let byte_budget = self.deps.settings.outbox_max_bytes / 2;
-        let mut resume = None;
-        let mut given_up = Vec::new();
-        for message in &page {
-            if attempts
-                .get(&message.seq)
-                .is_some_and(|&n| n >= max_deliveries)
-            {
-                given_up.push((message.id, message.seq));
-            } else {
-                let frame = protocol::message_frame(message);
-                if !self.outbox.is_empty() && self.outbox_bytes + frame.len() > byte_budget {
-                    // The rest of the page is read again once the client has drained.
-                    exhausted = false;
-                    break;
-                }
-                self.queue_message(frame, message.seq, ctx);
-            }
-            resume = Some((message.priority, message.seq));
-        }
-        if let Some(resume) = resume {
-            self.feed.advance(resume);
-        }
-        if !given_up.is_empty() {
-            log::info!(
-                "session {}: {} message(s) reached the delivery limit; dead-lettered",
-                self.identity.session_id,
-                given_up.len()
-            );
-            self.deps.cursors.do_send(GiveUp {
-                project_id: self.identity.project_id,
-                agent_id: self.identity.agent_id.clone(),
-                messages: given_up,
-            });
-        }
-        self.flush_attempts();
-        if exhausted {
-            // Live messages skipped meanwhile are read next, in seq order; then live.
-            if let Some(upto) = self.feed.range_done() {
-                self.went_live(upto);
-            }
-        }
-        self.fetch_more(ctx);
-    }
-
-    /// Queues a message for the client and tracks it until it is done.
-    fn queue_message(&mut self, frame: ByteString, seq: i64, ctx: &mut Context<Self>) {
-        if self.delivery.ack == AckMode::Manual {
-            self.in_flight.insert(seq);
-            self.attempted.push(seq);
-        }
-        self.feed.queued(seq);
-        self.push(Outgoing::Message { frame, seq }, ctx);
-    }
-
-    /// A live message from the channel.
-    fn on_live(&mut self, frame: ByteString, seq: i64, ctx: &mut Context<Self>) {
-        if self.closing {
-            return;
-        }
-        match self.feed.live(seq) {
-            Live::Deliver => {}
-            // Delivering from the store: this one is read from there in its turn.
-            Live::FromStore => return,
-            // Already read from the store.
-            Live::Queued => return,
-        }
-        let full = match self.delivery.ack {
-            AckMode::Manual => self.in_flight.len() >= self.deps.settings.max_in_flight,
-            // A client that never confirms receipt must not make the broker remember ever
-            // more messages for it; a full outbox is caught when the frame is queued.
-            AckMode::Auto => self.unconfirmed.len() >= self.unconfirmed_cap(),
-        };
-        if full {
-            if self.delivery.ack == AckMode::Manual {
-                // The window is full: stop taking live traffic and catch up from the store as
-                // acknowledgements come back.
-                self.feed.fall_behind(seq);
-                return;
-            }
-            // Auto mode: only what was written counts as done, so the client recovers the rest
-            // when it reconnects.
-            return self.slow_consumer(ctx);
-        }
-        self.queue_message(frame, seq, ctx);
-        self.flush_attempts();
     }
 
     /// Greets the client, then replays what it is owed up to the channel's head.
     fn welcome(&mut self, range: StoreRange, counts: [i64; 4], ctx: &mut Context<Self>) {
-        let welcome = ServerFrame::Welcome {
+        let welcome = if self.identity.observer {
+            ServerFrame::ObserverWelcome {
+                observer: true,
+                session_id: self.identity.session_id,
+                project_id: self.identity.project_id,
+                head_seq: range.upto,
+                replay: counts.iter().sum(),
+            }
+            .encode()
+        } else {
+            self.agent_welcome(&range, counts)
+        };
+        self.delivery.open(welcome, range.after, range.upto);
+        self.execute(ctx);
+    }
+
+    fn agent_welcome(&self, range: &StoreRange, counts: [i64; 4]) -> ByteString {
+        ServerFrame::Welcome {
             session_id: self.identity.session_id,
             project_id: self.identity.project_id,
             agent_id: &self.identity.agent_id,
             agent_type: &self.identity.agent_type,
             head_seq: range.upto,
-            ack: self.delivery.ack,
-            ack_floor: self.delivery.cursor.ack_floor,
+            ack: self.options.ack,
+            ack_floor: self.options.cursor.ack_floor,
             replay: counts.iter().sum(),
             replay_by_priority: counts,
         }
-        .encode();
-        self.push_text(welcome, ctx);
-        self.feed = Feed::replay(range.after, range.upto);
-        self.fetch_more(ctx);
-    }
-
-    /// Manual mode: reports the deliveries made since the last report, to be counted.
-    fn flush_attempts(&mut self) {
-        if !self.attempted.is_empty() {
-            self.deps.cursors.do_send(RecordAttempts {
-                project_id: self.identity.project_id,
-                agent_id: self.identity.agent_id.clone(),
-                seqs: std::mem::take(&mut self.attempted),
-            });
-        }
-    }
-
-    /// Takes no more sends; closes with `code` once every pending send has its receipt (or
-    /// error), so the client learns the fate of everything it sent.
-    fn drain(&mut self, ctx: &mut Context<Self>, code: u16, reason: &'static str) {
-        if self.draining.is_none() {
-            self.draining = Some((code, reason));
-            // Every send is settled within the database timeouts; this only guards the close.
-            let limit = self.deps.settings.db_timeout() * 3;
-            ctx.run_later(limit, move |act, ctx| act.close(ctx, code, reason));
-        }
-        if self.pending_sends == 0 {
-            self.close(ctx, code, reason);
-        }
+        .encode()
     }
 
     /// A frame (or fragmented message) over `max_frame_bytes`: it cannot be skipped, so the
     /// connection closes with 1009 once what was sent before is settled.
     fn frame_too_large(&mut self, oversize: Option<Oversize>, ctx: &mut Context<Self>) {
-        if self.closing {
+        if self.delivery.is_closing() {
             return;
         }
         let limit = self.deps.settings.max_frame_bytes;
@@ -462,258 +308,29 @@ impl SessionActor {
             None,
             ctx,
         );
-        self.drain(ctx, 1009, "frame too large");
-    }
-
-    fn slow_consumer(&mut self, ctx: &mut Context<Self>) {
-        log::warn!(
-            "session {}: slow consumer ({} frames, {} bytes queued); disconnecting",
-            self.identity.session_id,
-            self.outbox.len(),
-            self.outbox_bytes
-        );
-        self.outbox.clear();
-        self.outbox_bytes = 0;
-        self.close(
-            ctx,
-            close_code::SLOW_CONSUMER,
-            "slow consumer: outgoing queue full",
-        );
-    }
-
-    fn report(&self, progress: Progress) {
-        if !progress.is_empty() {
-            self.deps.cursors.do_send(ReportProgress {
-                project_id: self.identity.project_id,
-                agent_id: self.identity.agent_id.clone(),
-                progress,
-            });
-        }
+        self.delivery
+            .drain(CloseCode::MessageTooBig, "frame too large");
+        self.execute(ctx);
     }
 
     fn on_ack(&mut self, seqs: Vec<i64>, up_to: Option<i64>, ctx: &mut Context<Self>) {
-        // An ack covers what this session delivered and is waiting to hear about, nothing
-        // else: a replay goes by priority, so lower seqs may still be on their way, and a seq
-        // acknowledged before it was delivered (or before it existed) must still be delivered.
-        let outcome = match self.delivery.ack {
-            AckMode::Manual => acks::take_in_flight(&mut self.in_flight, &seqs, up_to),
-            AckMode::Auto => acks::confirm_early(&self.unconfirmed, &seqs, up_to),
-        };
-        if !outcome.ignored.is_empty() {
+        if self.delivery.ack(&seqs, up_to) {
             self.deps.stats.record_errors(ErrorCode::AckIgnored, 1);
-            self.push_text(protocol::ack_ignored_frame(&outcome.ignored), ctx);
         }
-        self.report(Progress {
-            done: outcome.done,
-            up_to: None,
-        });
-        self.fetch_more(ctx);
-    }
-
-    /// Queues a text frame for the client.
-    fn push_text(&mut self, frame: ByteString, ctx: &mut Context<Self>) {
-        self.push(Outgoing::Text(frame), ctx);
-    }
-
-    fn push(&mut self, item: Outgoing, ctx: &mut Context<Self>) {
-        if self.closing {
-            return;
-        }
-        let len = match &item {
-            Outgoing::Message { frame, .. } | Outgoing::Text(frame) => frame.len(),
-            _ => 0,
-        };
-        let settings = &self.deps.settings;
-        if self.outbox.len() >= settings.outbox_max_frames
-            || self.outbox_bytes + len > settings.outbox_max_bytes
-        {
-            return self.slow_consumer(ctx);
-        }
-        self.outbox_bytes += len;
-        self.outbox.push_back(item);
-        self.pump(ctx);
-    }
-
-    fn push_control(&mut self, item: Outgoing, ctx: &mut Context<Self>) {
-        if !self.closing {
-            self.outbox.push_back(item);
-            self.pump(ctx);
-        }
-    }
-
-    /// Queues a close frame, then stops once it is written (or after a grace period).
-    fn close(&mut self, ctx: &mut Context<Self>, code: u16, description: &str) {
-        if self.closing {
-            return;
-        }
-        self.outbox.push_back(Outgoing::Close(CloseReason {
-            code: CloseCode::from(code),
-            description: Some(description.to_owned()),
-        }));
-        self.closing = true;
-        self.pump(ctx);
-        ctx.run_later(CLOSE_GRACE, |_, ctx| ctx.stop());
-    }
-
-    /// Writes the head of the outbox to the socket. A single write step is in flight at a
-    /// time and takes frames from the front of the queue, so the client receives frames in
-    /// exactly the order they were queued; when the step finishes, the next one starts.
-    fn pump(&mut self, ctx: &mut Context<Self>) {
-        if self.writing || (self.outbox.is_empty() && self.pong.is_none()) {
-            return;
-        }
-        self.writing = true;
-        let mut step = Vec::with_capacity(self.outbox.len().min(WRITE_BATCH) + 1);
-        // A pong goes first: it answers a ping the client sent, whatever is queued.
-        step.extend(self.pong.take().map(Outgoing::Pong));
-        while step.len() < WRITE_BATCH {
-            let Some(item) = self.outbox.pop_front() else {
-                break;
-            };
-            if let Outgoing::Text(text) | Outgoing::Message { frame: text, .. } = &item {
-                self.outbox_bytes -= text.len();
-            }
-            let last = matches!(item, Outgoing::Close(_));
-            step.push(item);
-            if last {
-                break;
-            }
-        }
-        let mut ws = self.ws.clone();
-        let auto = self.delivery.ack == AckMode::Auto;
-        let write = async move {
-            let mut written = Vec::new();
-            for item in step {
-                match item {
-                    Outgoing::Message { frame, seq } => {
-                        ws.text(frame).await?;
-                        if auto {
-                            written.push(Written::Message(seq));
-                        }
-                    }
-                    Outgoing::Text(text) => ws.text(text).await?,
-                    Outgoing::Ping(id) => {
-                        ws.ping(&id.to_be_bytes()).await?;
-                        written.push(Written::Ping(id));
-                    }
-                    Outgoing::Pong(payload) => ws.pong(&payload).await?,
-                    Outgoing::Close(reason) => {
-                        ws.close(Some(reason)).await?;
-                        return Ok((written, true));
-                    }
-                }
-            }
-            Ok::<_, actix_ws::Closed>((written, false))
-        };
-        ctx.spawn(write.into_actor(self).map(|result, act, ctx| {
-            act.writing = false;
-            match result {
-                Ok((written, closed)) => {
-                    act.on_written(written, ctx);
-                    if closed {
-                        ctx.stop();
-                    } else {
-                        act.pump(ctx);
-                        act.fetch_more(ctx);
-                    }
-                }
-                // The connection is gone.
-                Err(_) => ctx.stop(),
-            }
-        }));
-    }
-
-    /// Queues a numbered ping (unless one is already waiting to be written).
-    fn ping(&mut self, ctx: &mut Context<Self>) {
-        if !self.ping_queued {
-            self.ping_queued = true;
-            self.next_ping += 1;
-            self.push_control(Outgoing::Ping(self.next_ping), ctx);
-        }
-    }
-
-    /// Bookkeeping after a write step: auto-mode messages wait for the client to confirm
-    /// receipt, which the next ping asks for.
-    fn on_written(&mut self, written: Vec<Written>, ctx: &mut Context<Self>) {
-        let mut wrote_messages = false;
-        for item in written {
-            match item {
-                Written::Message(seq) => {
-                    self.unconfirmed.push_back(seq);
-                    wrote_messages = true;
-                }
-                Written::Ping(id) => {
-                    self.ping_queued = false;
-                    self.pings.push_back((id, self.unconfirmed.len()));
-                }
-            }
-        }
-        if wrote_messages {
-            self.ping(ctx);
-        }
-    }
-
-    /// A pong: every message written before the ping it answers has reached the client.
-    fn on_pong(&mut self, payload: &[u8]) {
-        let Ok(bytes) = <[u8; 8]>::try_from(payload) else {
-            return;
-        };
-        let answered = u64::from_be_bytes(bytes);
-        let mut confirmed = 0;
-        while let Some(&(id, count)) = self.pings.front() {
-            if id > answered {
-                break;
-            }
-            confirmed = confirmed.max(count);
-            self.pings.pop_front();
-        }
-        if confirmed == 0 {
-            return;
-        }
-        let mut done: Vec<i64> = self.unconfirmed.drain(..confirmed).collect();
-        for ping in &mut self.pings {
-            ping.1 -= confirmed;
-        }
-        // Delivered live, in seq order, after everything owed before it: the newest such
-        // message confirmed means every owed message up to it is done, which lets the floor
-        // move without listing each seq (and without the store scanning them again).
-        let mut up_to = None;
-        if let Some(live_from) = self.live_from {
-            if let Some(&newest) = done.iter().filter(|&&seq| seq > live_from).max() {
-                up_to = Some(newest);
-                done.retain(|&seq| seq <= live_from);
-            }
-        }
-        self.report(Progress { done, up_to });
-    }
-
-    /// Live delivery starts: every message owed up to `upto` has been queued already.
-    fn went_live(&mut self, upto: i64) {
-        let skipped_some = self
-            .delivery
-            .since
-            .is_some_and(|since| since > self.delivery.cursor.ack_floor);
-        // Auto mode only (manual acks come in any order), and not after a `since` that
-        // skipped owed messages: those are still owed.
-        if self.delivery.ack == AckMode::Auto && !skipped_some {
-            self.live_from = Some(upto);
-        }
-    }
-
-    fn heartbeat(&mut self, ctx: &mut Context<Self>) {
-        if self.last_heard.elapsed() > self.deps.settings.client_timeout() {
-            log::info!(
-                "session {}: nothing heard for {:?}; closing",
-                self.identity.session_id,
-                self.last_heard.elapsed()
-            );
-            self.close(ctx, close_code::HEARTBEAT_TIMEOUT, "heartbeat timeout");
-        } else {
-            self.ping(ctx);
-        }
+        self.execute(ctx);
     }
 
     fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
+        if self.identity.observer {
+            let client_msg_id = serde_json::from_str::<serde_json::Value>(text)
+                .ok()
+                .and_then(|v| v.get("client_msg_id")?.as_str().map(str::to_owned));
+            let rejection = Rejection::new(
+                ErrorCode::ObserverReadOnly,
+                "this connection is a read-only observer (no agent_id): connect with an agent_id to send, acknowledge or mark read",
+            );
+            return self.reject(&rejection, client_msg_id.as_deref(), ctx);
+        }
         let op = match protocol::parse_client_frame(text) {
             Ok(op) => op,
             Err((rejection, client_msg_id)) => {
@@ -744,35 +361,36 @@ impl SessionActor {
                     let rejection = Rejection::rate_limited(scope, wait);
                     return self.reject(&rejection, send.client_msg_id.as_deref(), ctx);
                 }
-                if self.draining.is_some() {
-                    let rejection = Rejection::new(
-                        ErrorCode::Unavailable,
-                        "this connection is closing; nothing was stored, send again after reconnecting",
-                    );
-                    return self.reject(&rejection, send.client_msg_id.as_deref(), ctx);
-                }
-                if self.pending_sends >= self.deps.settings.max_pending_sends {
-                    let rejection = Rejection::new(
-                        ErrorCode::Overloaded,
-                        format!(
-                            "{} sends are already waiting for their commit; wait for receipts",
-                            self.pending_sends
-                        ),
-                    );
-                    return self.reject(&rejection, send.client_msg_id.as_deref(), ctx);
+                match self.delivery.take_send() {
+                    Ok(()) => {}
+                    Err(SendRefused::Closing) => {
+                        let rejection = Rejection::new(
+                            ErrorCode::Unavailable,
+                            "this connection is closing; nothing was stored, send again after reconnecting",
+                        );
+                        return self.reject(&rejection, send.client_msg_id.as_deref(), ctx);
+                    }
+                    Err(SendRefused::Overloaded { pending }) => {
+                        let rejection = Rejection::new(
+                            ErrorCode::Overloaded,
+                            format!(
+                                "{pending} sends are already waiting for their commit; wait for receipts"
+                            ),
+                        );
+                        return self.reject(&rejection, send.client_msg_id.as_deref(), ctx);
+                    }
                 }
                 let identity = &self.identity;
-                let message = NewMessage::from_send(
-                    send,
+                let message = send.into_message(
                     identity.project_id,
                     identity.agent_id.clone(),
                     identity.agent_type.clone(),
                     Some(identity.session_id),
                 );
-                self.pending_sends += 1;
-                self.deps
-                    .persistence
-                    .do_send(Persist::new(message, Reply::Session(ctx.address())));
+                self.deps.persistence.do_send(Persist::new(
+                    message,
+                    Reply::Session(ctx.address().recipient()),
+                ));
             }
             ClientOp::Ack { seqs, up_to } => self.on_ack(seqs, up_to, ctx),
             ClientOp::Hello {
@@ -855,6 +473,12 @@ impl SessionActor {
         self.deps.stats.record_errors(rejection.code, 1);
         self.push_text(protocol::error_frame(rejection, client_msg_id), ctx);
     }
+
+    /// Queues a text frame for the client.
+    fn push_text(&mut self, frame: ByteString, ctx: &mut Context<Self>) {
+        self.delivery.text(frame);
+        self.execute(ctx);
+    }
 }
 
 impl Actor for SessionActor {
@@ -863,14 +487,16 @@ impl Actor for SessionActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         self.deps.stats.session_started();
         ctx.run_interval(self.deps.settings.heartbeat_interval(), |act, ctx| {
-            act.heartbeat(ctx)
+            act.delivery.heartbeat(Instant::now());
+            act.execute(ctx);
         });
         let join = Join {
             session_id: self.identity.session_id,
             token_id: self.identity.token_id,
             agent_id: self.identity.agent_id.clone(),
             agent_type: self.identity.agent_type.clone(),
-            addr: ctx.address(),
+            observer: self.identity.observer,
+            session: ctx.address().recipient(),
         };
         // Wait for the channel, then count what is owed, before handling anything else: the
         // welcome is the first frame, and live messages that arrive meanwhile wait in the
@@ -882,13 +508,13 @@ impl Actor for SessionActor {
                 .into_actor(self)
                 .then(|joined, act, _ctx| {
                     let range = joined.ok().map(|head_seq| StoreRange {
-                        after: act.delivery.since.unwrap_or(act.delivery.cursor.ack_floor),
+                        after: act.options.since.unwrap_or(act.options.cursor.ack_floor),
                         upto: head_seq,
                         by_priority: true,
                         resume: (-1, 0),
                     });
                     let query = range.as_ref().map(|range| act.owed_query(range, 0));
-                    let max_deliveries = (act.delivery.ack == AckMode::Manual)
+                    let max_deliveries = (act.options.ack == AckMode::Manual)
                         .then_some(act.deps.settings.max_deliveries as i32);
                     let pool = act.deps.pool.clone();
                     async move {
@@ -900,11 +526,13 @@ impl Actor for SessionActor {
                     .into_actor(act)
                     .map(move |counts, act, ctx| match (range, counts) {
                         (Some(range), Some(counts)) => act.welcome(range, counts, ctx),
-                        _ => act.close(
-                            ctx,
-                            1011,
-                            "the broker could not load this agent's queue; reconnect",
-                        ),
+                        _ => {
+                            act.delivery.close(
+                                CloseCode::InternalError,
+                                "the broker could not load this agent's queue; reconnect",
+                            );
+                            act.execute(ctx);
+                        }
                     })
                 }),
         );
@@ -915,7 +543,13 @@ impl Actor for SessionActor {
         self.deps.channel.do_send(Leave {
             session_id: self.identity.session_id,
             agent_id: self.identity.agent_id.clone(),
+            observer: self.identity.observer,
         });
+        log::info!("session {} closed", self.identity.session_id);
+        if self.identity.observer {
+            // No session row and no member to mark.
+            return;
+        }
         let pool = self.deps.pool.clone();
         let session_id = self.identity.session_id;
         let (project_id, agent_id) = (self.identity.project_id, self.identity.agent_id.clone());
@@ -934,16 +568,15 @@ impl Actor for SessionActor {
                 log::warn!("session {session_id}: could not record the disconnect: {e}");
             }
         });
-        log::info!("session {} closed", self.identity.session_id);
     }
 }
 
 impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for SessionActor {
     fn handle(&mut self, item: Result<AggregatedMessage, ProtocolError>, ctx: &mut Self::Context) {
-        if self.closing {
+        if self.delivery.is_closing() {
             return;
         }
-        self.last_heard = Instant::now();
+        self.delivery.heard(Instant::now());
         match item {
             Ok(AggregatedMessage::Text(text)) => self.on_text(&text, ctx),
             Ok(AggregatedMessage::Binary(_)) => {
@@ -953,33 +586,31 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for SessionActor {
                 );
                 self.reject(&rejection, None, ctx);
             }
-            Ok(AggregatedMessage::Ping(payload)) => {
-                // Copied: the payload is a slice of the connection's read buffer, which it
-                // would otherwise keep alive.
-                self.pong = Some(Bytes::copy_from_slice(&payload));
-                self.pump(ctx);
-            }
-            Ok(AggregatedMessage::Pong(payload)) => self.on_pong(&payload),
+            Ok(AggregatedMessage::Ping(payload)) => self.delivery.client_ping(&payload),
+            Ok(AggregatedMessage::Pong(payload)) => self.delivery.pong(&payload),
             Ok(AggregatedMessage::Close(reason)) => {
                 log::debug!(
                     "session {}: client closed ({reason:?})",
                     self.identity.session_id
                 );
                 // Answer with the receipts of what it already sent, then close.
-                self.drain(ctx, 1000, "bye");
+                self.delivery.drain(CloseCode::Normal, "bye");
             }
             // The decoder's own check, behind the frame guard of the upgrade.
             Err(ProtocolError::Overflow) => self.frame_too_large(None, ctx),
             // The connection cannot be read any further, but what the client sent before
             // still gets its receipts before the close.
             Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
-                self.drain(ctx, 1007, "text frames must be valid UTF-8");
+                self.delivery
+                    .drain(CloseCode::InvalidPayload, "text frames must be valid UTF-8");
             }
             Err(e) => {
                 log::info!("session {}: protocol error: {e}", self.identity.session_id);
-                self.drain(ctx, 1002, "protocol error");
+                self.delivery
+                    .drain(CloseCode::ProtocolError, "protocol error");
             }
         }
+        self.execute(ctx);
     }
 
     fn finished(&mut self, ctx: &mut Self::Context) {
@@ -991,104 +622,60 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for SessionActor {
         // The client's half of the connection ended. Receipts still owed for its sends are
         // written if the other half still carries them; otherwise the write fails and the
         // session stops.
-        if self.pending_sends > 0 && self.draining.is_none() {
-            self.drain(ctx, 1000, "bye");
-        } else if self.draining.is_none() {
-            ctx.stop();
-        }
+        self.delivery.input_ended();
+        self.execute(ctx);
     }
 }
 
-/// A committed message for this client, live from its channel.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Deliver {
-    /// The message frame, serialised once for all its recipients.
-    pub frame: ByteString,
-    pub seq: i64,
-}
-
-impl Handler<Deliver> for SessionActor {
+impl Handler<ToSession> for SessionActor {
     type Result = ();
 
-    fn handle(&mut self, deliver: Deliver, ctx: &mut Self::Context) {
-        self.on_live(deliver.frame, deliver.seq, ctx);
+    fn handle(&mut self, event: ToSession, ctx: &mut Self::Context) {
+        match event {
+            ToSession::Deliver { frame, seq } => self.delivery.live(frame, seq),
+            ToSession::Replaced => self.delivery.close(
+                CloseCode::Replaced,
+                "replaced by a newer connection of this agent",
+            ),
+            ToSession::Drain => self
+                .delivery
+                .drain(CloseCode::GoingAway, "the broker is shutting down"),
+            ToSession::TokenRevoked => self.delivery.close(
+                CloseCode::TokenRevoked,
+                "the token of this connection was revoked",
+            ),
+        }
+        self.execute(ctx);
     }
 }
-
-/// The outcome of one of this session's sends: a `sent` receipt or an error frame.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Settled(pub ByteString);
 
 impl Handler<Settled> for SessionActor {
     type Result = ();
 
-    fn handle(&mut self, settled: Settled, ctx: &mut Self::Context) {
-        self.pending_sends = self.pending_sends.saturating_sub(1);
-        self.push_text(settled.0, ctx);
-        if let (Some((code, reason)), 0) = (self.draining, self.pending_sends) {
-            self.close(ctx, code, reason);
-        }
-    }
-}
-
-/// A notice for the client that settles nothing (a `no_recipient` warning after a receipt).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Notify(pub ByteString);
-
-impl Handler<Notify> for SessionActor {
-    type Result = ();
-
-    fn handle(&mut self, notify: Notify, ctx: &mut Self::Context) {
-        self.push_text(notify.0, ctx);
-    }
-}
-
-/// The broker is shutting down: settle what was sent, then close with 1001.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Drain;
-
-impl Handler<Drain> for SessionActor {
-    type Result = ();
-
-    fn handle(&mut self, _: Drain, ctx: &mut Self::Context) {
-        self.drain(ctx, 1001, "the broker is shutting down");
-    }
-}
-
-/// The token this session connected with was revoked.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct TokenRevoked;
-
-impl Handler<TokenRevoked> for SessionActor {
-    type Result = ();
-
-    fn handle(&mut self, _: TokenRevoked, ctx: &mut Self::Context) {
-        self.close(
-            ctx,
-            close_code::TOKEN_REVOKED,
-            "the token of this connection was revoked",
-        );
-    }
-}
-
-/// Another connection of the same agent took over.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Replaced;
-
-impl Handler<Replaced> for SessionActor {
-    type Result = ();
-
-    fn handle(&mut self, _: Replaced, ctx: &mut Self::Context) {
-        self.close(
-            ctx,
-            close_code::REPLACED,
-            "replaced by a newer connection of this agent",
-        );
+    /// The outcome of one of this session's sends: its `sent` receipt (and a `no_recipient`
+    /// warning after it when nobody can receive the message), or an error frame.
+    fn handle(&mut self, Settled(settlement): Settled, ctx: &mut Self::Context) {
+        let (answer, notice) = match settlement {
+            Settlement::Stored {
+                message,
+                no_recipient,
+            } => {
+                let notice = no_recipient.then(|| {
+                    let warning =
+                        Rejection::new(ErrorCode::NoRecipient, no_recipient_text(&message));
+                    protocol::error_frame(&warning, message.client_msg_id.as_deref())
+                });
+                (protocol::receipt_frame(&message), notice)
+            }
+            Settlement::Failed {
+                rejection,
+                client_msg_id,
+            } => (
+                protocol::error_frame(&rejection, client_msg_id.as_deref()),
+                None,
+            ),
+        };
+        self.delivery.settled(answer, notice);
+        self.execute(ctx);
     }
 }

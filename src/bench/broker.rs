@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
+
+use crate::protocol::Listening;
 
 /// How long a spawned broker may take to report its port.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -61,24 +62,28 @@ impl SpawnedBroker {
             // Start-up lines are logged at info; per-connection lines are few.
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .context("starting the broker")?;
+        let stdout = child.stdout.take().context("the broker's stdout")?;
         let stderr = child.stderr.take().context("the broker's stderr")?;
         let log_tail = Arc::new(Mutex::new(VecDeque::new()));
         let (tx, rx) = std::sync::mpsc::channel();
+        // The port, from the machine-readable line on stdout; stdout is drained afterwards
+        // so the broker never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(listening) = Listening::parse(&line) {
+                    let _ = tx.send(listening.port);
+                }
+            }
+        });
         {
             let log_tail = log_tail.clone();
-            // Read the port from the start-up line, then keep draining the log so the broker
-            // never blocks on a full pipe.
+            // Keep the end of the log for error messages, draining it all.
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if line.contains("agentbus listening on") {
-                        if let Some(port) = parse_port(&line) {
-                            let _ = tx.send(port);
-                        }
-                    }
                     let mut tail = log_tail.lock().unwrap_or_else(|p| p.into_inner());
                     if tail.len() == LOG_TAIL {
                         tail.pop_front();
@@ -138,17 +143,6 @@ impl Drop for SpawnedBroker {
     }
 }
 
-/// The port in "agentbus listening on 127.0.0.1:0 (port 40123)".
-fn parse_port(line: &str) -> Option<u16> {
-    line.split("(port ")
-        .nth(1)?
-        .split(')')
-        .next()?
-        .trim()
-        .parse()
-        .ok()
-}
-
 /// A fresh database name on `server`: `bench_<uuid>`.
 pub fn fresh_database_url(server: &str) -> (String, String) {
     let name = format!("bench_{}", Uuid::new_v4().simple());
@@ -157,18 +151,7 @@ pub fn fresh_database_url(server: &str) -> (String, String) {
 
 /// Drops a database this benchmark created (terminating any connection left to it).
 pub async fn drop_database(server: &str, name: &str) -> anyhow::Result<()> {
-    let mut conn =
-        AsyncPgConnection::establish(&format!("{}/postgres", server.trim_end_matches('/')))
-            .await
-            .with_context(|| format!("connecting to {server} to drop {name}"))?;
-    diesel::sql_query(format!(
-        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-        name.replace('"', "\"\"")
-    ))
-    .execute(&mut conn)
-    .await
-    .with_context(|| format!("dropping database {name}"))?;
-    Ok(())
+    crate::db::drop_database(server, name).await
 }
 
 /// `ws://host:port` from what the user gave (`ws://host:port/`, `host:port`).
@@ -184,14 +167,6 @@ pub fn normalise_target(target: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_the_port_of_the_listening_line() {
-        let line =
-            "[2026-01-01T00:00:00Z INFO  agentbus] agentbus listening on 127.0.0.1:0 (port 40123)";
-        assert_eq!(parse_port(line), Some(40123));
-        assert_eq!(parse_port("nothing here"), None);
-    }
 
     #[test]
     fn normalises_targets() {

@@ -85,13 +85,7 @@ fn rows(w: &Workload, project_ids: &[Uuid]) -> anyhow::Result<Vec<NewMessage>> {
         };
         let send = protocol::validate_send(fields, &protocol::SendLimits::UNBOUNDED)
             .map_err(|(r, _)| anyhow::anyhow!("the bench's own frame is refused: {}", r.message))?;
-        Ok(NewMessage::from_send(
-            send,
-            project,
-            agent_id(sender),
-            "bench".to_owned(),
-            None,
-        ))
+        Ok(send.into_message(project, agent_id(sender), "bench".to_owned(), None))
     };
     let mut rows = Vec::with_capacity(w.expected_messages() as usize);
     for n in 0..w.messages {

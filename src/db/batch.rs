@@ -415,7 +415,8 @@ async fn flag_unreachable(
         "SELECT t.i FROM unnest($1::int4[], $2::uuid[], $3::text[], $4::text[], $5::text[]) \
            AS t(i, p, kind, target, sender) \
          WHERE NOT EXISTS (SELECT 1 FROM members m \
-           WHERE m.project_id = t.p AND m.joined_seq IS NOT NULL AND m.agent_id <> t.sender \
+           WHERE m.project_id = t.p AND m.joined_seq IS NOT NULL \
+             AND (m.agent_id <> t.sender OR t.kind = 'agent') \
              AND ((t.kind = 'agent' AND m.agent_id = t.target) \
                OR (t.kind = 'type' AND m.agent_type = t.target) \
                OR t.kind = 'all'))",

@@ -26,6 +26,10 @@ const OWED: &str = "a.project_id = $1 \
                       a.expires_at, $4, $7, $5) \
     AND NOT (a.seq = ANY($6))";
 
+/// The observed-message condition: every message of the project. The agent parameters are
+/// bound (the statement's shape is the same as [`OWED`]'s) and unused.
+const OBSERVED: &str = "a.project_id = $1 AND $4 = $4 AND $5 = $5 AND $6 = $6 AND $7 = $7";
+
 /// A member's delivery state as stored.
 #[derive(QueryableByName, Debug, Clone)]
 pub struct MemberCursor {
@@ -160,6 +164,19 @@ pub struct OwedQuery {
     /// Keyset: continue after this (priority, seq) (seq alone when not by priority).
     pub resume: (i16, i64),
     pub limit: i64,
+    /// An observer's read: every message of the project in the range, not only those owed
+    /// to an agent (the agent fields are ignored).
+    pub observer: bool,
+}
+
+impl OwedQuery {
+    fn condition(&self) -> &'static str {
+        if self.observer {
+            OBSERVED
+        } else {
+            OWED
+        }
+    }
 }
 
 /// One page of owed messages.
@@ -174,7 +191,8 @@ pub async fn owed_page(
     };
     // Not prepared: it selects `*` (see `db::prepared`).
     diesel::sql_query(format!(
-        "SELECT a.* FROM agent_messages a WHERE a.seq > $2 AND a.seq <= $3 AND {OWED} {order} LIMIT $10"
+        "SELECT a.* FROM agent_messages a WHERE a.seq > $2 AND a.seq <= $3 AND {} {order} LIMIT $10",
+        q.condition()
     ))
     .bind::<SqlUuid, _>(q.project_id)
     .bind::<BigInt, _>(q.after)
@@ -208,10 +226,11 @@ pub async fn owed_counts(
 ) -> QueryResult<[i64; 4]> {
     let rows: Vec<PriorityCount> = diesel::sql_query(format!(
         "SELECT a.priority, count(*) AS count FROM agent_messages a \
-         WHERE a.seq > $2 AND a.seq <= $3 AND {OWED} \
+         WHERE a.seq > $2 AND a.seq <= $3 AND {} \
            AND ($8::int4 IS NULL OR NOT EXISTS (SELECT 1 FROM delivery_attempts d \
                 WHERE d.project_id = $1 AND d.agent_id = $4 AND d.seq = a.seq AND d.attempts >= $8)) \
-         GROUP BY a.priority"
+         GROUP BY a.priority",
+        q.condition()
     ))
     .bind::<SqlUuid, _>(q.project_id)
     .bind::<BigInt, _>(q.after)

@@ -128,6 +128,7 @@ fn owed_query(
         by_priority,
         resume: if by_priority { (-1, 0) } else { (0, after) },
         limit,
+        observer: false,
     }
 }
 

@@ -4,13 +4,17 @@
 pub mod batch;
 pub mod claims;
 pub mod cursors;
+pub mod dead_letters;
+pub mod deadlines;
 pub mod inbox;
+pub mod ops;
 pub mod outbox;
 pub mod paging;
 pub mod prepared;
 pub mod queries;
 pub mod search;
 pub mod tasks;
+pub mod tokens;
 
 use std::time::Duration;
 
@@ -124,11 +128,28 @@ fn split_database_name(url: &str) -> Option<(String, String)> {
 }
 
 fn quote_identifier(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
+    postgres_protocol::escape::escape_identifier(name)
 }
 
 fn quote_literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
+    postgres_protocol::escape::escape_literal(value)
+}
+
+/// Drops database `name` of the server at `server_url` (`postgres://user@host:port`),
+/// terminating any connection left to it. For throwaway databases (tests, the benchmark).
+pub async fn drop_database(server_url: &str, name: &str) -> anyhow::Result<()> {
+    let mut conn =
+        AsyncPgConnection::establish(&format!("{}/postgres", server_url.trim_end_matches('/')))
+            .await
+            .with_context(|| format!("connecting to {server_url} to drop {name}"))?;
+    diesel::sql_query(format!(
+        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+        quote_identifier(name)
+    ))
+    .execute(&mut conn)
+    .await
+    .with_context(|| format!("dropping database {name}"))?;
+    Ok(())
 }
 
 #[cfg(test)]

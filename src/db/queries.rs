@@ -24,7 +24,7 @@ pub async fn create_project_with_token(
     use diesel_async::AsyncConnection;
     conn.transaction(async |conn| {
         let project = create_project(conn, name).await?;
-        let (_, token) = crate::auth::issue(conn, project.id, None).await?;
+        let (_, token) = crate::db::tokens::issue(conn, project.id, None).await?;
         Ok((project, token))
     })
     .await

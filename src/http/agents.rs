@@ -26,12 +26,7 @@ fn speaks_as(req: &actix_web::HttpRequest, agent_id: &str) -> Result<(), ApiErro
 
 /// Refuses to act as `agent_id` with a token bound to another agent.
 pub(super) fn bound_check(access: &Access, agent_id: &str) -> Result<(), ApiError> {
-    match access.bound_agent() {
-        Some(bound) if bound != agent_id => Err(ApiError::Forbidden(format!(
-            "this token speaks only as agent {bound:?}"
-        ))),
-        _ => Ok(()),
-    }
+    Ok(access.speak_as(agent_id)?)
 }
 
 /// A call made as an agent over HTTP: who, and what it says about itself.
@@ -192,9 +187,7 @@ pub async fn join(
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let access = granted(&req)?;
-    let agent_id = body
-        .agent_id
-        .or_else(|| access.bound_agent().map(str::to_owned))
+    let agent_id = super::access::acting_agent(&access, body.agent_id)?
         .ok_or_else(|| ApiError::bad_request("missing_field", "`agent_id` is required"))?;
     let agent_type = body
         .agent_type

@@ -1,33 +1,17 @@
 //! `/api/projects/{id}/dead-letters`: messages that could not reach anyone, and retrying them.
 
 use actix_web::{web, HttpResponse};
-use chrono::{DateTime, Utc};
-use diesel::prelude::*;
-use diesel_async::RunQueryDsl;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use uuid::Uuid;
 
 use super::messages::{page_limit, store};
 use super::{projects, ApiError, AppState};
-use crate::models::{NewMessage, StoredMessage};
-use crate::schema::{agent_messages, dead_letters};
+use crate::db::dead_letters;
+use crate::models::NewMessage;
 
 #[derive(Deserialize)]
 pub struct ListParams {
     limit: Option<i64>,
-}
-
-/// `(reason, dead_at, retried_as)` of a dead letter.
-type DeadLetterRecord = (String, DateTime<Utc>, Option<Uuid>);
-
-#[derive(Serialize)]
-struct DeadLetterView {
-    message: StoredMessage,
-    /// `expired`, `no_recipient` or `max_deliveries`.
-    reason: String,
-    dead_at: DateTime<Utc>,
-    /// The message that retried it, once retried.
-    retried_as: Option<Uuid>,
 }
 
 /// Newest first.
@@ -40,30 +24,7 @@ pub async fn list(
     let project = projects::load(&state, &path).await?;
     let _turn = state.heavy_reads.turn().await?;
     let mut conn = state.pool.get().await?;
-    let rows: Vec<(StoredMessage, DeadLetterRecord)> = dead_letters::table
-        .inner_join(agent_messages::table)
-        .filter(dead_letters::project_id.eq(project.id))
-        .order(dead_letters::dead_at.desc())
-        .limit(limit)
-        .select((
-            StoredMessage::as_select(),
-            (
-                dead_letters::reason,
-                dead_letters::dead_at,
-                dead_letters::retried_as,
-            ),
-        ))
-        .load(&mut conn)
-        .await?;
-    let dead: Vec<DeadLetterView> = rows
-        .into_iter()
-        .map(|(message, (reason, dead_at, retried_as))| DeadLetterView {
-            message,
-            reason,
-            dead_at,
-            retried_as,
-        })
-        .collect();
+    let dead = dead_letters::list(&mut conn, project.id, limit).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "dead_letters": dead })))
 }
 
@@ -79,14 +40,7 @@ pub async fn retry(
     let message_id = super::parse_message_id(&message_raw)?;
     let original = {
         let mut conn = state.pool.get().await?;
-        let found: Option<(StoredMessage, Option<Uuid>)> = dead_letters::table
-            .inner_join(agent_messages::table)
-            .filter(dead_letters::project_id.eq(project.id))
-            .filter(dead_letters::message_id.eq(message_id))
-            .select((StoredMessage::as_select(), dead_letters::retried_as))
-            .first(&mut conn)
-            .await
-            .optional()?;
+        let found = dead_letters::find(&mut conn, project.id, message_id).await?;
         match found {
             None => {
                 return Err(ApiError::NotFound(format!(
@@ -142,9 +96,6 @@ pub async fn retry(
     };
     let (stored, _) = store(&state, retry).await?;
     let mut conn = state.pool.get().await?;
-    diesel::update(dead_letters::table.find(message_id))
-        .set(dead_letters::retried_as.eq(stored.id))
-        .execute(&mut conn)
-        .await?;
+    dead_letters::mark_retried(&mut conn, message_id, stored.id).await?;
     Ok(HttpResponse::Created().json(stored))
 }

@@ -71,6 +71,12 @@ pub fn internal_body(request_id: &str) -> serde_json::Value {
     })
 }
 
+impl From<crate::auth::NotThisAgent> for ApiError {
+    fn from(e: crate::auth::NotThisAgent) -> Self {
+        ApiError::Forbidden(e.to_string())
+    }
+}
+
 impl ApiError {
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         ApiError::BadRequest {

@@ -209,8 +209,8 @@ pub async fn admin_access(
     let Some(state) = req.app_data::<web::Data<AppState>>().cloned() else {
         return Ok(req.error_response(ApiError::Internal("no application state".into())));
     };
-    let token = crate::auth::presented_token(req.request());
-    let access = match crate::auth::authenticate(
+    let token = super::access::presented_token(req.request());
+    let access = match super::access::authenticate(
         &state.pool,
         state.settings.admin_token.as_deref(),
         token.as_deref(),

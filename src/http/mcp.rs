@@ -243,10 +243,10 @@ async fn admit(
         }
     }
     let project_id = super::parse_project_id(path)?;
-    let access = auth::authenticate(
+    let access = super::access::authenticate(
         &state.pool,
         state.settings.admin_token.as_deref(),
-        auth::presented_token(req).as_deref(),
+        super::access::presented_token(req).as_deref(),
     )
     .await?;
     if !access.allows_project(project_id) {
@@ -254,15 +254,7 @@ async fn admit(
             "this token is for another project".into(),
         ));
     }
-    let agent_id = match (params.agent_id, access.bound_agent()) {
-        (Some(given), Some(bound)) if given != bound => {
-            return Err(ApiError::Forbidden(format!(
-                "this token speaks only as agent {bound:?}"
-            )))
-        }
-        (given, bound) => given.or(bound.map(str::to_owned)),
-    }
-    .ok_or_else(|| {
+    let agent_id = super::access::acting_agent(&access, params.agent_id)?.ok_or_else(|| {
         ApiError::bad_request(
             "missing_field",
             "the `agent_id` query parameter is required (or a token bound to an agent)",

@@ -11,7 +11,8 @@ use uuid::Uuid;
 use super::{granted, projects, ApiError, AppState};
 use crate::actors::channel::{AwaitReply, ForgetReply};
 use crate::actors::deadlines::BROKER_AGENT_ID;
-use crate::actors::persistence::{no_recipient_text, Persist, Reply, Settlement};
+use crate::actors::persistence::Persist;
+use crate::actors::settle::{no_recipient_text, Reply, Settlement};
 use crate::auth::Access;
 use crate::db::cursors::{self, Progress};
 use crate::db::inbox::Interface;
@@ -155,15 +156,10 @@ impl PublishBody {
         project_id: Uuid,
         access: &Access,
     ) -> Result<NewMessage, ApiError> {
-        let sender_agent_id = match (self.sender_agent_id, access.bound_agent()) {
-            (Some(given), Some(bound)) if given != bound => {
-                return Err(ApiError::Forbidden(format!(
-                    "this token speaks only as agent {bound:?}"
-                )))
-            }
-            (given, bound) => given.or(bound.map(str::to_owned)),
-        }
-        .ok_or_else(|| ApiError::bad_request("missing_field", "`sender_agent_id` is required"))?;
+        let sender_agent_id = super::access::acting_agent(access, self.sender_agent_id)?
+            .ok_or_else(|| {
+                ApiError::bad_request("missing_field", "`sender_agent_id` is required")
+            })?;
         protocol::check_agent_id("sender_agent_id", &sender_agent_id)?;
         let sender_agent_type = self.sender_agent_type.ok_or_else(|| {
             ApiError::bad_request("missing_field", "`sender_agent_type` is required")
@@ -193,13 +189,7 @@ pub(super) fn new_message(
 ) -> Result<NewMessage, ApiError> {
     let send = protocol::validate_send(send, &state.settings.send_limits())
         .map_err(|(rejection, _)| rejection)?;
-    Ok(NewMessage::from_send(
-        send,
-        project_id,
-        sender_agent_id,
-        sender_agent_type,
-        None,
-    ))
+    Ok(send.into_message(project_id, sender_agent_id, sender_agent_type, None))
 }
 
 /// A send over HTTP makes its sender a member (joined at the head) and counts as its presence.

@@ -1,6 +1,7 @@
 //! The HTTP surface: REST routes, the WebSocket upgrade, and how extractor failures become
 //! JSON errors.
 
+mod access;
 mod agents;
 mod claims;
 mod console;
@@ -29,7 +30,7 @@ pub use mcp::McpSessions;
 pub use projects::validate_name as validate_project_name;
 
 use crate::actors::cursor::CursorActor;
-use crate::actors::persistence::PersistenceActor;
+use crate::actors::persistence::Persist;
 use crate::actors::registry::ChannelRegistry;
 use crate::auth;
 use crate::config::Settings;
@@ -42,7 +43,7 @@ pub struct AppState {
     pub pool: DbPool,
     pub settings: Arc<Settings>,
     pub registry: ChannelRegistry,
-    pub persistence: Addr<PersistenceActor>,
+    pub persistence: actix::Recipient<Persist>,
     pub cursors: Addr<CursorActor>,
     pub stats: Stats,
     /// Every project's rate limit, shared with the sessions.
@@ -178,8 +179,8 @@ async fn check_project_access(
         .cloned()
         .ok_or_else(|| ApiError::Internal("no application state".into()))?;
     let project_id = parse_project_id(req.match_info().get("project_id").unwrap_or_default())?;
-    let token = auth::presented_token(req.request());
-    let access = auth::authenticate(
+    let token = access::presented_token(req.request());
+    let access = access::authenticate(
         &state.pool,
         state.settings.admin_token.as_deref(),
         token.as_deref(),
@@ -196,8 +197,8 @@ async fn check_project_access(
 /// The admin token (or an open broker) is required. (`/api/projects` checks it in
 /// `guards::admin_access`, before the body is read.)
 pub async fn require_admin(req: &actix_web::HttpRequest, state: &AppState) -> Result<(), ApiError> {
-    let token = auth::presented_token(req);
-    let access = auth::authenticate(
+    let token = access::presented_token(req);
+    let access = access::authenticate(
         &state.pool,
         state.settings.admin_token.as_deref(),
         token.as_deref(),

@@ -4,20 +4,11 @@
 use actix_web::http::header::ContentType;
 use actix_web::{web, HttpResponse};
 use diesel::migration::MigrationSource;
-use diesel::prelude::*;
-use diesel_async::RunQueryDsl;
 use serde_json::json;
 
 use super::AppState;
-use crate::db::{DbPool, MIGRATIONS};
+use crate::db::{self, DbPool, MIGRATIONS};
 use crate::metrics;
-
-// The table in which diesel records applied migrations (only the column read here).
-diesel::table! {
-    __diesel_schema_migrations (version) {
-        version -> VarChar,
-    }
-}
 
 /// 200 `{"status": "ready"}` when the database answers within the database timeout and every
 /// migration this binary embeds is applied; 503 `{"status": "not_ready", "reason": ...}`
@@ -47,13 +38,10 @@ async fn check(pool: &DbPool) -> Result<(), String> {
         .get()
         .await
         .map_err(|e| format!("no database connection: {e}"))?;
-    diesel::sql_query("SELECT 1")
-        .execute(&mut conn)
+    db::ops::ping(&mut conn)
         .await
         .map_err(|e| format!("the database did not answer: {e}"))?;
-    let applied: Vec<String> = __diesel_schema_migrations::table
-        .select(__diesel_schema_migrations::version)
-        .load(&mut conn)
+    let applied = db::ops::applied_migrations(&mut conn)
         .await
         .map_err(|e| format!("cannot read the applied migrations: {e}"))?;
     let embedded = MigrationSource::<diesel::pg::Pg>::migrations(&MIGRATIONS)

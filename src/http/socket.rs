@@ -39,8 +39,8 @@ use uuid::Uuid;
 
 use super::{projects, ApiError, AppState};
 use crate::actors::session::{DeliveryOptions, Identity, SessionActor, SessionDeps};
-use crate::auth;
-use crate::db::{cursors, queries};
+use crate::db::cursors::{self, MemberCursor};
+use crate::db::queries;
 use crate::frames::{FrameTracker, Refusal};
 use crate::protocol::{self, AckMode};
 
@@ -67,12 +67,9 @@ pub async fn connect(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let params = params.into_inner();
-    let agent_id = params.agent_id.ok_or_else(|| {
-        ApiError::bad_request(
-            "missing_field",
-            "the `agent_id` query parameter is required",
-        )
-    })?;
+    let Some(agent_id) = params.agent_id else {
+        return observe(req, body, path, params, state).await;
+    };
     protocol::check_agent_id("agent_id", &agent_id)?;
     let agent_type = params
         .agent_type
@@ -88,17 +85,12 @@ pub async fn connect(
     if let Some(capabilities) = &capabilities {
         protocol::check_capabilities(capabilities)?;
     }
-    if params.since.is_some_and(|s| s < 0) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            "`since` must not be negative",
-        ));
-    }
+    check_since(params.since)?;
     let project_id = super::parse_project_id(&path)?;
-    let access = auth::authenticate(
+    let access = super::access::authenticate(
         &state.pool,
         state.settings.admin_token.as_deref(),
-        auth::presented_token(&req).as_deref(),
+        super::access::presented_token(&req).as_deref(),
     )
     .await?;
     if !access.allows_project(project_id) {
@@ -106,13 +98,7 @@ pub async fn connect(
             "this token is for another project".into(),
         ));
     }
-    if let Some(bound) = access.bound_agent() {
-        if bound != agent_id {
-            return Err(ApiError::Forbidden(format!(
-                "this token speaks only as agent {bound:?}"
-            )));
-        }
-    }
+    access.speak_as(&agent_id)?;
     let project = projects::load(&state, &path).await?;
 
     let permit = state
@@ -121,26 +107,8 @@ pub async fn connect(
         .map_err(|scope| {
             ApiError::TooManyConnections(format!("too many open connections for this {scope}"))
         })?;
-    let max_frame = state.settings.max_frame_bytes;
-    let refusal = Refusal::default();
-    let guarded = FrameGuard {
-        inner: body.into_inner(),
-        tracker: FrameTracker::new(max_frame),
-        refusal: refusal.clone(),
-        refused: false,
-        read_ahead: 0,
-    };
-    let body = web::Payload::from_request(
-        &req,
-        &mut dev::Payload::Stream {
-            payload: Box::pin(guarded),
-        },
-    )
-    .await
-    .map_err(|e| ApiError::Internal(format!("the WebSocket body: {e}")))?;
-    let (response, ws, stream) = actix_ws::handle(&req, body).map_err(|e| {
-        ApiError::bad_request("not_a_websocket", format!("WebSocket upgrade failed: {e}"))
-    })?;
+    let (response, ws, stream, refusal) =
+        upgrade(&req, body, state.settings.max_frame_bytes).await?;
 
     let session_id = Uuid::new_v4();
     let cursor = {
@@ -163,10 +131,6 @@ pub async fn connect(
         cursor
     };
 
-    let stream = stream
-        .max_frame_size(max_frame)
-        .aggregate_continuations()
-        .max_continuation_size(max_frame);
     let deps = SessionDeps {
         channel: state.registry.get_or_start(project.id, project.head_seq),
         persistence: state.persistence.clone(),
@@ -183,6 +147,7 @@ pub async fn connect(
         project_id: project.id,
         agent_id,
         agent_type,
+        observer: false,
     };
     log::info!(
         "session {session_id}: agent {:?} ({}) joined project {}",
@@ -194,6 +159,138 @@ pub async fn connect(
         ack: params.ack.unwrap_or(AckMode::Auto),
         since: params.since,
         cursor,
+    };
+    SessionActor::create(move |ctx| {
+        ctx.add_stream(stream);
+        SessionActor::new(identity, deps, delivery, ws, permit, refusal)
+    });
+    Ok(response)
+}
+
+/// `since` as the query gave it: not negative.
+fn check_since(since: Option<i64>) -> Result<(), ApiError> {
+    if since.is_some_and(|s| s < 0) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "`since` must not be negative",
+        ));
+    }
+    Ok(())
+}
+
+/// The aggregated message stream of an accepted upgrade.
+type ClientStream = actix_ws::AggregatedMessageStream;
+
+/// Upgrades the connection, with the client's bytes passing through a [`FrameGuard`] on
+/// their way to the decoder.
+async fn upgrade(
+    req: &HttpRequest,
+    body: web::Payload,
+    max_frame: usize,
+) -> Result<(HttpResponse, actix_ws::Session, ClientStream, Refusal), ApiError> {
+    let refusal = Refusal::default();
+    let guarded = FrameGuard {
+        inner: body.into_inner(),
+        tracker: FrameTracker::new(max_frame),
+        refusal: refusal.clone(),
+        refused: false,
+        read_ahead: 0,
+    };
+    let body = web::Payload::from_request(
+        req,
+        &mut dev::Payload::Stream {
+            payload: Box::pin(guarded),
+        },
+    )
+    .await
+    .map_err(|e| ApiError::Internal(format!("the WebSocket body: {e}")))?;
+    let (response, ws, stream) = actix_ws::handle(req, body).map_err(|e| {
+        ApiError::bad_request("not_a_websocket", format!("WebSocket upgrade failed: {e}"))
+    })?;
+    let stream = stream
+        .max_frame_size(max_frame)
+        .aggregate_continuations()
+        .max_continuation_size(max_frame);
+    Ok((response, ws, stream, refusal))
+}
+
+/// A connection without `agent_id`: a read-only observer of the whole project. It receives
+/// every message committed in the project (after `since` when given, else from the head),
+/// is no member and cannot send. With tokens required it needs the admin token or an
+/// unbound token of the project: a token bound to an agent sees only what that agent may.
+async fn observe(
+    req: HttpRequest,
+    body: web::Payload,
+    path: web::Path<String>,
+    params: ConnectParams,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    if params.agent_type.is_some() || params.ack.is_some() || params.capabilities.is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "`agent_type`, `ack` and `capabilities` need an `agent_id`: a connection without one is a read-only observer",
+        ));
+    }
+    check_since(params.since)?;
+    let project_id = super::parse_project_id(&path)?;
+    let access = super::access::authenticate(
+        &state.pool,
+        state.settings.admin_token.as_deref(),
+        super::access::presented_token(&req).as_deref(),
+    )
+    .await?;
+    if !access.allows_project(project_id) {
+        return Err(ApiError::Forbidden(
+            "this token is for another project".into(),
+        ));
+    }
+    if let Some(bound) = access.bound_agent() {
+        return Err(ApiError::Forbidden(format!(
+            "this token speaks only as agent {bound:?} and cannot observe the whole project; connect with agent_id={bound:?}"
+        )));
+    }
+    let project = projects::load(&state, &path).await?;
+    let permit = state
+        .connection_limits
+        .acquire(project.id, req.peer_addr().map(|a| a.ip()))
+        .map_err(|scope| {
+            ApiError::TooManyConnections(format!("too many open connections for this {scope}"))
+        })?;
+    let (response, ws, stream, refusal) =
+        upgrade(&req, body, state.settings.max_frame_bytes).await?;
+    let session_id = Uuid::new_v4();
+    let deps = SessionDeps {
+        channel: state.registry.get_or_start(project.id, project.head_seq),
+        persistence: state.persistence.clone(),
+        cursors: state.cursors.clone(),
+        pool: state.pool.clone(),
+        settings: state.settings.clone(),
+        stats: state.stats.clone(),
+        project_limits: state.project_limits.clone(),
+        coordination: state.coordination.clone(),
+    };
+    let identity = Identity {
+        session_id,
+        token_id: access.token_id(),
+        project_id: project.id,
+        agent_id: String::new(),
+        agent_type: String::new(),
+        observer: true,
+    };
+    log::info!(
+        "session {session_id}: observer joined project {}",
+        project.id
+    );
+    // Without `since` the observer starts at the head: nothing is replayed.
+    let delivery = DeliveryOptions {
+        ack: AckMode::Auto,
+        since: params.since,
+        cursor: MemberCursor {
+            ack_floor: project.head_seq,
+            acked_above: Vec::new(),
+            joined_seq: None,
+            agent_type: String::new(),
+        },
     };
     SessionActor::create(move |ctx| {
         ctx.add_stream(stream);

@@ -4,16 +4,13 @@
 use std::collections::HashMap;
 
 use actix_web::{web, HttpResponse};
-use diesel::prelude::*;
-use diesel_async::RunQueryDsl;
 use serde_json::json;
 use uuid::Uuid;
 
 use super::{projects, ApiError, AppState};
 use crate::actors::channel::Presence;
-use crate::db::cursors;
-use crate::schema::{agent_messages, dead_letters};
-use crate::stats::{BATCH_SIZE_BUCKETS, COMMIT_MS_BUCKETS};
+use crate::db::{cursors, dead_letters, deadlines};
+use crate::metrics::{BATCH_SIZE_BUCKETS, COMMIT_MS_BUCKETS};
 
 fn persistence_json(state: &AppState) -> serde_json::Value {
     let b = state.stats.batches();
@@ -43,18 +40,8 @@ pub async fn project(
         .iter()
         .map(|m| (m.agent_id.as_str(), m.queue_depth))
         .collect();
-    let pending_requests: i64 = agent_messages::table
-        .filter(agent_messages::project_id.eq(project.id))
-        .filter(agent_messages::expects_reply.eq(true))
-        .filter(agent_messages::replied_at.is_null())
-        .count()
-        .get_result(&mut conn)
-        .await?;
-    let dead: i64 = dead_letters::table
-        .filter(dead_letters::project_id.eq(project.id))
-        .count()
-        .get_result(&mut conn)
-        .await?;
+    let pending_requests = deadlines::count_pending(&mut conn, project.id).await?;
+    let dead = dead_letters::count(&mut conn, project.id).await?;
     Ok(HttpResponse::Ok().json(json!({
         "project_id": project.id,
         "head_seq": project.head_seq,

@@ -6,7 +6,6 @@ use uuid::Uuid;
 
 use super::{granted, projects, ApiError, AppState};
 use crate::actors::channel::Revoked;
-use crate::auth;
 use crate::protocol;
 
 fn require_admin(req: &HttpRequest) -> Result<(), ApiError> {
@@ -47,7 +46,7 @@ pub async fn issue(
         protocol::check_agent_id("agent_id", agent_id)?;
     }
     let mut conn = state.pool.get().await?;
-    let (id, token) = auth::issue(&mut conn, project.id, agent_id.as_deref()).await?;
+    let (id, token) = crate::db::tokens::issue(&mut conn, project.id, agent_id.as_deref()).await?;
     Ok(HttpResponse::Created().json(serde_json::json!({
         "id": id,
         "project_id": project.id,
@@ -64,7 +63,7 @@ pub async fn list(
     require_admin(&req)?;
     let project = projects::load(&state, &path).await?;
     let mut conn = state.pool.get().await?;
-    let tokens = auth::list(&mut conn, project.id).await?;
+    let tokens = crate::db::tokens::list(&mut conn, project.id).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "tokens": tokens })))
 }
 
@@ -80,7 +79,7 @@ pub async fn revoke(
     let token_id = Uuid::parse_str(&token_raw)
         .map_err(|_| ApiError::bad_request("invalid_field", "the token id must be a UUID"))?;
     let mut conn = state.pool.get().await?;
-    if !auth::revoke(&mut conn, project.id, token_id).await? {
+    if !crate::db::tokens::revoke(&mut conn, project.id, token_id).await? {
         return Err(ApiError::NotFound(format!(
             "no active token {token_id} in this project"
         )));

@@ -35,8 +35,12 @@ async fn upgrades_are_refused_before_the_websocket_opens() {
         .await,
         404
     );
+    // Without agent_id the connection is an observer, but agent parameters need one.
     assert_eq!(
-        refused_upgrade(&ws(&format!("/ws/agent/messages/{project}"))).await,
+        refused_upgrade(&ws(&format!(
+            "/ws/agent/messages/{project}?agent_type=coder"
+        )))
+        .await,
         400
     );
     assert_eq!(
@@ -60,9 +64,11 @@ async fn upgrades_are_refused_before_the_websocket_opens() {
     );
 
     // The JSON error body says why.
-    let (code, body) = app.get_json(&format!("/ws/agent/messages/{project}")).await;
+    let (code, body) = app
+        .get_json(&format!("/ws/agent/messages/{project}?agent_type=coder"))
+        .await;
     assert_eq!(code, 400);
-    assert_eq!(body["code"], "missing_field");
+    assert_eq!(body["code"], "invalid_query");
 
     // And a well-formed one is accepted.
     let agent = app.connect(project, "a", "coder").await;

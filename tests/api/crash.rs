@@ -4,6 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use agentbus::protocol::Listening;
 use serde_json::{json, Value};
 
 use crate::helpers::{eventually, status, Agent, TestApp, PATIENCE};
@@ -25,32 +26,35 @@ impl BrokerProcess {
         BrokerProcess::spawn(command)
     }
 
-    /// Starts the command and waits for its start-up line; panics with its log if it exits
-    /// first.
+    /// Starts the command and waits for its machine-readable `listening` line on stdout;
+    /// panics with its log if it exits first.
     pub fn spawn(mut command: Command) -> BrokerProcess {
         let mut child = command
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start the agentbus binary");
+        let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
-        // Read the port from the start-up line, then keep draining the log so the broker
-        // never blocks on a full pipe.
+        {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if let Some(listening) = Listening::parse(&line) {
+                        let _ = tx.send(Ok(listening.port));
+                    }
+                }
+            });
+        }
+        // Keep draining the log so the broker never blocks on a full pipe; it ends when the
+        // broker exits.
         std::thread::spawn(move || {
             let mut log = String::new();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(port) = line
-                    .split("(port ")
-                    .nth(1)
-                    .and_then(|r| r.trim_end_matches(')').parse::<u16>().ok())
-                {
-                    let _ = tx.send(Ok(port));
-                }
                 log.push_str(&line);
                 log.push('\n');
             }
-            // The log ended: the broker exited.
             let _ = tx.send(Err(log));
         });
         let started = rx.recv_timeout(PATIENCE);

@@ -6,7 +6,7 @@ use std::time::Duration;
 use actix_web::dev::ServerHandle;
 use agentbus::config::Settings;
 use agentbus::startup::Application;
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncConnection, AsyncPgConnection};
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -226,13 +226,7 @@ fn drop_database(name: &str) {
         return;
     };
     let drop = async {
-        if let Ok(mut conn) =
-            AsyncPgConnection::establish(&format!("{}/postgres", server_url())).await
-        {
-            let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                .execute(&mut conn)
-                .await;
-        }
+        let _ = agentbus::db::drop_database(&server_url(), name).await;
     };
     // Bounded, so that a test never hangs in its clean-up.
     let _ = rt.block_on(async { tokio::time::timeout(PATIENCE, drop).await });

@@ -22,11 +22,13 @@ mod mcp;
 #[cfg(feature = "sdk-tests")]
 mod mcp_sdk;
 mod messaging;
+mod observer;
 mod offline;
 mod ops;
 mod outage;
 mod pg_cluster;
 mod requests;
+mod schema;
 mod sessions;
 mod shutdown;
 mod tasks;

@@ -291,3 +291,24 @@ async fn a_rest_publish_reaches_websocket_agents() {
     assert_eq!(code, 400);
     assert_eq!(body["code"], "missing_field");
 }
+
+#[tokio::test]
+async fn a_direct_message_to_oneself_is_delivered_without_a_no_recipient_warning() {
+    let app = TestApp::spawn().await;
+    let project = app.create_project("self").await;
+    let mut a = app.connect(project, "a", "coder").await;
+    a.send(json!({"content": "note to self", "to": "a", "client_msg_id": "n-1"}))
+        .await;
+    // Receipt and delivery, in either order, and nothing else.
+    let mut ops = Vec::new();
+    for _ in 0..2 {
+        let frame = a.next_json().await;
+        ops.push(frame["op"].as_str().unwrap_or_default().to_owned());
+        if frame["op"] == "message" {
+            assert_eq!(frame["content"], "note to self");
+        }
+    }
+    ops.sort();
+    assert_eq!(ops, ["message", "sent"]);
+    a.send_ok(status("next")).await;
+}

@@ -127,6 +127,7 @@ async function main() {
     await checkDetailsAndReplies(page, history);
     await checkScrollBack(page, history);
     await checkLive(page);
+    await checkLiveWithoutPolling(context);
     await checkNewMessagesPill(page);
     await checkTypeFilter(page, history);
     await checkAgents(page, missing);
@@ -274,6 +275,31 @@ async function checkLive(page) {
     return log.scrollHeight - log.scrollTop - log.clientHeight < 2;
   });
   step('a live message appeared without reload');
+}
+
+/**
+ * With timed polling switched off (`?poll=off`), the observer WebSocket alone brings a
+ * message committed over REST into the log.
+ */
+async function checkLiveWithoutPolling(context) {
+  const page = await context.newPage();
+  try {
+    await page.goto(`${baseUrl}/?poll=off#/p/${projectId}`);
+    await waitRows(page, 'the observer socket to open', () => document.getElementById('status').dataset.socket === 'open');
+    await waitRows(page, 'the first page', () => document.querySelectorAll('#rows > li.msg').length > 0);
+    const count = await page.$$eval('#rows > li.msg', (rows) => rows.length);
+    const started = Date.now();
+    await postJson(api('/messages'), {
+      sender_agent_id: 'alpha', sender_agent_type: 'planner', type: 'status', content: 'pushed, not polled',
+    });
+    await waitRows(page, 'the pushed message', (n) => {
+      const rows = document.querySelectorAll('#rows > li.msg');
+      return rows.length === n + 1 && rows[rows.length - 1].textContent.includes('pushed, not polled');
+    }, count);
+    step(`with polling off, a REST message appeared through the observer socket in ${Date.now() - started} ms`);
+  } finally {
+    await page.close();
+  }
 }
 
 /** Scrolled up, new messages are counted in a pill that jumps down. */
