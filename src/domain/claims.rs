@@ -602,7 +602,7 @@ impl Claim {
         let (content, priority) = match event {
             ClaimEvent::Announced => (
                 format!(
-                    "{} claims {paths} ({}){why}. Object before {} (claim {})",
+                    "{} claims {paths} ({}); objections until {}{why} (claim {})",
                     self.agent_id,
                     self.mode(),
                     time(self.decide_at),
