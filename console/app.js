@@ -364,8 +364,11 @@
     loadingOlder: false,
     loadingNewer: false,
     polling: false,
-    /** A fetch was asked for while one was out: run another as soon as it ends. */
+    /** A fetch was asked for while one was out (or before the log loaded): run another
+     *  as soon as it ends. */
     pollAgain: false,
+    /** The latest page of the current log has loaded: the cursor is meaningful. */
+    logReady: false,
     /** The project's observer socket: { ws, projectId, open, retries, timer }. */
     live: null,
     unseen: 0,
@@ -698,6 +701,7 @@
   async function reloadLog() {
     const gen = ++state.logGen;
     clearTimeout(state.timers.poll);
+    state.logReady = false;
     state.entries = new Map();
     state.repliesTo = new Map();
     state.byCorrelation = new Map();
@@ -738,7 +742,13 @@
       return;
     }
     updateLogEdges();
-    schedulePoll(gen);
+    state.logReady = true;
+    if (state.pollAgain && !state.polling) {
+      state.pollAgain = false;
+      schedulePoll(gen, 0);
+    } else {
+      schedulePoll(gen);
+    }
   }
 
   /**
@@ -825,7 +835,14 @@
   }
 
   function pollNow() {
-    if (state.projectId) schedulePoll(state.logGen, 0);
+    if (!state.projectId) return;
+    // Before the latest page has loaded, the cursor means nothing yet: the load fetches
+    // once more as soon as it is done.
+    if (!state.logReady) {
+      state.pollAgain = true;
+      return;
+    }
+    schedulePoll(state.logGen, 0);
   }
 
   async function loadOlder() {

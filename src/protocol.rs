@@ -92,8 +92,9 @@ impl Listening {
 }
 
 /// Machine-readable error codes, sent as `code` in error frames and REST error bodies.
-#[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::EnumIter)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum ErrorCode {
     /// The frame is not valid JSON.
     InvalidJson,
@@ -131,23 +132,9 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// The code as it is sent (`invalid_json` …): the same names serde writes.
     pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::InvalidJson => "invalid_json",
-            ErrorCode::InvalidFrame => "invalid_frame",
-            ErrorCode::MissingField => "missing_field",
-            ErrorCode::InvalidField => "invalid_field",
-            ErrorCode::UnknownOp => "unknown_op",
-            ErrorCode::BinaryNotSupported => "binary_not_supported",
-            ErrorCode::FrameTooLarge => "frame_too_large",
-            ErrorCode::Overloaded => "overloaded",
-            ErrorCode::RateLimited => "rate_limited",
-            ErrorCode::Unavailable => "unavailable",
-            ErrorCode::ProjectNotFound => "project_not_found",
-            ErrorCode::NoRecipient => "no_recipient",
-            ErrorCode::AckIgnored => "ack_ignored",
-            ErrorCode::ObserverReadOnly => "observer_read_only",
-        }
+        self.into()
     }
 }
 
@@ -330,27 +317,41 @@ fn parse_hello(frame: SendFields) -> Result<ClientOp, Rejection> {
     })
 }
 
+/// An acknowledgement, as the `ack` frame and `POST …/agents/{agent_id}/ack` ask for it:
+/// these seqs, and/or every owed message up to `up_to` (inclusive), are done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckRequest {
+    pub seqs: Vec<i64>,
+    pub up_to: Option<i64>,
+}
+
+impl AckRequest {
+    /// Checks an ack: at least one of the two, at most [`MAX_ACK_SEQS`] seqs, each seq at
+    /// least 1.
+    pub fn new(seqs: Option<Vec<i64>>, up_to: Option<i64>) -> Result<AckRequest, Rejection> {
+        let seqs = seqs.unwrap_or_default();
+        if seqs.is_empty() && up_to.is_none() {
+            return Err(Rejection::new(
+                ErrorCode::MissingField,
+                "an ack needs `seqs` (a list of seqs) and/or `up_to` (a seq)",
+            ));
+        }
+        if seqs.len() > MAX_ACK_SEQS {
+            return Err(Rejection::invalid(
+                "seqs",
+                format!("at most {MAX_ACK_SEQS} seqs per ack"),
+            ));
+        }
+        if seqs.iter().chain(up_to.iter()).any(|&s| s < 1) {
+            return Err(Rejection::invalid("seqs", "seqs start at 1"));
+        }
+        Ok(AckRequest { seqs, up_to })
+    }
+}
+
 fn parse_ack(frame: SendFields) -> Result<ClientOp, Rejection> {
-    let seqs = frame.seqs.unwrap_or_default();
-    if seqs.is_empty() && frame.up_to.is_none() {
-        return Err(Rejection::new(
-            ErrorCode::MissingField,
-            "an ack needs `seqs` (a list of seqs) and/or `up_to` (a seq)",
-        ));
-    }
-    if seqs.len() > MAX_ACK_SEQS {
-        return Err(Rejection::invalid(
-            "seqs",
-            format!("at most {MAX_ACK_SEQS} seqs per ack"),
-        ));
-    }
-    if seqs.iter().chain(frame.up_to.iter()).any(|&s| s < 1) {
-        return Err(Rejection::invalid("seqs", "seqs start at 1"));
-    }
-    Ok(ClientOp::Ack {
-        seqs,
-        up_to: frame.up_to,
-    })
+    let AckRequest { seqs, up_to } = AckRequest::new(frame.seqs, frame.up_to)?;
+    Ok(ClientOp::Ack { seqs, up_to })
 }
 
 fn parse_read(frame: SendFields) -> Result<ClientOp, Rejection> {
@@ -1119,5 +1120,51 @@ mod tests {
             check(r#"{"content":"x","to":"a\u0000b"}"#).field,
             Some("to")
         );
+    }
+
+    #[test]
+    fn the_listening_line_round_trips_and_nothing_else_parses_as_it() {
+        let line = serde_json::to_string(&Listening::new("127.0.0.1:0", 40123)).expect("JSON");
+        assert_eq!(
+            line,
+            r#"{"event":"listening","bind":"127.0.0.1:0","port":40123}"#
+        );
+        assert_eq!(Listening::parse(&line).map(|l| l.port), Some(40123));
+        assert_eq!(
+            Listening::parse(r#"{"event":"stopped","bind":"x","port":1}"#),
+            None
+        );
+        assert_eq!(
+            Listening::parse("agentbus listening on 127.0.0.1:0 (port 1)"),
+            None
+        );
+    }
+
+    #[test]
+    fn an_ack_request_needs_something_within_bounds() {
+        assert!(AckRequest::new(None, None).is_err());
+        assert!(AckRequest::new(Some(vec![]), None).is_err());
+        assert!(AckRequest::new(Some(vec![0]), None).is_err());
+        assert!(AckRequest::new(None, Some(0)).is_err());
+        assert!(AckRequest::new(Some(vec![1; MAX_ACK_SEQS + 1]), None).is_err());
+        assert_eq!(
+            AckRequest::new(Some(vec![2]), Some(5)),
+            Ok(AckRequest {
+                seqs: vec![2],
+                up_to: Some(5)
+            })
+        );
+    }
+
+    #[test]
+    fn error_codes_are_written_as_serde_writes_them() {
+        use strum::IntoEnumIterator;
+        for code in ErrorCode::iter() {
+            assert_eq!(
+                serde_json::to_value(code).expect("JSON"),
+                serde_json::json!(code.as_str())
+            );
+        }
+        assert_eq!(ErrorCode::AckIgnored.as_str(), "ack_ignored");
     }
 }

@@ -2,8 +2,6 @@
 //! (an object with numeric `batches` and `rows`, anywhere in the answer). A broker without
 //! them is reported as "n/a".
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -40,36 +38,18 @@ impl BatchSizes {
 
 /// Reads the counters from the broker at `ws_base` (`ws://host:port`), if it has them.
 pub async fn read(ws_base: &str) -> Option<BatchCounters> {
-    let addr = ws_base
-        .strip_prefix("ws://")?
-        .trim_end_matches('/')
-        .to_owned();
-    tokio::task::spawn_blocking(move || fetch(&addr))
+    let address = ws_base.strip_prefix("ws://")?.trim_end_matches('/');
+    let client = reqwest::Client::builder().timeout(TIMEOUT).build().ok()?;
+    let response = client
+        .get(format!("http://{address}/api/stats"))
+        .header(reqwest::header::ACCEPT, "application/json")
+        .send()
         .await
-        .ok()
-        .flatten()
-}
-
-fn fetch(addr: &str) -> Option<BatchCounters> {
-    let socket_addr = std::net::ToSocketAddrs::to_socket_addrs(addr)
-        .ok()?
-        .next()?;
-    let mut stream = TcpStream::connect_timeout(&socket_addr, TIMEOUT).ok()?;
-    stream.set_read_timeout(Some(TIMEOUT)).ok()?;
-    stream.set_write_timeout(Some(TIMEOUT)).ok()?;
-    write!(
-        stream,
-        "GET /api/stats HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).ok()?;
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        .ok()?;
+    if !response.status().is_success() {
         return None;
     }
-    find_counters(&serde_json::from_str(body).ok()?)
+    find_counters(&response.json::<Value>().await.ok()?)
 }
 
 /// The first object with numeric `batches` and `rows`, depth first.

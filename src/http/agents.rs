@@ -17,7 +17,7 @@ use crate::actors::inbox::{self as inbox_actor, InboxError, InboxPage, InboxRead
 use crate::auth::Access;
 use crate::db::cursors::{self, Progress};
 use crate::db::inbox::{self, Interface, Joining, MemberState};
-use crate::protocol::{self, MAX_ACK_SEQS};
+use crate::protocol::{self, AckRequest};
 
 /// A token bound to an agent acts for that agent only.
 fn speaks_as(req: &actix_web::HttpRequest, agent_id: &str) -> Result<(), ApiError> {
@@ -429,25 +429,10 @@ pub async fn ack(
     let (project_raw, agent_id) = path.into_inner();
     speaks_as(&req, &agent_id)?;
     let body = body.into_inner();
-    let seqs = body.seqs.unwrap_or_default();
-    if seqs.is_empty() && body.up_to.is_none() {
-        return Err(ApiError::bad_request(
-            "missing_field",
-            "give `seqs` and/or `up_to`",
-        ));
-    }
-    if seqs.len() > MAX_ACK_SEQS || seqs.iter().chain(body.up_to.iter()).any(|&s| s < 1) {
-        return Err(ApiError::bad_request(
-            "invalid_field",
-            format!("`seqs` must be 1 to {MAX_ACK_SEQS} seqs, each at least 1"),
-        ));
-    }
+    let AckRequest { seqs, up_to } = AckRequest::new(body.seqs, body.up_to)?;
     let project = projects::load(&state, &project_raw).await?;
     let mut conn = state.pool.get().await?;
-    let progress = Progress {
-        done: seqs,
-        up_to: body.up_to,
-    };
+    let progress = Progress { done: seqs, up_to };
     let applied = cursors::apply_progress(&mut conn, project.id, &agent_id, &progress)
         .await?
         .ok_or_else(|| {

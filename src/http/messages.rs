@@ -122,13 +122,57 @@ struct HistoryAnswer {
     next: Option<serde_json::Value>,
 }
 
-/// A send over REST: the fields of a WebSocket send frame, plus who is sending.
+/// A send over REST: the fields of a WebSocket send frame, plus who is sending, and nothing
+/// else. A field the route does not take (a WebSocket frame's `op`, `seqs`, `up_to`, `ids`,
+/// a misspelt name) is refused with 400 `invalid_json` naming it, rather than ignored.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PublishBody {
     sender_agent_id: Option<String>,
     sender_agent_type: Option<String>,
-    #[serde(flatten)]
-    send: SendFields,
+    /// The sender's type for this message, as in a WebSocket send (overrides
+    /// `sender_agent_type`).
+    agent_type: Option<String>,
+    #[serde(rename = "type")]
+    message_type: Option<String>,
+    content: Option<String>,
+    metadata: Option<serde_json::Value>,
+    to: Option<String>,
+    to_type: Option<String>,
+    priority: Option<i64>,
+    ttl_ms: Option<i64>,
+    correlation_id: Option<String>,
+    reply_to: Option<String>,
+    client_msg_id: Option<String>,
+    expects_reply: Option<bool>,
+    timeout_ms: Option<i64>,
+    success: Option<bool>,
+    error: Option<String>,
+}
+
+impl PublishBody {
+    /// The send fields, as a WebSocket send frame would carry them, for the one validation
+    /// both paths share.
+    fn send_fields(&mut self) -> SendFields {
+        SendFields {
+            agent_type: self.agent_type.take(),
+            message_type: self.message_type.take(),
+            content: self.content.take(),
+            metadata: self.metadata.take(),
+            to: self.to.take(),
+            to_type: self.to_type.take(),
+            priority: self.priority.take(),
+            ttl_ms: self.ttl_ms.take(),
+            correlation_id: self.correlation_id.take(),
+            reply_to: self.reply_to.take(),
+            client_msg_id: self.client_msg_id.take(),
+            expects_reply: self.expects_reply.take(),
+            timeout_ms: self.timeout_ms.take(),
+            success: self.success.take(),
+            error: self.error.take(),
+            ..SendFields::default()
+        }
+    }
 }
 
 pub async fn publish(
@@ -151,11 +195,12 @@ impl PublishBody {
     /// The message this body asks to send, validated like a WebSocket send.
     /// A token bound to an agent sends as that agent only.
     fn into_message(
-        self,
+        mut self,
         state: &AppState,
         project_id: Uuid,
         access: &Access,
     ) -> Result<NewMessage, ApiError> {
+        let send = self.send_fields();
         let sender_agent_id = super::access::acting_agent(access, self.sender_agent_id)?
             .ok_or_else(|| {
                 ApiError::bad_request("missing_field", "`sender_agent_id` is required")
@@ -169,13 +214,7 @@ impl PublishBody {
             &sender_agent_type,
             protocol::MAX_TYPE_CHARS,
         )?;
-        new_message(
-            state,
-            project_id,
-            sender_agent_id,
-            sender_agent_type,
-            self.send,
-        )
+        new_message(state, project_id, sender_agent_id, sender_agent_type, send)
     }
 }
 
@@ -325,7 +364,7 @@ pub async fn send_and_wait(
 ) -> Result<HttpResponse, ApiError> {
     let project = projects::load(&state, &path).await?;
     let mut body = body.into_inner();
-    body.send.expects_reply = Some(true);
+    body.expects_reply = Some(true);
     let access = granted(&req)?;
     let message = body.into_message(&state, project.id, &access)?;
     joined_sender(&state, &access, &message, Interface::Rest).await?;

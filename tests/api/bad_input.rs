@@ -317,3 +317,35 @@ async fn a_connection_that_never_completes_its_request_is_dropped() {
     .await;
     assert!(ended.is_ok(), "the idle connection was never closed");
 }
+
+#[tokio::test]
+async fn a_rest_publish_refuses_fields_it_does_not_take_and_stores_nothing() {
+    let app = TestApp::spawn().await;
+    let project = app.create_project("strict-body").await;
+    for (field, value) in [
+        ("op", json!("ack")),
+        ("seqs", json!([1])),
+        ("up_to", json!(3)),
+        ("ids", json!([])),
+        ("contnet", json!("typo")),
+    ] {
+        let mut body =
+            json!({"sender_agent_id": "op", "sender_agent_type": "human", "content": "x"});
+        body[field] = value;
+        for route in ["messages", "requests"] {
+            let (code, answer) = app
+                .post_json(&format!("/api/projects/{project}/{route}"), &body)
+                .await;
+            assert_eq!(code, 400, "{route} with {field}: {answer}");
+            assert_eq!(answer["code"], "invalid_json", "{route} with {field}");
+            assert!(
+                answer["error"].as_str().unwrap_or_default().contains(field),
+                "the error names {field}: {answer}"
+            );
+        }
+    }
+    let (_, history) = app
+        .get_json(&format!("/api/projects/{project}/messages"))
+        .await;
+    assert_eq!(history["messages"], json!([]));
+}

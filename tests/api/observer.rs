@@ -187,3 +187,65 @@ async fn observing_needs_an_unbound_token_when_tokens_are_required() {
     );
     assert_eq!(admin.expect_op("message").await["content"], "seen by both");
 }
+
+#[tokio::test]
+async fn a_slow_observer_is_cut_with_4008_and_resumes_with_since_without_a_gap() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    const TOTAL: usize = 10_000;
+    let app = TestApp::spawn_with(|s| {
+        s.outbox_max_frames = 512;
+        s.client_timeout_ms = 120_000;
+    })
+    .await;
+    let project = app.create_project("slow-observer").await;
+    // Welcomed, then not read until the broker has given up on it.
+    let mut slow = Agent::connect_raw(&app.ws_url(project, ""))
+        .await
+        .expect("connect");
+    let mut fast = observe(&app, project, "").await;
+    let mut a = app.connect(project, "a", "coder").await;
+    let payload = "x".repeat(200);
+    for window in 0..TOTAL / 500 {
+        for n in 0..500 {
+            a.send(json!({"content": format!("{} {payload}", window * 500 + n)}))
+                .await;
+        }
+        for _ in 0..500 {
+            a.expect_op("sent").await;
+        }
+    }
+    // The fast observer saw everything, in order.
+    for expected in 1..=TOTAL as i64 {
+        assert_eq!(fast.expect_op("message").await["seq"], expected);
+    }
+    // The slow one: what reached its socket before the cut, in order, then 4008.
+    let mut last = 0;
+    let code = loop {
+        let next = tokio::time::timeout(crate::helpers::PATIENCE, slow.next())
+            .await
+            .expect("the slow observer's socket hung");
+        match next {
+            Some(Ok(Message::Text(text))) => {
+                let frame: Value = serde_json::from_str(&text).expect("JSON");
+                if frame["op"] == "message" {
+                    let seq = frame["seq"].as_i64().expect("seq");
+                    assert_eq!(seq, last + 1, "in order, without a gap");
+                    last = seq;
+                }
+            }
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            other => panic!("the slow observer's socket ended without a close frame: {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(4008), "cut as a slow consumer");
+    assert!(last < TOTAL as i64, "it was cut before the end");
+    // It resumes where it stopped and gets the rest, once each.
+    let mut resumed = observe(&app, project, &format!("since={last}")).await;
+    assert_eq!(resumed.welcome["replay"], TOTAL as i64 - last);
+    for expected in last + 1..=TOTAL as i64 {
+        assert_eq!(resumed.expect_op("message").await["seq"], expected);
+    }
+}
