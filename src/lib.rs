@@ -6,39 +6,37 @@
 //!
 //! ## Layout
 //!
-//! - [`domain`]: rules with no dependency on the rest (what an agent id may be).
-//! - [`config`]: the settings of a running broker (flags, environment, a TOML file).
-//! - [`startup`]: `Application::build` / `run_until_stopped`.
-//! - [`protocol`]: the wire protocol: frames, validation, error and close codes.
-//! - [`actors`]: the message path: `SessionActor` (one per connection), `ChannelActor` (one
-//!   per project: presence and routing), `PersistenceActor` (group commit to PostgreSQL).
-//! - [`http`]: REST routes, the WebSocket upgrade and the MCP endpoint (`/mcp/{project_id}`).
-//! - [`cli`]: the agent commands (`agentbus send`, `inbox`, `ask` …), which speak to a running
-//!   broker over its REST API only.
-//! - [`db`]: the pool, database creation, migrations and every SQL statement.
-//! - [`frames`]: WebSocket frame headers judged as they arrive (size limits before payloads).
-//! - [`stats`], [`metrics`]: in-memory counters behind `/api/stats`, and the Prometheus
-//!   metrics behind `/metrics`, fed from the same calls.
-//! - [`models`], [`schema`]: rows and Diesel's view of the tables.
+//! Layers that only point down (the `layering` test below checks every `crate::` path, and
+//! that SQL is written only under `db`):
+//!
+//! 1. [`domain`], `auth`, `frames`, `limits`, [`schema`]: pure rules and the tables.
+//! 2. [`models`] (rows), then [`db`] (every SQL statement, by concern) and [`protocol`] (the
+//!    wire protocol: frames, validation, error and close codes).
+//! 3. [`config`], `metrics`, then `stats`.
+//! 4. `actors`: the message path (`SessionActor` over the `delivery` state machine,
+//!    `ChannelActor`, `PersistenceActor`, …), talking through `Recipient<…>`.
+//! 5. [`http`]: REST, the WebSocket upgrade, the MCP endpoint.
+//! 6. [`startup`] (`Application::build` / `run_until_stopped`), [`cli`] (the agent commands,
+//!    over REST only), [`bench`] (`agentbus bench`), and `main.rs`.
 //!
 //! `docs/PROTOCOL.md` describes the protocol and its guarantees for client authors.
 
-pub mod actors;
-pub mod auth;
+pub(crate) mod actors;
+pub(crate) mod auth;
 pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod db;
 pub mod domain;
-pub mod frames;
+pub(crate) mod frames;
 pub mod http;
-pub mod limits;
-pub mod metrics;
+pub(crate) mod limits;
+pub(crate) mod metrics;
 pub mod models;
 pub mod protocol;
 pub mod schema;
 pub mod startup;
-pub mod stats;
+pub(crate) mod stats;
 
 /// The layering of the crate, checked on its source: every `crate::` path a module names
 /// (outside comments and its own tests) must be of a lower layer, and SQL is written only

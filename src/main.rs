@@ -152,10 +152,10 @@ fn administer(command: Command, matches: &clap::ArgMatches) -> anyhow::Result<()
                     agent_id,
                     ..
                 } => {
-                    if let Some(agent_id) = &agent_id {
-                        agentbus::protocol::check_agent_id("agent_id", agent_id)
-                            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-                    }
+                    let agent_id = agent_id
+                        .map(|id| agentbus::domain::AgentId::parse("agent_id", id))
+                        .transpose()
+                        .map_err(|e| anyhow::anyhow!("{}", e.0))?;
                     if db::queries::find_project(&mut conn, project_id)
                         .await
                         .context("looking up the project")?

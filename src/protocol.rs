@@ -14,7 +14,7 @@ pub mod coordination;
 /// Longest agent id, in characters (the column is VARCHAR(255)).
 pub const MAX_AGENT_ID_CHARS: usize = crate::domain::agent_id::MAX_AGENT_ID_CHARS;
 /// Longest agent type and message type, in characters (VARCHAR(50)).
-pub const MAX_TYPE_CHARS: usize = 50;
+pub const MAX_TYPE_CHARS: usize = crate::domain::identifier::MAX_IDENTIFIER_CHARS;
 /// Longest correlation id, in characters.
 pub const MAX_CORRELATION_ID_CHARS: usize = 255;
 /// Longest client_msg_id, in characters.
@@ -179,7 +179,7 @@ impl Rejection {
         }
     }
 
-    fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
         Rejection {
             code: ErrorCode::InvalidField,
             message: message.into(),
@@ -805,22 +805,8 @@ pub fn check_identifier(
     value: &str,
     max_chars: usize,
 ) -> Result<(), Rejection> {
-    if value.is_empty() || value.len() > max_chars {
-        return Err(Rejection::invalid(
-            field,
-            format!("`{field}` must be 1 to {max_chars} characters"),
-        ));
-    }
-    if !value
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
-    {
-        return Err(Rejection::invalid(
-            field,
-            format!("`{field}` may contain only letters, digits, '_', '-', '.' and ':'"),
-        ));
-    }
-    Ok(())
+    crate::domain::identifier::check(field, value, max_chars)
+        .map_err(|e| Rejection::invalid(field, e.0))
 }
 
 /// A message as delivered to a recipient: `{"op":"message", ...}`. Serialised once per

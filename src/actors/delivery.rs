@@ -344,6 +344,7 @@ impl Delivery {
         self.actions.pop_front()
     }
 
+    #[cfg(test)]
     pub fn phase(&self) -> Phase {
         self.phase
     }
@@ -353,6 +354,7 @@ impl Delivery {
         matches!(self.phase, Phase::Closing { .. })
     }
 
+    #[cfg(test)]
     pub fn pending_sends(&self) -> usize {
         self.pending_sends
     }

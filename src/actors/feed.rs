@@ -66,6 +66,7 @@ impl Feed {
     }
 
     /// The highest seq queued for the client so far.
+    #[cfg(test)]
     pub fn queued_upto(&self) -> i64 {
         self.queued_upto
     }

@@ -111,10 +111,12 @@ impl InboxWaiters {
         n
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.by_agent.values().map(Vec::len).sum()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.by_agent.is_empty()
     }

@@ -235,9 +235,10 @@ impl PersistenceActor {
                     }
                     (Some((stored, false, no_recipient)), None)
                 }
-                Outcome::Duplicate(existing) => {
-                    (Some((*existing, true, false)), message.client_msg_id)
-                }
+                Outcome::Duplicate {
+                    message: existing,
+                    no_recipient,
+                } => (Some((*existing, true, no_recipient)), message.client_msg_id),
                 Outcome::SameAs(first) => (
                     resolved
                         .get(first)

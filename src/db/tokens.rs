@@ -1,5 +1,5 @@
 //! The tokens table: issuing, looking up, listing and revoking project tokens. Only a
-//! token's hash is stored ([`crate::auth::hash`]).
+//! token's hash is stored (`auth::hash`).
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;

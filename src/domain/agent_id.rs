@@ -24,6 +24,42 @@ pub const MAX_AGENT_ID_CHARS: usize = 255;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidAgentId(pub String);
 
+/// An agent id a client may use: only ever built by [`AgentId::parse`], so holding one means
+/// it passed every rule above, the reserved-id rule included.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(transparent)]
+pub struct AgentId(String);
+
+impl AgentId {
+    /// A valid agent id, or why `value` (given as `field`) is not one.
+    pub fn parse(field: &str, value: String) -> Result<AgentId, InvalidAgentId> {
+        check(field, &value)?;
+        Ok(AgentId(value))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl std::ops::Deref for AgentId {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for AgentId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// An id a client may use (connect as, send as, be addressed by, bind a token to).
 pub fn check(field: &str, value: &str) -> Result<(), InvalidAgentId> {
     if value.is_empty() {

@@ -7,6 +7,7 @@ use actix_web::HttpRequest;
 use super::ApiError;
 use crate::auth::{self, Access, AuthError, Credentials};
 use crate::db::{tokens, DbPool};
+use crate::domain::AgentId;
 
 /// The token presented with a request: the `Authorization: Bearer` header, else a `token`
 /// query parameter.
@@ -49,17 +50,20 @@ pub async fn authenticate(
         .ok_or(AuthError::Invalid)
 }
 
-/// The agent a call acts as: the one it names, else the one its token is bound to (`None`
-/// if neither). A token bound to another agent than the one named is refused
+/// The agent a call acts as: the one it names (as `field`), parsed, else the one its token is
+/// bound to (`None` if neither). A token bound to another agent than the one named is refused
 /// ([`Access::speak_as`]).
-pub fn acting_agent(access: &Access, named: Option<String>) -> Result<Option<String>, ApiError> {
-    match named {
-        Some(agent_id) => {
-            access.speak_as(&agent_id)?;
-            Ok(Some(agent_id))
-        }
-        None => Ok(access.bound_agent().map(str::to_owned)),
-    }
+pub fn acting_agent(
+    access: &Access,
+    field: &'static str,
+    named: Option<String>,
+) -> Result<Option<AgentId>, ApiError> {
+    let Some(named) = named.or_else(|| access.bound_agent().map(str::to_owned)) else {
+        return Ok(None);
+    };
+    let agent_id = super::parse_agent_id(field, named)?;
+    access.speak_as(&agent_id)?;
+    Ok(Some(agent_id))
 }
 
 #[cfg(test)]

@@ -187,8 +187,9 @@ pub async fn join(
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let access = granted(&req)?;
-    let agent_id = super::access::acting_agent(&access, body.agent_id)?
-        .ok_or_else(|| ApiError::bad_request("missing_field", "`agent_id` is required"))?;
+    let agent_id = super::access::acting_agent(&access, "agent_id", body.agent_id)?
+        .ok_or_else(|| ApiError::bad_request("missing_field", "`agent_id` is required"))?
+        .into_string();
     let agent_type = body
         .agent_type
         .ok_or_else(|| ApiError::bad_request("missing_field", "`agent_type` is required"))?;
@@ -466,7 +467,7 @@ pub async fn read(
     let agent_id = body.into_inner().agent_id.ok_or_else(|| {
         ApiError::bad_request("missing_field", "`agent_id` (the reader) is required")
     })?;
-    protocol::check_agent_id("agent_id", &agent_id)?;
+    let agent_id = super::parse_agent_id("agent_id", agent_id)?.into_string();
     speaks_as(&req, &agent_id)?;
     let message_id = super::parse_message_id(&message_raw)?;
     let project = projects::load(&state, &project_raw).await?;

@@ -29,9 +29,9 @@ pub(super) async fn acting_agent(
     agent_type: Option<&str>,
 ) -> Result<String, ApiError> {
     let access = granted(req)?;
-    let agent = agent_id
-        .or_else(|| access.bound_agent().map(str::to_owned))
-        .ok_or_else(|| ApiError::bad_request("missing_field", "`agent_id` is required"))?;
+    let agent = super::access::acting_agent(&access, "agent_id", agent_id)?
+        .ok_or_else(|| ApiError::bad_request("missing_field", "`agent_id` is required"))?
+        .into_string();
     let agent_type = agent_type.unwrap_or(DEFAULT_AGENT_TYPE);
     call_as(
         state,

@@ -254,17 +254,18 @@ async fn admit(
             "this token is for another project".into(),
         ));
     }
-    let agent_id = super::access::acting_agent(&access, params.agent_id)?.ok_or_else(|| {
-        ApiError::bad_request(
-            "missing_field",
-            "the `agent_id` query parameter is required (or a token bound to an agent)",
-        )
-    })?;
+    let agent_id =
+        super::access::acting_agent(&access, "agent_id", params.agent_id)?.ok_or_else(|| {
+            ApiError::bad_request(
+                "missing_field",
+                "the `agent_id` query parameter is required (or a token bound to an agent)",
+            )
+        })?;
     let agent_type = params
         .agent_type
         .unwrap_or_else(|| DEFAULT_AGENT_TYPE.to_owned());
-    crate::protocol::check_agent_id("agent_id", &agent_id)?;
-    crate::protocol::check_identifier("agent_type", &agent_type, crate::protocol::MAX_TYPE_CHARS)?;
+    let agent_id = agent_id.into_string();
+    let agent_type = super::parse_agent_type("agent_type", agent_type)?.into_string();
     let project = projects::load(state, path).await?;
     Ok((
         McpIdentity {

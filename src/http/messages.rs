@@ -208,20 +208,22 @@ impl PublishBody {
         access: &Access,
     ) -> Result<NewMessage, ApiError> {
         let send = self.send_fields();
-        let sender_agent_id = super::access::acting_agent(access, self.sender_agent_id)?
-            .ok_or_else(|| {
-                ApiError::bad_request("missing_field", "`sender_agent_id` is required")
-            })?;
-        protocol::check_agent_id("sender_agent_id", &sender_agent_id)?;
+        let sender_agent_id =
+            super::access::acting_agent(access, "sender_agent_id", self.sender_agent_id)?
+                .ok_or_else(|| {
+                    ApiError::bad_request("missing_field", "`sender_agent_id` is required")
+                })?;
         let sender_agent_type = self.sender_agent_type.ok_or_else(|| {
             ApiError::bad_request("missing_field", "`sender_agent_type` is required")
         })?;
-        protocol::check_identifier(
-            "sender_agent_type",
-            &sender_agent_type,
-            protocol::MAX_TYPE_CHARS,
-        )?;
-        new_message(state, project_id, sender_agent_id, sender_agent_type, send)
+        let sender_agent_type = super::parse_agent_type("sender_agent_type", sender_agent_type)?;
+        new_message(
+            state,
+            project_id,
+            sender_agent_id.into_string(),
+            sender_agent_type.into_string(),
+            send,
+        )
     }
 }
 

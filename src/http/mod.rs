@@ -286,6 +286,22 @@ fn parse_message_id(raw: &str) -> Result<Uuid, ApiError> {
         .map_err(|_| ApiError::bad_request("invalid_field", "the message id must be a UUID"))
 }
 
+/// An agent id from a request, parsed once at the edge: 400 `invalid_field` naming `field`
+/// if it breaks a rule (see [`AgentId`](crate::domain::AgentId)).
+fn parse_agent_id(field: &'static str, raw: String) -> Result<crate::domain::AgentId, ApiError> {
+    crate::domain::AgentId::parse(field, raw)
+        .map_err(|e| crate::protocol::Rejection::invalid(field, e.0).into())
+}
+
+/// An agent type from a request, parsed once at the edge (400 `invalid_field`).
+fn parse_agent_type(
+    field: &'static str,
+    raw: String,
+) -> Result<crate::domain::AgentType, ApiError> {
+    crate::domain::AgentType::parse(field, raw)
+        .map_err(|e| crate::protocol::Rejection::invalid(field, e.0).into())
+}
+
 /// A project id from the path: malformed is a 400, not a 404.
 fn parse_project_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| {

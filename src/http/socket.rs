@@ -70,11 +70,14 @@ pub async fn connect(
     let Some(agent_id) = params.agent_id else {
         return observe(req, body, path, params, state).await;
     };
-    protocol::check_agent_id("agent_id", &agent_id)?;
-    let agent_type = params
-        .agent_type
-        .unwrap_or_else(|| DEFAULT_AGENT_TYPE.to_owned());
-    protocol::check_identifier("agent_type", &agent_type, protocol::MAX_TYPE_CHARS)?;
+    let agent_id = super::parse_agent_id("agent_id", agent_id)?.into_string();
+    let agent_type = super::parse_agent_type(
+        "agent_type",
+        params
+            .agent_type
+            .unwrap_or_else(|| DEFAULT_AGENT_TYPE.to_owned()),
+    )?
+    .into_string();
     let capabilities: Option<Vec<String>> = params.capabilities.as_deref().map(|list| {
         list.split(',')
             .map(str::trim)

@@ -6,7 +6,6 @@ use uuid::Uuid;
 
 use super::{granted, projects, ApiError, AppState};
 use crate::actors::channel::Revoked;
-use crate::protocol;
 
 fn require_admin(req: &HttpRequest) -> Result<(), ApiError> {
     if granted(req)?.is_admin() {
@@ -41,10 +40,10 @@ pub async fn issue(
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")))?
     };
-    let agent_id = body.agent_id;
-    if let Some(agent_id) = &agent_id {
-        protocol::check_agent_id("agent_id", agent_id)?;
-    }
+    let agent_id = body
+        .agent_id
+        .map(|id| super::parse_agent_id("agent_id", id))
+        .transpose()?;
     let mut conn = state.pool.get().await?;
     let (id, token) = crate::db::tokens::issue(&mut conn, project.id, agent_id.as_deref()).await?;
     Ok(HttpResponse::Created().json(serde_json::json!({
