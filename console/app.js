@@ -380,12 +380,16 @@
     seenTypes: new Set(KNOWN_TYPES),
     agents: null,
     agentsMissingUntil: 0,
+    /** File claims held now (pending or granted), and tasks by id (their message's id). */
+    claims: null,
+    tasks: new Map(),
+    coordinationMissingUntil: 0,
     replyTarget: null,
-    timers: { poll: 0, agents: 0, aux: 0, search: 0 },
+    timers: { poll: 0, agents: 0, aux: 0, search: 0, countdown: 0 },
   };
 
   function emptyFilters() {
-    return { type: '', sender: '', to: '', q: '', waiting: false, correlation_id: '', thread: '' };
+    return { type: '', sender: '', to: '', q: '', waiting: false, openTasks: false, correlation_id: '', thread: '' };
   }
 
   // ---------------------------------------------------------------------------------------
@@ -614,6 +618,11 @@
     state.senders = new Map();
     state.agents = null;
     state.agentsMissingUntil = 0;
+    state.claims = null;
+    state.tasks = new Map();
+    state.coordinationMissingUntil = 0;
+    $('claims').replaceChildren();
+    $('claims-count').textContent = '';
     state.filters = emptyFilters();
     $('filters').reset();
     clearReplyTarget();
@@ -913,6 +922,9 @@
       state.byCorrelation.set(msg.correlation_id, list);
     }
     noteSender(msg);
+    // A coordination notice about a task carries the task as it is now.
+    const task = msg.metadata && msg.metadata.task;
+    if (msg.message_type === 'coordination' && task && task.id) learnTask(task);
   }
 
   function unregister(row) {
@@ -1035,11 +1047,16 @@
       h('span', { class: 'arrow', 'aria-label': 'to' }, '→'),
       renderRecipient(msg),
       h('span', { class: 'waiting-tag', hidden: true }, 'awaiting reply'),
+      msg.task === true && h('span', { class: 'task-tag' }, 'task'),
       h('span', { class: 'when' },
         h('span', { class: 'seq' }, `#${msg.seq}`),
         h('time', { datetime: msg.created_at, title: formatFull(msg.created_at) }, formatTime(msg.created_at))));
     row.append(head, renderContent(msg.content));
     if (expectsReply(msg)) row.classList.add('expects-reply');
+    if (msg.task === true) {
+      row.classList.add('task');
+      paintTask(row, msg.id);
+    }
     return row;
   }
 
@@ -1201,6 +1218,7 @@
     if (f.to === '*' && msg.to) return false;
     if (f.to && f.to !== '*' && msg.to !== f.to) return false;
     if (f.waiting && !(state.entries.has(msg.id) && isWaiting(msg))) return false;
+    if (f.openTasks && !(msg.task === true && taskState(msg.id) === 'open')) return false;
     return true;
   }
 
@@ -1218,6 +1236,7 @@
       to: $('f-to').value,
       q: $('f-q').value.trim(),
       waiting: $('f-waiting').checked,
+      openTasks: $('f-open-tasks').checked,
       correlation_id: state.filters.correlation_id,
       thread: state.filters.thread,
     };
@@ -1556,7 +1575,108 @@
       }
     }
     renderAgents();
+    await refreshCoordination(gen);
+    if (gen !== state.projectGen) return;
     state.timers.agents = setTimeout(refreshAgents, document.hidden ? AGENTS_HIDDEN_MS : AGENTS_MS);
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // File claims and tasks: the claims held now, beside the agents, and each task's state on
+  // its row of the log (from the tasks list, and from the broker's notices as they arrive).
+
+  async function refreshCoordination(gen) {
+    if (Date.now() < state.coordinationMissingUntil) return;
+    try {
+      const [claims, tasks] = await Promise.all([
+        api(projectPath('/claims')),
+        api(projectPath('/tasks?state=all&limit=1000')),
+      ]);
+      if (gen !== state.projectGen) return;
+      state.claims = claims.claims || [];
+      for (const task of tasks.tasks || []) learnTask(task);
+      note($('claims-note'), '');
+    } catch (err) {
+      if (gen !== state.projectGen) return;
+      if (isMissingEndpoint(err)) {
+        state.coordinationMissingUntil = Date.now() + MISSING_RETRY_MS;
+        state.claims = null;
+        note($('claims-note'), 'File claims are not available on this broker.');
+      } else {
+        note($('claims-note'), `Cannot load claims: ${err.message}`);
+      }
+    }
+    renderClaims();
+  }
+
+  /** Records a task's state (the newest wins) and repaints its row. */
+  function learnTask(task) {
+    const known = state.tasks.get(task.id);
+    if (known && known.updated_at > task.updated_at) return;
+    state.tasks.set(task.id, task);
+    const entry = state.entries.get(task.id);
+    if (entry) {
+      paintTask(entry.row, task.id);
+      entry.row.hidden = !isShown(entry.msg);
+    }
+  }
+
+  function taskState(id) {
+    const task = state.tasks.get(id);
+    return task ? task.state : 'open';
+  }
+
+  function taskLabel(task) {
+    if (!task || task.state === 'open') return 'task · open';
+    if (task.holder && ['claimed', 'done', 'failed'].includes(task.state)) return `task · ${task.state} by ${task.holder}`;
+    return `task · ${task.state}`;
+  }
+
+  function paintTask(row, id) {
+    const tag = row.querySelector('.task-tag');
+    if (!tag) return;
+    const task = state.tasks.get(id);
+    tag.textContent = taskLabel(task);
+    tag.dataset.state = task ? task.state : 'open';
+  }
+
+  /** "in 12 s", "in 4 min", "in 2 h", or "now" once past. */
+  function formatIn(iso) {
+    const s = Math.round((new Date(iso).getTime() - Date.now()) / 1000);
+    if (s <= 0) return 'now';
+    if (s < 120) return `in ${s} s`;
+    if (s < 7200) return `in ${Math.round(s / 60)} min`;
+    return `in ${Math.round(s / 3600)} h`;
+  }
+
+  function renderClaims() {
+    if (!state.claims) return;
+    const list = state.claims;
+    $('claims-count').textContent = list.length ? `(${list.length})` : '';
+    $('claims').replaceChildren(...(list.length ? list.map(renderClaim) : [h('li', { class: 'muted' }, 'No paths are claimed.')]));
+    tickCountdowns();
+  }
+
+  function renderClaim(claim) {
+    const pending = claim.state === 'pending';
+    const deadline = pending ? claim.decide_at : claim.expires_at;
+    return h('li', { class: `claim ${claim.state}`, 'data-claim': claim.id },
+      h('div', { class: 'claim-head' },
+        h('span', { class: 'agent-id' }, claim.agent_id),
+        h('span', { class: `claim-mode ${claim.shared ? 'shared' : 'exclusive'}` }, claim.shared ? 'shared' : 'exclusive'),
+        h('span', { class: 'claim-state' }, pending ? 'pending' : 'held')),
+      h('ul', { class: 'claim-paths' }, (claim.paths || []).map((p) => h('li', {}, h('code', {}, p)))),
+      claim.reason ? h('div', { class: 'claim-reason' }, claim.reason) : null,
+      h('div', { class: 'claim-when muted', title: formatFull(deadline) },
+        pending ? 'objections close ' : 'expires ',
+        h('span', { class: 'countdown', 'data-deadline': deadline }, formatIn(deadline))));
+  }
+
+  /** Counts the claims' windows and expiries down, every second while any is shown. */
+  function tickCountdowns() {
+    clearTimeout(state.timers.countdown);
+    const shown = document.querySelectorAll('#claims .countdown[data-deadline]');
+    for (const el of shown) el.textContent = formatIn(el.dataset.deadline);
+    if (shown.length) state.timers.countdown = setTimeout(tickCountdowns, 1000);
   }
 
   /** Without the agents endpoint: who sent messages in this project, newest first. */

@@ -230,6 +230,30 @@ pub struct Settings {
     /// `node_heartbeat_ms`.
     #[arg(long, env = "AGENTBUS_NODE_TIMEOUT_MS", default_value_t = 5_000)]
     pub node_timeout_ms: u64,
+    /// A file claim's time to live when it names none, in milliseconds (counted from the
+    /// grant, and from each renewal).
+    #[arg(
+        long,
+        env = "AGENTBUS_CLAIM_DEFAULT_TTL_MS",
+        default_value_t = 1_800_000
+    )]
+    pub claim_default_ttl_ms: u64,
+
+    /// Longest time to live a file claim may ask for, or renew to, in milliseconds.
+    #[arg(long, env = "AGENTBUS_CLAIM_MAX_TTL_MS", default_value_t = 86_400_000)]
+    pub claim_max_ttl_ms: u64,
+
+    /// Longest objection window a file claim may ask for, in milliseconds.
+    #[arg(
+        long,
+        env = "AGENTBUS_CLAIM_MAX_OBJECTION_MS",
+        default_value_t = 600_000
+    )]
+    pub claim_max_objection_ms: u64,
+
+    /// Most paths (exact paths and globs) in one file claim.
+    #[arg(long, env = "AGENTBUS_CLAIM_MAX_PATHS", default_value_t = 100)]
+    pub claim_max_paths: usize,
 }
 
 impl Default for Settings {
@@ -274,6 +298,10 @@ impl Default for Settings {
             node_id: None,
             node_heartbeat_ms: 1_000,
             node_timeout_ms: 5_000,
+            claim_default_ttl_ms: 1_800_000,
+            claim_max_ttl_ms: 86_400_000,
+            claim_max_objection_ms: 600_000,
+            claim_max_paths: 100,
         }
     }
 }
@@ -362,6 +390,18 @@ impl Settings {
             max_content_bytes: self.max_content_bytes,
             max_metadata_bytes: self.max_metadata_bytes,
             max_metadata_depth: self.max_metadata_depth,
+        }
+    }
+
+    /// The bounds of file claims. The default TTL is capped at the maximum.
+    pub fn claim_limits(&self) -> crate::domain::claims::ClaimLimits {
+        let ms = |v: u64| i64::try_from(v).unwrap_or(i64::MAX).max(1);
+        let max_ttl_ms = ms(self.claim_max_ttl_ms);
+        crate::domain::claims::ClaimLimits {
+            default_ttl_ms: ms(self.claim_default_ttl_ms).min(max_ttl_ms),
+            max_ttl_ms,
+            max_objection_ms: ms(self.claim_max_objection_ms),
+            max_paths: self.claim_max_paths.max(1),
         }
     }
 

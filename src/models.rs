@@ -58,6 +58,8 @@ pub struct StoredMessage {
     pub duration_ms: Option<i64>,
     /// A reply committed after its request's deadline.
     pub late: bool,
+    /// A task (docs/PROTOCOL.md, "Tasks"): its state is in `tasks`.
+    pub task: bool,
 }
 
 /// A validated send that has not been committed yet. The broker gives it its id up front so a
@@ -91,6 +93,8 @@ pub struct NewMessage {
     /// Set on the broker's own timeout response to this request: it is stored only if the
     /// request is still unanswered when the batch commits.
     pub timeout_of: Option<Uuid>,
+    /// A task: its row in `tasks` is written in the same transaction.
+    pub task: Option<crate::domain::tasks::TaskTerms>,
 }
 
 /// How a reply relates to the request it answers (resolved at commit).
@@ -169,6 +173,7 @@ impl NewMessage {
             error: self.error,
             duration_ms: self.reply.as_ref().map(|r| r.duration_ms),
             late: self.reply.as_ref().is_some_and(|r| r.late),
+            task: self.task.is_some(),
         }
     }
 }

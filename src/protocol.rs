@@ -9,6 +9,8 @@ use uuid::Uuid;
 
 use crate::models::{NewMessage, StoredMessage};
 
+pub mod coordination;
+
 /// Longest agent id, in characters (the column is VARCHAR(255)).
 pub const MAX_AGENT_ID_CHARS: usize = crate::domain::agent_id::MAX_AGENT_ID_CHARS;
 /// Longest agent type and message type, in characters (VARCHAR(50)).
@@ -237,6 +239,10 @@ pub struct SendFields {
     pub correlation_id: Option<String>,
     pub reply_to: Option<String>,
     pub client_msg_id: Option<String>,
+    /// A task: exactly one agent takes it (docs/PROTOCOL.md, "Tasks").
+    pub task: Option<bool>,
+    pub claim_timeout_ms: Option<i64>,
+    pub work_timeout_ms: Option<i64>,
 }
 
 /// What a client may ask of the broker in one frame.
@@ -258,6 +264,12 @@ pub enum ClientOp {
     Hello {
         capabilities: Vec<String>,
         description: Option<String>,
+    },
+    /// A file claim or task operation (`claim`, `claim_task`, …), answered with a
+    /// `claim_result` or `task_result`.
+    Coordination {
+        op: coordination::CoordinationOp,
+        client_msg_id: Option<String>,
     },
 }
 
@@ -377,11 +389,20 @@ pub fn parse_client_frame(text: &str) -> Result<ClientOp, (Rejection, Option<Str
             Some("ack") => parse_ack(frame).map_err(|r| (r, None)),
             Some("read") => parse_read(frame).map_err(|r| (r, None)),
             Some("hello") => parse_hello(frame).map_err(|r| (r, None)),
+            Some(op) if coordination::OPS.contains(&op) => match coordination::parse(op, text) {
+                Ok(op) => Ok(ClientOp::Coordination {
+                    op,
+                    client_msg_id: frame.client_msg_id,
+                }),
+                Err(rejection) => Err((rejection, frame.client_msg_id)),
+            },
             Some(other) => Err((
                 Rejection::new(
                     ErrorCode::UnknownOp,
                     format!(
-                        "unknown op {other:?}; this broker understands send, ack, read and hello"
+                        "unknown op {other:?}; this broker understands send, ack, read, hello, \
+                         claim, object, release, renew, claim_task, complete_task, \
+                         release_task and cancel_task"
                     ),
                 ),
                 frame.client_msg_id,
@@ -433,6 +454,8 @@ pub struct ValidSend {
     pub reply_timeout_ms: Option<i64>,
     pub success: Option<bool>,
     pub error: Option<String>,
+    /// `Some` for a task.
+    pub task: Option<crate::domain::tasks::TaskTerms>,
 }
 
 impl ValidSend {
@@ -472,6 +495,7 @@ impl ValidSend {
             error: send.error,
             reply: None,
             timeout_of: None,
+            task: send.task,
         }
     }
 }
@@ -525,6 +549,8 @@ fn check_send(
     limits: &SendLimits,
 ) -> Result<ValidSend, Rejection> {
     let max_content_bytes = limits.max_content_bytes;
+    // Judged now (the fields move below), reported after the others.
+    let task = check_task(&fields, fields.expects_reply == Some(true));
     let content = fields
         .content
         .ok_or_else(|| Rejection::missing("content"))?;
@@ -663,6 +689,7 @@ fn check_send(
     if let Some(c) = client_msg_id {
         check_text("client_msg_id", c, MAX_CLIENT_MSG_ID_CHARS)?;
     }
+    let task = task?;
     Ok(ValidSend {
         agent_type: fields.agent_type,
         message_type,
@@ -678,7 +705,43 @@ fn check_send(
         reply_timeout_ms,
         success: fields.success,
         error: fields.error,
+        task,
     })
+}
+
+/// A task's terms: `task`, `claim_timeout_ms`, `work_timeout_ms` (the timeouts only with
+/// `"task": true`; a task is not a request).
+fn check_task(
+    fields: &SendFields,
+    request: bool,
+) -> Result<Option<crate::domain::tasks::TaskTerms>, Rejection> {
+    use crate::domain::tasks::{check_timeout, TaskTerms};
+    if fields.task != Some(true) {
+        for (field, value) in [
+            ("claim_timeout_ms", fields.claim_timeout_ms),
+            ("work_timeout_ms", fields.work_timeout_ms),
+        ] {
+            if value.is_some() {
+                return Err(Rejection::invalid(
+                    field,
+                    format!("`{field}` is for tasks: add \"task\": true"),
+                ));
+            }
+        }
+        return Ok(None);
+    }
+    if request {
+        return Err(Rejection::invalid(
+            "task",
+            "a task is not a request: its holder's completion is its answer; drop `expects_reply`",
+        ));
+    }
+    Ok(Some(TaskTerms {
+        claim_timeout_ms: check_timeout("claim_timeout_ms", fields.claim_timeout_ms)
+            .map_err(|e| Rejection::invalid("claim_timeout_ms", e))?,
+        work_timeout_ms: check_timeout("work_timeout_ms", fields.work_timeout_ms)
+            .map_err(|e| Rejection::invalid("work_timeout_ms", e))?,
+    }))
 }
 
 /// What validation needs to know of a metadata value, found in one walk: its size (about
@@ -792,6 +855,8 @@ struct MessageFrame<'a> {
     duration_ms: Option<i64>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     late: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    task: bool,
 }
 
 pub fn message_frame(msg: &StoredMessage) -> ByteString {
@@ -820,6 +885,7 @@ pub fn message_frame(msg: &StoredMessage) -> ByteString {
         error: msg.error.as_deref(),
         duration_ms: msg.duration_ms,
         late: msg.late,
+        task: msg.task,
     })
 }
 

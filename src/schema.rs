@@ -61,6 +61,7 @@ diesel::table! {
         error -> Nullable<Text>,
         duration_ms -> Nullable<Int8>,
         late -> Bool,
+        task -> Bool,
     }
 }
 
@@ -117,6 +118,69 @@ diesel::table! {
         token_hash -> Bpchar,
         created_at -> Timestamptz,
         revoked_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    claims (id) {
+        id -> Uuid,
+        project_id -> Uuid,
+        #[max_length = 255]
+        agent_id -> Varchar,
+        paths -> Array<Text>,
+        shared -> Bool,
+        reason -> Nullable<Text>,
+        #[max_length = 16]
+        state -> Varchar,
+        ttl_ms -> Int8,
+        created_at -> Timestamptz,
+        decide_at -> Nullable<Timestamptz>,
+        granted_at -> Nullable<Timestamptz>,
+        expires_at -> Nullable<Timestamptz>,
+        ended_at -> Nullable<Timestamptz>,
+        #[max_length = 255]
+        ended_by -> Nullable<Varchar>,
+        end_reason -> Nullable<Text>,
+        notice_id -> Nullable<Uuid>,
+    }
+}
+
+diesel::table! {
+    claim_objections (claim_id, agent_id) {
+        claim_id -> Uuid,
+        #[max_length = 255]
+        agent_id -> Varchar,
+        reason -> Text,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    tasks (message_id) {
+        message_id -> Uuid,
+        project_id -> Uuid,
+        #[max_length = 16]
+        state -> Varchar,
+        #[max_length = 255]
+        holder -> Nullable<Varchar>,
+        claim_timeout_ms -> Nullable<Int8>,
+        work_timeout_ms -> Nullable<Int8>,
+        claim_deadline -> Nullable<Timestamptz>,
+        work_deadline -> Nullable<Timestamptz>,
+        claimed_at -> Nullable<Timestamptz>,
+        closed_at -> Nullable<Timestamptz>,
+        result -> Nullable<Text>,
+        offers -> Int4,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    coordination_outbox (id) {
+        id -> Uuid,
+        project_id -> Uuid,
+        message -> Jsonb,
+        created_at -> Timestamptz,
     }
 }
 

@@ -118,6 +118,28 @@ impl Application {
         let deadlines = deadlines_rx
             .await
             .context("the deadline actor did not start")?;
+        let coordination = {
+            let (actor_pool, recipient) = (pool.clone(), persistence.clone().recipient());
+            let db_timeout = settings.db_timeout();
+            let actor = crate::actors::coordination::CoordinationActor::start_in_arbiter(
+                &broker_arbiter.handle(),
+                move |_| {
+                    crate::actors::coordination::CoordinationActor::new(
+                        actor_pool, recipient, db_timeout,
+                    )
+                },
+            );
+            persistence.do_send(crate::actors::persistence::AttachTaskDeadlines(
+                actor.clone().recipient(),
+            ));
+            crate::actors::coordination::Coordination::new(
+                pool.clone(),
+                persistence.clone().recipient(),
+                actor,
+                settings.claim_limits(),
+                settings.db_timeout(),
+            )
+        };
         let persistence = persistence.recipient();
         let cursors = {
             let pool = pool.clone();
@@ -197,6 +219,7 @@ impl Application {
                 Duration::from_millis(settings.heavy_read_wait_ms),
             ),
             mcp_sessions: http::McpSessions::default(),
+            coordination,
         };
         let server = HttpServer::new(move || {
             App::new()

@@ -145,6 +145,7 @@ fn timeout_response(project_id: Uuid, request_id: Uuid) -> NewMessage {
         error: Some("timeout".to_owned()),
         reply: None,
         timeout_of: Some(request_id),
+        task: None,
     }
 }
 

@@ -367,6 +367,7 @@ mod tests {
             error: None,
             duration_ms: None,
             late: false,
+            task: false,
         }
     }
 

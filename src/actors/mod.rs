@@ -20,11 +20,12 @@
 //! which any other source of commits can feed the same way.
 //!
 //! Beside that path: `CursorActor` records delivery progress, `DeadlineActor` fires request
-//! timeouts and sweeps expired messages, and `SearchIndexActor` indexes committed messages
-//! for full-text search. `ClusterActor` makes this broker one node of several on the same
-//! database: heartbeat, duties (which node sweeps and indexes), and the other nodes'
-//! notifications, whose commits reach channels through the same `route` seam, read back
-//! from PostgreSQL by seq.
+//! timeouts and sweeps expired messages, `SearchIndexActor` indexes committed messages
+//! for full-text search, and `CoordinationActor` keeps the deadlines of file claims and tasks
+//! (whose decisions are stored as ordinary messages, through `Persist`). `ClusterActor` makes
+//! this broker one node of several on the same database: heartbeat, duties (which node sweeps
+//! and indexes), and the other nodes' notifications, whose commits reach channels through the
+//! same `route` seam, read back from PostgreSQL by seq.
 //!
 //! A session's delivery decisions (outbox, flow control, confirmation, draining, closing) are
 //! the plain state machine `delivery::Delivery`, with `feed::Feed` as its seam between the
@@ -33,6 +34,7 @@
 pub mod acks;
 pub mod channel;
 pub mod cluster;
+pub mod coordination;
 pub mod cursor;
 pub mod deadlines;
 pub mod delivery;

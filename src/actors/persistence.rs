@@ -70,6 +70,8 @@ pub struct PersistenceActor {
     /// This broker's node id, and whether other nodes share the database: while they do,
     /// each commit notifies them of its seqs.
     node: Option<(String, Arc<AtomicBool>)>,
+    /// Where committed tasks with a claim deadline go to have it armed (set once running).
+    task_deadlines: Option<Recipient<super::coordination::Arm>>,
 }
 
 impl PersistenceActor {
@@ -94,6 +96,7 @@ impl PersistenceActor {
             batch_max_rows: batch_max_rows.max(1),
             isolate: 0,
             node: None,
+            task_deadlines: None,
         }
     }
 
@@ -239,15 +242,24 @@ impl PersistenceActor {
         {
             let (settled, client_msg_id) = match outcome {
                 Outcome::Stored { seq, no_recipient } => {
+                    let claim_timeout = message.task.and_then(|t| t.claim_timeout_ms);
                     let stored = message.into_stored(seq, created_at);
+                    if let (Some(ms), Some(deadlines)) = (claim_timeout, &self.task_deadlines) {
+                        deadlines.do_send(super::coordination::Arm {
+                            deadline: super::coordination::Deadline::TaskUnclaimed,
+                            id: stored.id,
+                            at: created_at + chrono::Duration::milliseconds(ms),
+                        });
+                    }
                     if stored.expects_reply && !no_recipient {
                         self.track_request(&stored);
                     }
                     (Some((stored, false, no_recipient)), None)
                 }
-                Outcome::Duplicate(existing) => {
-                    (Some((*existing, true, false)), message.client_msg_id)
-                }
+                Outcome::Duplicate {
+                    message: existing,
+                    no_recipient,
+                } => (Some((*existing, true, no_recipient)), message.client_msg_id),
                 Outcome::SameAs(first) => (
                     resolved
                         .get(first)
@@ -326,6 +338,19 @@ impl Handler<Persist> for PersistenceActor {
         }
         self.queue.push_back((persist, bytes));
         self.write_next_batch(ctx);
+    }
+}
+
+/// Wires the coordination actor in: it arms the claim deadlines of committed tasks.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttachTaskDeadlines(pub Recipient<super::coordination::Arm>);
+
+impl Handler<AttachTaskDeadlines> for PersistenceActor {
+    type Result = ();
+
+    fn handle(&mut self, attach: AttachTaskDeadlines, _ctx: &mut Self::Context) {
+        self.task_deadlines = Some(attach.0);
     }
 }
 

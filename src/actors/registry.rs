@@ -93,7 +93,7 @@ impl ChannelRegistry {
             for item in items {
                 item.reply.settle(Settlement::Stored {
                     message: item.message,
-                    no_recipient: false,
+                    no_recipient: item.no_recipient,
                 });
             }
         }

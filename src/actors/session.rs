@@ -66,6 +66,8 @@ pub struct SessionDeps {
     pub settings: Arc<Settings>,
     pub stats: crate::stats::Stats,
     pub project_limits: ProjectLimits,
+    /// File claims and tasks (`claim`, `claim_task` … frames).
+    pub coordination: super::coordination::Coordination,
 }
 
 pub struct SessionActor {
@@ -421,7 +423,45 @@ impl SessionActor {
                 agent_id: self.identity.agent_id.clone(),
                 ids,
             }),
+            ClientOp::Coordination { op, client_msg_id } => {
+                self.on_coordination(op, client_msg_id, ctx)
+            }
         }
+    }
+
+    /// A claim or task frame: answered with a `claim_result`/`task_result` (or an error).
+    fn on_coordination(
+        &mut self,
+        op: protocol::coordination::CoordinationOp,
+        client_msg_id: Option<String>,
+        ctx: &mut Context<Self>,
+    ) {
+        if let Err(wait) = self.limit.check() {
+            self.deps.stats.metrics().rate_limited();
+            let rejection = Rejection::rate_limited("connection", wait);
+            return self.reject(&rejection, client_msg_id.as_deref(), ctx);
+        }
+        let coordination = self.deps.coordination.clone();
+        let (project_id, agent_id) = (self.identity.project_id, self.identity.agent_id.clone());
+        let run = async move {
+            let caller = super::coordination::Caller {
+                project_id,
+                agent_id: &agent_id,
+            };
+            coordination.run(caller, op).await
+        };
+        ctx.spawn(run.into_actor(self).map(move |answer, act, ctx| {
+            let frame = match answer {
+                Ok(answer) => {
+                    protocol::coordination::result_frame(&answer, client_msg_id.as_deref())
+                }
+                Err(rejection) => {
+                    act.deps.stats.record_errors(rejection.code, 1);
+                    protocol::error_frame(&rejection, client_msg_id.as_deref())
+                }
+            };
+            act.push_text(frame, ctx);
+        }));
     }
 
     fn reject(

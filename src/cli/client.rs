@@ -67,6 +67,15 @@ impl Client {
             .await
     }
 
+    /// `DELETE path?query`.
+    pub async fn delete(&self, path: &str, query: &[(&str, String)]) -> Result<Answer, CliError> {
+        self.call(
+            self.http.delete(self.url(path)).query(query),
+            Duration::ZERO,
+        )
+        .await
+    }
+
     /// Like `get`, but any status other than 2xx is the error it means.
     pub async fn get_ok(&self, path: &str, query: &[(&str, String)]) -> Result<Value, CliError> {
         let answer = self.get(path, query, Duration::ZERO).await?;

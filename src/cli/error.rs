@@ -13,6 +13,11 @@ pub mod exit {
     /// The broker refused the request (bad input, no permission, unknown project or
     /// message, nobody to receive it, over a limit): the message says why.
     pub const REFUSED: u8 = 3;
+    /// `claim`, `guard`, `task claim`: another agent holds (or asked for) the paths, or
+    /// claimed the task first.
+    pub const CONFLICT: u8 = 4;
+    /// `claim`: another agent objected in the objection window.
+    pub const OBJECTED: u8 = 5;
 }
 
 /// A failed command: one sentence that names the problem and the fix.

@@ -1,8 +1,10 @@
 //! The agent commands of the `agentbus` binary: `send`, `inbox`, `ask`, `reply`, `agents`,
-//! `history`, `tail` and `project list`, for shell agents and scripts. They talk to a
+//! `history`, `tail` and `project list`, for shell agents and scripts, and the coordination
+//! commands (`claim`, `release`, `claims`, `guard`, `tasks`, `task`: [`coordination`]). They talk to a
 //! running broker over its REST API only (docs/PROTOCOL.md, "Command line").
 
 pub mod client;
+pub mod coordination;
 pub mod error;
 pub mod hook;
 pub mod output;
@@ -41,6 +43,21 @@ pub enum AgentCommand {
     History(HistoryArgs),
     /// Follow the project live: print each message as it is committed, until interrupted.
     Tail(TailArgs),
+    /// Claim paths before editing them (exit 4: held by another agent; 5: objected).
+    Claim(coordination::ClaimArgs),
+    /// Release claims.
+    Release(coordination::ReleaseArgs),
+    /// List the claims held now (exit 1 when none).
+    Claims(coordination::ClaimsArgs),
+    /// A git pre-commit hook: refuse a commit touching paths another agent holds (exit 4).
+    Guard(coordination::GuardArgs),
+    /// List tasks, open ones by default (exit 1 when none).
+    Tasks(coordination::TasksArgs),
+    /// Take, finish, give back or cancel a task.
+    Task {
+        #[command(subcommand)]
+        command: coordination::TaskCommand,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -72,6 +89,15 @@ pub struct SendArgs {
     /// An id of your own: a retry with the same id is stored once.
     #[arg(long)]
     pub client_msg_id: Option<String>,
+    /// Send it as a task: exactly one agent takes it (`agentbus task claim`).
+    #[arg(long)]
+    pub task: bool,
+    /// With --task: dead-letter it as `unclaimed` if nobody claims it within this, e.g. 10m.
+    #[arg(long, requires = "task", value_parser = coordination::parse_duration)]
+    pub claim_timeout: Option<Duration>,
+    /// With --task: offer it again if its holder has not finished it within this, e.g. 1h.
+    #[arg(long, requires = "task", value_parser = coordination::parse_duration)]
+    pub work_timeout: Option<Duration>,
     #[command(flatten)]
     pub connection: Connection,
 }
@@ -207,6 +233,12 @@ pub fn run(command: AgentCommand) -> ExitCode {
                 AgentCommand::Agents(a) => agents(a).await,
                 AgentCommand::History(a) => history(a).await,
                 AgentCommand::Tail(a) => tail(a).await,
+                AgentCommand::Claim(a) => coordination::claim(a).await,
+                AgentCommand::Release(a) => coordination::release(a).await,
+                AgentCommand::Claims(a) => coordination::claims(a).await,
+                AgentCommand::Guard(a) => coordination::guard(a).await,
+                AgentCommand::Tasks(a) => coordination::tasks(a).await,
+                AgentCommand::Task { command } => coordination::task(command).await,
             }
         })
     });
@@ -340,6 +372,15 @@ async fn send(a: SendArgs) -> Result<u8, CliError> {
         ("reply_to", a.reply_to.map(Value::from)),
         ("ttl_ms", a.ttl_ms.map(Value::from)),
         ("client_msg_id", a.client_msg_id.map(Value::from)),
+        ("task", a.task.then_some(json!(true))),
+        (
+            "claim_timeout_ms",
+            a.claim_timeout.map(|d| json!(d.as_millis() as u64)),
+        ),
+        (
+            "work_timeout_ms",
+            a.work_timeout.map(|d| json!(d.as_millis() as u64)),
+        ),
     ]);
     let stored = client
         .post_ok(&project_path(&project, "/messages"), &[], &request)

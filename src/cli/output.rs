@@ -31,6 +31,10 @@ pub fn message_line(m: &Value) -> String {
         let id = m["id"].as_str().unwrap_or("?");
         notes.push(format!("request: agentbus reply {id}"));
     }
+    if m["task"] == true {
+        let id = m["id"].as_str().unwrap_or("?");
+        notes.push(format!("task: agentbus task claim {id}"));
+    }
     if let Some(of) = m["in_reply_to_seq"].as_i64() {
         notes.push(format!("reply to #{of}"));
     }

@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use crate::db::prepared::PrepareOnce;
 use crate::models::{NewMessage, ReplyLink, StoredMessage};
+use crate::schema::dead_letters;
 
 /// What became of one message of a batch.
 #[derive(Debug)]
@@ -34,8 +35,12 @@ pub enum Outcome {
     /// `ErrorCode::NoRecipient`).
     Stored { seq: i64, no_recipient: bool },
     /// A retry: a message with the same (project, sender, client_msg_id) was already stored;
-    /// this is that message, and nothing new was written.
-    Duplicate(Box<StoredMessage>),
+    /// this is that message, and nothing new was written. `no_recipient`: it is a request
+    /// that was dead-lettered for want of a recipient, which the retry is told again.
+    Duplicate {
+        message: Box<StoredMessage>,
+        no_recipient: bool,
+    },
     /// A retry of the message at this earlier index of the same batch.
     SameAs(usize),
     /// The project does not exist (any more); nothing was written.
@@ -146,8 +151,11 @@ async fn store_batch(
             }
             if let Some(cmid) = msg.client_msg_id.as_deref() {
                 let key = (msg.project_id, msg.sender_agent_id.as_str(), cmid);
-                if let Some(stored) = existing.get(&key) {
-                    plan.push(Outcome::Duplicate(Box::new(stored.clone())));
+                if let Some((stored, no_recipient)) = existing.get(&key) {
+                    plan.push(Outcome::Duplicate {
+                        message: Box::new(stored.clone()),
+                        no_recipient: *no_recipient,
+                    });
                     continue;
                 }
                 if let Some(&first) = first_in_batch.get(&key) {
@@ -237,6 +245,7 @@ async fn store_batch(
             return Ok(plan);
         }
         cols.insert(conn, created_at).await?;
+        crate::db::tasks::open_committed(conn, batch, &plan, created_at).await?;
         cols.ensure_recipients(conn).await?;
         mark_answered(conn, &links.answered, created_at).await?;
         flag_unreachable(conn, batch, &mut plan, created_at).await?;
@@ -247,10 +256,12 @@ async fn store_batch(
 
 /// Messages already stored under the client_msg_ids this batch carries, by
 /// (project, sender, client_msg_id).
+/// The messages stored earlier that sends of this batch retry, by (project, sender,
+/// client_msg_id), each with whether it was dead-lettered as `no_recipient`.
 async fn find_retries<'b>(
     conn: &mut AsyncPgConnection,
     batch: &'b [NewMessage],
-) -> QueryResult<HashMap<(Uuid, &'b str, &'b str), StoredMessage>> {
+) -> QueryResult<HashMap<(Uuid, &'b str, &'b str), (StoredMessage, bool)>> {
     let mut keys: Vec<(Uuid, &str, &str)> = Vec::new();
     for msg in batch {
         if let Some(cmid) = &msg.client_msg_id {
@@ -277,6 +288,25 @@ async fn find_retries<'b>(
     .bind::<Array<Text>, _>(&cmids)
     .load(conn)
     .await?;
+    // Retries of requests are told again that nobody could receive them (the first answer
+    // may have been lost with its connection). Rare: only requests among the retries.
+    let requests: Vec<Uuid> = found
+        .iter()
+        .filter(|m| m.expects_reply)
+        .map(|m| m.id)
+        .collect();
+    let unreachable: HashSet<Uuid> = if requests.is_empty() {
+        HashSet::new()
+    } else {
+        dead_letters::table
+            .filter(dead_letters::message_id.eq_any(&requests))
+            .filter(dead_letters::reason.eq("no_recipient"))
+            .select(dead_letters::message_id)
+            .load::<Uuid>(conn)
+            .await?
+            .into_iter()
+            .collect()
+    };
     let mut by_key = HashMap::with_capacity(found.len());
     for message in found {
         if let Some(&key) = keys.iter().find(|k| {
@@ -284,7 +314,8 @@ async fn find_retries<'b>(
                 && k.1 == message.sender_agent_id
                 && Some(k.2) == message.client_msg_id.as_deref()
         }) {
-            by_key.insert(key, message);
+            let no_recipient = unreachable.contains(&message.id);
+            by_key.insert(key, (message, no_recipient));
         }
     }
     Ok(by_key)

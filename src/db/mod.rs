@@ -2,16 +2,19 @@
 //! the broker runs (`queries`).
 
 pub mod batch;
+pub mod claims;
 pub mod cluster;
 pub mod cursors;
 pub mod dead_letters;
 pub mod deadlines;
 pub mod inbox;
 pub mod ops;
+pub mod outbox;
 pub mod paging;
 pub mod prepared;
 pub mod queries;
 pub mod search;
+pub mod tasks;
 pub mod tokens;
 
 use std::time::Duration;

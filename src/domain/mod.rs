@@ -6,3 +6,6 @@ pub mod identifier;
 
 pub use agent_id::{AgentId, InvalidAgentId, BROKER_AGENT_ID};
 pub use identifier::{AgentType, InvalidIdentifier};
+pub mod claims;
+pub mod notice;
+pub mod tasks;

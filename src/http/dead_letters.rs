@@ -59,6 +59,13 @@ pub async fn retry(
     if let Some(map) = metadata.as_object_mut() {
         map.insert("retry_of".into(), serde_json::json!(original.id));
     }
+    // A task is retried as a task, with the same terms.
+    let task = if original.task {
+        let mut conn = state.pool.get().await?;
+        crate::db::tasks::terms_of(&mut conn, original.id).await?
+    } else {
+        None
+    };
     let retry = NewMessage {
         id: Uuid::new_v4(),
         project_id: project.id,
@@ -85,6 +92,7 @@ pub async fn retry(
         error: original.error,
         reply: None,
         timeout_of: None,
+        task,
     };
     let (stored, _) = store(&state, retry).await?;
     let mut conn = state.pool.get().await?;

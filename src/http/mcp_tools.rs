@@ -44,7 +44,7 @@ pub fn initialize_result(version: &str, identity: &McpIdentity) -> Value {
 /// The `tools/list` answer.
 pub fn list() -> Value {
     let s = |t: &str| json!({"type": t});
-    json!({"tools": [
+    let mut list = json!({"tools": [
         {
             "name": "send_message",
             "description": "Send a message to the project (everyone), one agent (to) or agents of a type (to_type).",
@@ -52,7 +52,8 @@ pub fn list() -> Value {
                 "content": s("string"), "type": s("string"), "to": s("string"), "to_type": s("string"),
                 "priority": {"type": "integer", "minimum": 0, "maximum": 3, "description": "0 critical .. 3 low; default 2"},
                 "metadata": s("object"), "ttl_ms": s("integer"),
-                "client_msg_id": {"type": "string", "description": "retry key: sent once"}
+                "client_msg_id": {"type": "string", "description": "retry key: sent once"},
+                "task": {"type": "boolean", "description": "a task: one agent claims it"}
             }, "required": ["content"]}
         },
         {
@@ -96,7 +97,11 @@ pub fn list() -> Value {
             "description": "A message, what it replies to, and its replies.",
             "inputSchema": {"type": "object", "properties": {"message_id": s("string")}, "required": ["message_id"]}
         }
-    ]})
+    ]});
+    if let Some(tools) = list["tools"].as_array_mut() {
+        tools.extend(super::mcp_coordination::definitions());
+    }
+    list
 }
 
 /// One line per message: `#seq [type] sender → recipient: content`.
@@ -107,8 +112,13 @@ pub fn render(message: &StoredMessage) -> String {
         (None, None) => "all".to_owned(),
     };
     let urgent = if message.priority <= 1 { " !" } else { "" };
+    let task = if message.task {
+        " (a task: claim_task to take it)"
+    } else {
+        ""
+    };
     format!(
-        "#{} [{}]{urgent} {} → {to}: {} (id {})",
+        "#{} [{}]{urgent} {} → {to}: {} (id {}){task}",
         message.seq,
         message.message_type,
         message.sender_agent_id,
@@ -156,7 +166,10 @@ pub async fn call(ctx: &Context<'_>, params: &Value) -> Result<Value, String> {
         "list_agents" => run(ctx, arguments, list_agents).await,
         "search_messages" => run(ctx, arguments, search_messages).await,
         "read_thread" => run(ctx, arguments, read_thread).await,
-        other => return Err(format!("no tool named {other:?}; see tools/list")),
+        other => match super::mcp_coordination::call(ctx, other, arguments).await {
+            Some(outcome) => outcome,
+            None => return Err(format!("no tool named {other:?}; see tools/list")),
+        },
     };
     Ok(outcome.unwrap_or_else(|e| failed(e.to_string())))
 }
@@ -190,6 +203,7 @@ struct SendArgs {
     metadata: Option<Value>,
     ttl_ms: Option<i64>,
     client_msg_id: Option<String>,
+    task: Option<bool>,
 }
 
 /// Stores a send as the session's agent.
@@ -217,6 +231,7 @@ async fn send_message(ctx: &Context<'_>, args: SendArgs) -> Result<Value, ApiErr
             metadata: args.metadata,
             ttl_ms: args.ttl_ms,
             client_msg_id: args.client_msg_id,
+            task: args.task,
             ..SendFields::default()
         },
     )
@@ -555,6 +570,7 @@ mod tests {
             error: None,
             duration_ms: None,
             late: false,
+            task: false,
         };
         let line = render(&message);
         assert!(

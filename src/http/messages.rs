@@ -148,6 +148,10 @@ pub struct PublishBody {
     timeout_ms: Option<i64>,
     success: Option<bool>,
     error: Option<String>,
+    /// A task (docs/PROTOCOL.md, "Tasks"), with its deadlines.
+    task: Option<bool>,
+    claim_timeout_ms: Option<i64>,
+    work_timeout_ms: Option<i64>,
 }
 
 impl PublishBody {
@@ -170,6 +174,9 @@ impl PublishBody {
             timeout_ms: self.timeout_ms.take(),
             success: self.success.take(),
             error: self.error.take(),
+            task: self.task.take(),
+            claim_timeout_ms: self.claim_timeout_ms.take(),
+            work_timeout_ms: self.work_timeout_ms.take(),
             ..SendFields::default()
         }
     }

@@ -3,18 +3,21 @@
 
 mod access;
 mod agents;
+mod claims;
 mod cluster;
 mod console;
 mod dead_letters;
 mod error;
 pub mod guards;
 mod mcp;
+mod mcp_coordination;
 mod mcp_tools;
 mod messages;
 mod ops;
 mod projects;
 mod socket;
 mod stats;
+mod tasks;
 mod tokens;
 
 use std::sync::Arc;
@@ -56,6 +59,8 @@ pub struct AppState {
     pub heavy_reads: guards::HeavyReads,
     /// Open MCP sessions.
     pub mcp_sessions: McpSessions,
+    /// File claims and tasks.
+    pub coordination: crate::actors::coordination::Coordination,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -235,6 +240,18 @@ fn project_routes(cfg: &mut web::ServiceConfig) {
             web::post().to(agents::notifications),
         )
         .route("/agents/{agent_id}/ack", web::post().to(agents::ack))
+        .route("/claims", web::get().to(claims::list))
+        .route("/claims", web::post().to(claims::create))
+        .route("/claims/{claim_id}", web::get().to(claims::show))
+        .route("/claims/{claim_id}", web::delete().to(claims::release))
+        .route(
+            "/claims/{claim_id}/objections",
+            web::post().to(claims::object),
+        )
+        .route("/claims/{claim_id}/renew", web::post().to(claims::renew))
+        .route("/tasks", web::get().to(tasks::list))
+        .route("/tasks/{message_id}", web::get().to(tasks::show))
+        .route("/tasks/{message_id}/{action}", web::post().to(tasks::act))
         .route("/dead-letters", web::get().to(dead_letters::list))
         .route(
             "/dead-letters/{message_id}/retry",

@@ -142,6 +142,7 @@ pub async fn connect(
         settings: state.settings.clone(),
         stats: state.stats.clone(),
         project_limits: state.project_limits.clone(),
+        coordination: state.coordination.clone(),
     };
     let identity = Identity {
         session_id,
@@ -269,6 +270,7 @@ async fn observe(
         settings: state.settings.clone(),
         stats: state.stats.clone(),
         project_limits: state.project_limits.clone(),
+        coordination: state.coordination.clone(),
     };
     let identity = Identity {
         session_id,

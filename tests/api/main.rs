@@ -4,6 +4,7 @@
 mod auth;
 mod bad_input;
 mod bench;
+mod claims;
 mod cli;
 mod cluster;
 #[cfg(feature = "browser-tests")]
@@ -31,3 +32,4 @@ mod requests;
 mod schema;
 mod sessions;
 mod shutdown;
+mod tasks;

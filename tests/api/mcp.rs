@@ -273,7 +273,14 @@ async fn the_tools_send_read_ask_reply_list_search_and_thread() {
             "reply",
             "list_agents",
             "search_messages",
-            "read_thread"
+            "read_thread",
+            "claim_files",
+            "release_files",
+            "list_claims",
+            "object_claim",
+            "list_tasks",
+            "claim_task",
+            "complete_task"
         ]
     );
     let bytes = tools["result"].to_string().len();
@@ -606,4 +613,118 @@ async fn a_waiting_read_wakes_and_an_mcp_send_arrives_repeatedly() {
         "MCP send_message -> WebSocket delivery: {}",
         summary(round_trip)
     );
+}
+
+#[tokio::test]
+async fn the_claim_and_task_tools() {
+    let app = TestApp::spawn().await;
+    let project = app.create_project("coordination-tools").await;
+    let mut lead = app.connect(project, "lead", "lead").await;
+    let mut fe = Mcp::new(&app, project, "agent_id=fe-1&agent_type=frontend");
+    fe.initialize("2025-06-18").await;
+    let mut be = Mcp::new(&app, project, "agent_id=be-1&agent_type=backend");
+    be.initialize("2025-06-18").await;
+
+    // Claims: granted, listed, refused to another agent with the holder named.
+    let granted = fe
+        .tool(
+            "claim_files",
+            json!({"paths": ["web/src/**"], "reason": "component Z", "ttl_seconds": 600}),
+        )
+        .await;
+    assert_eq!(granted["isError"], false, "{granted}");
+    let claim_id = granted["structuredContent"]["claim"]["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let text = granted["content"][0]["text"].as_str().unwrap();
+    assert!(
+        text.contains("fe-1 holds (until") && text.contains("web/src/**"),
+        "{text}"
+    );
+    let listed = be.tool("list_claims", json!({})).await;
+    assert_eq!(
+        listed["structuredContent"]["claims"][0]["id"],
+        claim_id.as_str()
+    );
+    let refused = be
+        .tool("claim_files", json!({"paths": ["web/src/app.tsx"]}))
+        .await;
+    assert_eq!(refused["isError"], true, "{refused}");
+    assert_eq!(refused["structuredContent"]["code"], "conflict");
+    assert!(
+        refused["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("conflicts with fe-1"),
+        "{refused}"
+    );
+    // An objection to a claim that is not pending is refused; bad arguments are a tool error.
+    let late = be
+        .tool(
+            "object_claim",
+            json!({"claim_id": claim_id, "reason": "no"}),
+        )
+        .await;
+    assert_eq!(late["structuredContent"]["code"], "claim_decided", "{late}");
+    let bad = be.tool("claim_files", json!({"paths": ["../x"]})).await;
+    assert_eq!(bad["isError"], true);
+    assert!(
+        bad["content"][0]["text"].as_str().unwrap().contains(".."),
+        "{bad}"
+    );
+    let released = fe.tool("release_files", json!({})).await;
+    assert_eq!(
+        released["structuredContent"]["released"][0]["state"], "released",
+        "{released}"
+    );
+    assert_eq!(
+        be.tool("list_claims", json!({})).await["structuredContent"]["claims"],
+        json!([])
+    );
+
+    // Tasks: offered to the frontend type, taken once, completed; the result reaches the lead.
+    lead.send_ok(json!({"content": "Need frontend specialist for component Z", "to_type": "frontend", "task": true}))
+        .await;
+    let open = fe.tool("list_tasks", json!({})).await;
+    let task = open["structuredContent"]["tasks"][0].clone();
+    assert_eq!(task["state"], "open", "{open}");
+    let task_id = task["id"].as_str().unwrap().to_owned();
+    let inbox = fe.tool("check_inbox", json!({})).await;
+    assert!(
+        inbox["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("claim_task"),
+        "{inbox}"
+    );
+    let not_offered = be.tool("claim_task", json!({"task_id": task_id})).await;
+    assert_eq!(
+        not_offered["structuredContent"]["code"], "forbidden",
+        "{not_offered}"
+    );
+    let taken = fe.tool("claim_task", json!({"task_id": task_id})).await;
+    assert_eq!(taken["isError"], false, "{taken}");
+    assert_eq!(taken["structuredContent"]["task"]["holder"], "fe-1");
+    let done = fe
+        .tool(
+            "complete_task",
+            json!({"task_id": task_id, "result": "component Z is in web/src/z.tsx"}),
+        )
+        .await;
+    assert_eq!(done["structuredContent"]["task"]["state"], "done", "{done}");
+    let until = crate::helpers::deadline();
+    let result = loop {
+        let frame = lead.next_json_until(until).await;
+        if frame["metadata"]["event"] == "done" {
+            break frame;
+        }
+    };
+    assert_eq!(result["to"], "lead");
+    assert_eq!(result["success"], true);
+    assert_eq!(result["reply_to"], task_id.as_str());
+    assert!(result["content"]
+        .as_str()
+        .unwrap()
+        .contains("component Z is in web/src/z.tsx"));
 }

@@ -122,7 +122,14 @@ async fn run_sdk(program: &str, script: &str, agent_id: &str) {
             "reply",
             "list_agents",
             "search_messages",
-            "read_thread"
+            "read_thread",
+            "claim_files",
+            "release_files",
+            "list_claims",
+            "object_claim",
+            "list_tasks",
+            "claim_task",
+            "complete_task"
         ])
     );
     assert!(seen["sent"]["seq"].as_i64().is_some(), "{seen}");

@@ -628,3 +628,37 @@ async fn a_message_never_acknowledged_is_dead_lettered_after_the_delivery_limit(
     a.send_ok(status("next")).await;
     assert_eq!(b.expect_op("message").await["content"], "next");
 }
+
+#[tokio::test]
+async fn a_retry_of_a_dead_lettered_request_is_told_again_that_nobody_can_receive_it() {
+    let app = TestApp::spawn().await;
+    let project = app.create_project("retry-dead").await;
+    let mut a = app.connect(project, "a", "coordinator").await;
+    let request = json!({"content": "hello?", "to": "ghost", "expects_reply": true,
+                         "timeout_ms": 60_000, "client_msg_id": "r-1"});
+    a.send(request.clone()).await;
+    let first = a.expect_op("sent").await;
+    let warning = a.expect_error("no_recipient").await;
+    assert_eq!(warning["client_msg_id"], "r-1");
+    // The same send again (as after a lost connection): the same message, and the warning.
+    a.send(request.clone()).await;
+    let again = a.expect_op("sent").await;
+    assert_eq!(again["id"], first["id"]);
+    assert_eq!(again["seq"], first["seq"]);
+    let warning = a.expect_error("no_recipient").await;
+    assert_eq!(warning["client_msg_id"], "r-1");
+    assert!(
+        warning["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("dead-lettered"),
+        "{warning}"
+    );
+    // A retry of a request that did reach someone draws no warning.
+    let _b = app.connect(project, "b", "reviewer").await;
+    let reachable = json!({"content": "review?", "to": "b", "expects_reply": true,
+                           "timeout_ms": 60_000, "client_msg_id": "r-2"});
+    a.send_ok(reachable.clone()).await;
+    a.send_ok(reachable).await;
+    a.send_ok(status("nothing else came in between")).await;
+}

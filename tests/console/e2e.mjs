@@ -133,6 +133,7 @@ async function main() {
     await checkAgents(page, missing);
     await checkCompose(page);
     await checkPresenceChange(page, missing);
+    await checkCoordination(page);
     await checkOtherViews(page, missing);
 
     await page.locator('a[data-view="messages"]').click();
@@ -377,6 +378,68 @@ async function checkPresenceChange(page, missing) {
     document.querySelector('#agents li.offline[data-agent="beta"]')
     && document.querySelector('#agents li.online[data-agent="alpha"]'));
   step('beta shown offline after it disconnected');
+}
+
+/**
+ * File claims beside the agents (a held one, a pending one counting its objection window
+ * down), and task states on their rows of the log, with the "open tasks" filter.
+ */
+async function checkCoordination(page) {
+  await postJson(api('/claims'), { agent_id: 'alpha', paths: ['src/api/**'], reason: 'e2e refactor', ttl_ms: 1_800_000 });
+  // Answered once its window closes: it is refused by an objection below.
+  const pending = fetch(new URL(api('/claims'), baseUrl), {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify({ agent_id: 'beta', paths: ['docs/*.md'], objection_ms: 120_000 }),
+  });
+  await waitRows(page, 'the held claim and the pending one', () => {
+    const held = document.querySelector('#claims li.claim.granted');
+    const asked = document.querySelector('#claims li.claim.pending');
+    return held && asked
+      && held.textContent.includes('src/api/**') && held.textContent.includes('e2e refactor')
+      && /expires in (29|30) min/.test(held.querySelector('.claim-when').textContent)
+      && /objections close in \d+ (s|min)/.test(asked.querySelector('.claim-when').textContent);
+  });
+  const { body: held } = await getJson(api('/claims'));
+  const beta = held.claims.find((c) => c.agent_id === 'beta');
+  check(beta && beta.state === 'pending', 'the pending claim is listed by the API too');
+  const objected = await postJson(api(`/claims/${beta.id}/objections`), { agent_id: 'alpha', reason: 'docs freeze' });
+  check(objected.claim.state === 'objected', 'the objection refused the claim');
+  const answered = await pending;
+  check(answered.status === 409, `the pending claim's request answered ${answered.status} after the objection`);
+  await waitRows(page, 'the objected claim to leave the panel', () => !document.querySelector('#claims li.claim.pending'));
+  step('claims panel: held claims, a pending window counting down, gone once objected');
+
+  const task = await postJson(api('/messages'), {
+    sender_agent_id: 'alpha', sender_agent_type: 'planner', to_type: 'coder', type: 'task_assignment',
+    content: 'e2e task: wire up component Z', task: true,
+  });
+  const tagOf = (id) => `#rows > li[data-id="${id}"] .task-tag`;
+  await waitRows(page, 'the task open on its row', (sel) => {
+    const tag = document.querySelector(sel);
+    return tag && tag.textContent === 'task · open';
+  }, tagOf(task.id));
+  await page.locator('#f-open-tasks').check();
+  await waitRows(page, 'the "open tasks" filter', (id) => {
+    const shown = [...document.querySelectorAll('#rows > li.msg')].filter((r) => !r.hidden);
+    return shown.length === 1 && shown[0].dataset.id === id;
+  }, task.id);
+  const claim = await fetch(new URL(api(`/tasks/${task.id}/claim`), baseUrl), {
+    method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ agent_id: 'beta' }),
+  });
+  check(claim.status === 200, `beta's claim of the task answered ${claim.status}`);
+  await waitRows(page, 'the claimed task to leave the "open tasks" filter', () =>
+    [...document.querySelectorAll('#rows > li.msg')].every((r) => r.hidden));
+  await page.locator('#f-open-tasks').uncheck();
+  await waitRows(page, 'the task claimed by beta', (sel) =>
+    document.querySelector(sel).textContent === 'task · claimed by beta', tagOf(task.id));
+  const done = await fetch(new URL(api(`/tasks/${task.id}/complete`), baseUrl), {
+    method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ agent_id: 'beta', result: 'Z is wired' }),
+  });
+  check(done.status === 200, `beta's completion answered ${done.status}`);
+  await waitRows(page, 'the task done by beta', (sel) =>
+    document.querySelector(sel).textContent === 'task · done by beta', tagOf(task.id));
+  step('task states on their rows: open, claimed by beta, done by beta; the "open tasks" filter');
 }
 
 /** Dead letters and stats render, or say they are not available yet. */
