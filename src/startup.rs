@@ -118,7 +118,7 @@ impl Application {
         let deadlines = deadlines_rx
             .await
             .context("the deadline actor did not start")?;
-        let coordination = {
+        let (coordination, coordination_actor) = {
             let (actor_pool, recipient) = (pool.clone(), persistence.clone().recipient());
             let db_timeout = settings.db_timeout();
             let actor = crate::actors::coordination::CoordinationActor::start_in_arbiter(
@@ -132,12 +132,15 @@ impl Application {
             persistence.do_send(crate::actors::persistence::AttachTaskDeadlines(
                 actor.clone().recipient(),
             ));
-            crate::actors::coordination::Coordination::new(
-                pool.clone(),
-                persistence.clone().recipient(),
+            (
+                crate::actors::coordination::Coordination::new(
+                    pool.clone(),
+                    persistence.clone().recipient(),
+                    actor.clone(),
+                    settings.claim_limits(),
+                    settings.db_timeout(),
+                ),
                 actor,
-                settings.claim_limits(),
-                settings.db_timeout(),
             )
         };
         let persistence = persistence.recipient();
@@ -174,7 +177,7 @@ impl Application {
                     link.peers,
                     registry,
                     deadlines.clone().recipient(),
-                    deadlines.recipient(),
+                    vec![deadlines.recipient(), coordination_actor.recipient()],
                     search.clone().recipient(),
                     search.recipient(),
                 )

@@ -55,7 +55,9 @@ pub struct ClusterActor {
     peers: Arc<AtomicBool>,
     registry: ChannelRegistry,
     deadlines: Recipient<Duties>,
-    rearm: Recipient<Rearm>,
+    /// Told to re-arm the deadlines of brokers that left or died: request timeouts, and
+    /// claim and task deadlines.
+    rearm: Vec<Recipient<Rearm>>,
     indexing: Recipient<Indexing>,
     index_soon: Recipient<IndexSoon>,
     /// The duties this node holds, as of its last tick.
@@ -76,7 +78,7 @@ impl ClusterActor {
         peers: Arc<AtomicBool>,
         registry: ChannelRegistry,
         deadlines: Recipient<Duties>,
-        rearm: Recipient<Rearm>,
+        rearm: Vec<Recipient<Rearm>>,
         indexing: Recipient<Indexing>,
         index_soon: Recipient<IndexSoon>,
     ) -> Self {
@@ -238,7 +240,9 @@ impl ClusterActor {
         }
         let timeouts = held(&duties, cluster::TIMEOUTS);
         if timeouts && (!held(&self.duties, cluster::TIMEOUTS) || self.departed) {
-            self.rearm.do_send(Rearm);
+            for rearm in &self.rearm {
+                rearm.do_send(Rearm);
+            }
         }
         self.departed = false;
         self.duties = duties;

@@ -305,7 +305,18 @@ impl Actor for CoordinationActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // Re-arm every deadline (from before a restart), then store what the outbox holds.
+        // Re-arm every deadline (from before a restart), then store what the outbox holds,
+        // before anything else is handled.
+        let load = self.load_deadlines();
+        ctx.wait(load);
+    }
+}
+
+impl CoordinationActor {
+    /// Arms every pending claim and task deadline stored in PostgreSQL, then stores what the
+    /// outbox holds. Arming one twice is harmless: each decision is a conditional update that
+    /// happens once, whichever broker makes it.
+    fn load_deadlines(&mut self) -> impl ActorFuture<Self, Output = ()> + 'static {
         let pool = self.pool.clone();
         let load = async move {
             let mut conn = pool.get().await.map_err(|e| e.to_string())?;
@@ -317,7 +328,7 @@ impl Actor for CoordinationActor {
                 .map_err(|e| e.to_string())?;
             Ok::<_, String>((claims, tasks))
         };
-        ctx.wait(load.into_actor(self).map(|loaded, act, ctx| {
+        load.into_actor(self).map(|loaded, act, ctx| {
             match loaded {
                 Ok((claims, tasks)) => {
                     let n = claims.len() + tasks.len();
@@ -345,7 +356,18 @@ impl Actor for CoordinationActor {
                 ),
             }
             act.flush(ctx);
-        }));
+        })
+    }
+}
+
+/// Another broker on the database left or died (this broker holds the `timeouts` duty): its
+/// claim and task deadlines, and any notice it left in the outbox, are taken over.
+impl Handler<super::deadlines::Rearm> for CoordinationActor {
+    type Result = ();
+
+    fn handle(&mut self, _: super::deadlines::Rearm, ctx: &mut Self::Context) {
+        let load = self.load_deadlines();
+        ctx.spawn(load);
     }
 }
 

@@ -865,3 +865,48 @@ async fn a_node_that_shuts_down_closes_with_1001_and_hands_its_duties_over() {
     a.send_ok(status("moved")).await;
     assert_eq!(next_message(&mut on_second).await["content"], "moved");
 }
+
+#[tokio::test]
+async fn a_claim_window_opened_on_a_node_that_dies_is_decided_once_by_another() {
+    let (app, mut cluster, project) = cluster(2, false).await;
+    let mut watcher = Agent::connect(&cluster.node(1).ws(project, "agent_id=watcher")).await;
+    let mut a = Agent::connect(&cluster.node(0).ws(project, "agent_id=a")).await;
+    a.send(
+        json!({"op": "claim", "paths": ["config.yaml"], "objection_ms": 3_000,
+                  "reason": "About to modify config.yaml"}),
+    )
+    .await;
+    let result = loop {
+        let frame = a.next_json().await;
+        if frame["op"] == "claim_result" {
+            break frame;
+        }
+    };
+    assert_eq!(result["claim"]["state"], "pending", "{result}");
+    let claim_id = result["claim"]["id"].clone();
+    // The node that armed the window dies before it closes.
+    cluster.nodes[0].kill();
+    let is_notice = |frame: &Value, event: &str| {
+        frame["message_type"] == "coordination"
+            && frame["metadata"]["event"] == event
+            && frame["metadata"]["claim"]["id"] == claim_id
+    };
+    loop {
+        let frame = next_message(&mut watcher).await;
+        if is_notice(&frame, "granted") {
+            assert_eq!(frame["sender_agent_id"], "agentbus");
+            break;
+        }
+    }
+    let id = claim_id.as_str().expect("claim id");
+    fence(&cluster, project, &[1]).await;
+    let granted = count(
+        &app,
+        &format!(
+            "SELECT count(*) AS count FROM agent_messages WHERE message_type = 'coordination' \
+             AND metadata->>'event' = 'granted' AND metadata->'claim'->>'id' = '{id}'"
+        ),
+    )
+    .await;
+    assert_eq!(granted, 1, "decided once");
+}
