@@ -134,16 +134,7 @@ pub async fn connect(
         cursor
     };
 
-    let deps = SessionDeps {
-        channel: state.registry.get_or_start(project.id, project.head_seq),
-        persistence: state.persistence.clone(),
-        cursors: state.cursors.clone(),
-        pool: state.pool.clone(),
-        settings: state.settings.clone(),
-        stats: state.stats.clone(),
-        project_limits: state.project_limits.clone(),
-        coordination: state.coordination.clone(),
-    };
+    let deps = session_deps(&state, project.id, project.head_seq);
     let identity = Identity {
         session_id,
         token_id: access.token_id(),
@@ -168,6 +159,21 @@ pub async fn connect(
         SessionActor::new(identity, deps, delivery, ws, permit, refusal)
     });
     Ok(response)
+}
+
+/// What a session of this project needs from the rest of the broker (its channel started at
+/// `head_seq` if it is not running yet).
+fn session_deps(state: &AppState, project_id: Uuid, head_seq: i64) -> SessionDeps {
+    SessionDeps {
+        channel: state.registry.get_or_start(project_id, head_seq),
+        persistence: state.persistence.clone(),
+        cursors: state.cursors.clone(),
+        pool: state.pool.clone(),
+        settings: state.settings.clone(),
+        stats: state.stats.clone(),
+        project_limits: state.project_limits.clone(),
+        coordination: state.coordination.clone(),
+    }
 }
 
 /// `since` as the query gave it: not negative.
@@ -262,16 +268,7 @@ async fn observe(
     let (response, ws, stream, refusal) =
         upgrade(&req, body, state.settings.max_frame_bytes).await?;
     let session_id = Uuid::new_v4();
-    let deps = SessionDeps {
-        channel: state.registry.get_or_start(project.id, project.head_seq),
-        persistence: state.persistence.clone(),
-        cursors: state.cursors.clone(),
-        pool: state.pool.clone(),
-        settings: state.settings.clone(),
-        stats: state.stats.clone(),
-        project_limits: state.project_limits.clone(),
-        coordination: state.coordination.clone(),
-    };
+    let deps = session_deps(&state, project.id, project.head_seq);
     let identity = Identity {
         session_id,
         token_id: access.token_id(),
