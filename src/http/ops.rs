@@ -10,9 +10,10 @@ use super::AppState;
 use crate::db::{self, DbPool, MIGRATIONS};
 use crate::metrics;
 
-/// 200 `{"status": "ready"}` when the database answers within the database timeout and every
-/// migration this binary embeds is applied; 503 `{"status": "not_ready", "reason": ...}`
-/// otherwise. Costs a pool connection and two small queries.
+/// 200 `{"status": "ready", "node_id": ...}` when the database answers within the database
+/// timeout and every migration this binary embeds is applied; 503 `{"status": "not_ready",
+/// "reason": ..., "node_id": ...}` otherwise. The node id is also in the `X-Agentbus-Node`
+/// header. Costs a pool connection and two small queries.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let timeout = state.settings.db_timeout();
     let verdict = match tokio::time::timeout(timeout, check(&state.pool)).await {
@@ -25,14 +26,14 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let node = state.registry.node_id().unwrap_or_default().to_owned();
     match verdict {
         Ok(()) => HttpResponse::Ok()
-            .insert_header((NODE_HEADER, node))
-            .json(json!({"status": "ready"})),
+            .insert_header((NODE_HEADER, node.clone()))
+            .json(json!({"status": "ready", "node_id": node})),
         Err(reason) => {
             log::warn!("not ready: {reason}");
             HttpResponse::ServiceUnavailable()
                 .insert_header(("Cache-Control", "no-store"))
-                .insert_header((NODE_HEADER, node))
-                .json(json!({"status": "not_ready", "reason": reason}))
+                .insert_header((NODE_HEADER, node.clone()))
+                .json(json!({"status": "not_ready", "reason": reason, "node_id": node}))
         }
     }
 }

@@ -813,6 +813,8 @@ async fn presence_and_the_cluster_view_are_right_from_every_node() {
                 .and_then(|v| v.to_str().ok()),
             Some(node.node_id.as_str())
         );
+        let body: Value = response.json().await.expect("readyz JSON");
+        assert_eq!(body["node_id"], node.node_id.as_str(), "{body}");
         let metrics = http
             .get(node.url("/metrics"))
             .send()

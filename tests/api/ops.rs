@@ -18,7 +18,13 @@ use crate::pg_cluster::PgCluster;
 async fn readyz_is_ready_on_a_fresh_broker() {
     let app = TestApp::spawn().await;
     let (code, body) = app.get_json("/readyz").await;
-    assert_eq!((code, body), (200, json!({"status": "ready"})));
+    // It names the node that answered (a generated id unless one was configured).
+    let node_id = body["node_id"].as_str().unwrap_or_default().to_owned();
+    assert!(!node_id.is_empty(), "{body}");
+    assert_eq!(
+        (code, body),
+        (200, json!({"status": "ready", "node_id": node_id}))
+    );
     let (code, body) = app.get_json("/healthz").await;
     assert_eq!((code, body), (200, json!({"status": "ok"})));
 }
