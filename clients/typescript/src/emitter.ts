@@ -8,6 +8,9 @@ export type Listener<T> = (value: T) => void;
 export class Emitter<Events extends { [K in keyof Events]: unknown }> {
   private readonly listeners = new Map<keyof Events, Set<Listener<never>>>();
 
+  /** `onListen`, if given, is told each time a listener is added (after it is added). */
+  constructor(private readonly onListen?: (event: keyof Events) => void) {}
+
   /** Calls `listener` for every `event` until the returned function is called. */
   on<K extends keyof Events>(event: K, listener: Listener<Events[K]>): () => void {
     let set = this.listeners.get(event);
@@ -16,6 +19,7 @@ export class Emitter<Events extends { [K in keyof Events]: unknown }> {
       this.listeners.set(event, set);
     }
     set.add(listener as Listener<never>);
+    this.onListen?.(event);
     return () => this.off(event, listener);
   }
 

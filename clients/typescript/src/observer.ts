@@ -54,7 +54,15 @@ export async function observe(options: ObserveOptions): Promise<Observer> {
 
 export class Observer {
   readonly projectId: string;
-  readonly events = new Emitter<ObserverEvents>();
+  /**
+   * Messages are kept while nobody listens for them (frames that come in the same read as
+   * the welcome arrive before `observe()`'s caller can attach a listener) and handed to the
+   * first `message` listener as soon as it is added, in order.
+   */
+  readonly events = new Emitter<ObserverEvents>((event) => {
+    if (event === 'message') this.flushHeld();
+  });
+  private held: Message[] = [];
 
   private readonly wsUrl: string;
   private readonly token: string | undefined;
@@ -212,11 +220,22 @@ export class Observer {
       if (typeof m.seq !== 'number') return;
       if (this.cursor !== undefined && m.seq <= this.cursor) return; // already delivered
       this.cursor = m.seq;
-      this.events.emit('message', m);
+      if (this.events.listenerCount('message') === 0) {
+        this.held.push(m);
+      } else {
+        this.events.emit('message', m);
+      }
     } else if (frame.op === 'error') {
       const e = frame as unknown as ErrorFrame;
       this.events.emit('error', new AgentBusError(e.code, e.error, { details: e }));
     }
+  }
+
+  /** Hands the messages kept while nobody listened to the listeners now attached. */
+  private flushHeld(): void {
+    const held = this.held;
+    this.held = [];
+    for (const m of held) this.events.emit('message', m);
   }
 
   private onSocketClose(info: CloseInfo): void {

@@ -159,3 +159,19 @@ test('an observer resumes with since: from a seq, and after a dropped connection
   await until('the other observer too', () => seenFromTwo.length === 13);
   assert.deepEqual(seenFromTwo.map((m) => m.seq), Array.from({ length: 13 }, (_, i) => i + 3));
 });
+
+test('messages that arrive before the first listener is attached are kept for it', async (t) => {
+  const broker = await Broker.start(t);
+  const projectId = await broker.createProject();
+  const writer = await connect({ url: broker.url, projectId, agentId: 'writer' });
+  t.after(() => writer.close());
+  for (let i = 1; i <= 5; i++) await writer.send({ content: `m${i}` });
+  const o = await observer(t, { url: broker.url, projectId, since: 0 });
+  // A caller that attaches its listener late: the replay has arrived by then.
+  await until('the replay to have arrived', () => (o as unknown as { held: Message[] }).held.length === 5);
+  const seen = collect(o);
+  assert.deepEqual(seen.map((m) => m.seq), [1, 2, 3, 4, 5], 'handed over at once, in order');
+  await writer.send({ content: 'live' });
+  await until('the live message', () => seen.length === 6);
+  assert.equal(seen[5]?.content, 'live');
+});
