@@ -360,24 +360,37 @@ async fn later(
     claim_id: Uuid,
     state: ClaimState,
 ) -> QueryResult<Due> {
+    let at = deadline_while(
+        conn,
+        "SELECT CASE WHEN state = 'pending' THEN decide_at ELSE expires_at END AS at \
+         FROM claims WHERE id = $1 AND state = $2",
+        claim_id,
+        state.as_str(),
+    )
+    .await?;
+    Ok(at.map_or(Due::Settled, Due::Later))
+}
+
+/// The deadline `sql` selects (as `at`, for row `$1` while it is in state `$2`), or `None`
+/// if the row has left that state: what a timer that fired early finds for a claim or a task.
+pub(super) async fn deadline_while(
+    conn: &mut AsyncPgConnection,
+    sql: &'static str,
+    id: Uuid,
+    state: &str,
+) -> QueryResult<Option<DateTime<Utc>>> {
     #[derive(QueryableByName)]
     struct At {
         #[diesel(sql_type = Nullable<Timestamptz>)]
         at: Option<DateTime<Utc>>,
     }
-    let at: Option<At> = diesel::sql_query(
-        "SELECT CASE WHEN state = 'pending' THEN decide_at ELSE expires_at END AS at \
-         FROM claims WHERE id = $1 AND state = $2",
-    )
-    .bind::<SqlUuid, _>(claim_id)
-    .bind::<Text, _>(state.as_str())
-    .get_result(conn)
-    .await
-    .optional()?;
-    Ok(match at.and_then(|a| a.at) {
-        Some(at) => Due::Later(at),
-        None => Due::Settled,
-    })
+    let at: Option<At> = diesel::sql_query(sql)
+        .bind::<SqlUuid, _>(id)
+        .bind::<Text, _>(state)
+        .get_result(conn)
+        .await
+        .optional()?;
+    Ok(at.and_then(|a| a.at))
 }
 
 /// Why a change asked by an agent was not made.

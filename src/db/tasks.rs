@@ -523,24 +523,15 @@ pub async fn work_due(conn: &mut AsyncPgConnection, task_id: Uuid) -> QueryResul
 }
 
 async fn later(conn: &mut AsyncPgConnection, task_id: Uuid, state: TaskState) -> QueryResult<Due> {
-    #[derive(QueryableByName)]
-    struct At {
-        #[diesel(sql_type = Nullable<Timestamptz>)]
-        at: Option<DateTime<Utc>>,
-    }
-    let at: Option<At> = diesel::sql_query(
+    let at = super::claims::deadline_while(
+        conn,
         "SELECT CASE WHEN state = 'open' THEN claim_deadline ELSE work_deadline END AS at \
          FROM tasks WHERE message_id = $1 AND state = $2",
+        task_id,
+        state.as_str(),
     )
-    .bind::<SqlUuid, _>(task_id)
-    .bind::<Text, _>(state.as_str())
-    .get_result(conn)
-    .await
-    .optional()?;
-    Ok(match at.and_then(|a| a.at) {
-        Some(at) => Due::Later(at),
-        None => Due::Settled,
-    })
+    .await?;
+    Ok(at.map_or(Due::Settled, Due::Later))
 }
 
 /// A deadline a task is waiting for.
