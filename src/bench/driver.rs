@@ -33,13 +33,13 @@ use crate::db::queries;
 type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Longest wait for a connection and its welcome.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections opened at once while setting up.
-const CONNECT_CONCURRENCY: usize = 16;
+pub(super) const CONNECT_CONCURRENCY: usize = 16;
 /// How often the run's progress is looked at.
 const POLL: Duration = Duration::from_millis(5);
 /// Anomalies kept, per agent, as examples (all are counted).
-const EXAMPLES: usize = 5;
+pub(super) const EXAMPLES: usize = 5;
 
 /// What to run: the workload part of the options (reported as it is, see `WorkloadReport`).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -145,7 +145,7 @@ pub fn agent_id(index: usize) -> String {
     format!("a{index}")
 }
 
-fn parse_agent_id(id: &str) -> Option<usize> {
+pub(super) fn parse_agent_id(id: &str) -> Option<usize> {
     id.strip_prefix('a')?.parse().ok()
 }
 
@@ -159,10 +159,13 @@ pub fn reply_cmid(requester: usize, n: usize) -> String {
     format!("r{requester}.{n}")
 }
 
-/// What a `sent` receipt said.
+/// What a `sent` receipt said (or, in the JetStream run, a publish ack).
 #[derive(Debug, Clone, Copy)]
 pub struct Receipt {
+    /// The message's id. Nil in the JetStream run: its acks name a message by its stream
+    /// sequence alone.
     pub id: Uuid,
+    /// The message's seq in its project (JetStream: its sequence in the run's stream).
     pub seq: i64,
 }
 
@@ -174,29 +177,42 @@ pub struct ReplyReceipt {
     pub receipt: Receipt,
 }
 
-/// Counters shared by every task of a run.
-struct Progress {
-    t0: Instant,
+/// Counters shared by every task of a run (of the JetStream run too).
+pub(super) struct Progress {
+    pub(super) t0: Instant,
     /// Sends handed to a writer (messages and replies).
-    issued: AtomicU64,
+    pub(super) issued: AtomicU64,
     /// Sends answered with a receipt or an error.
-    settled: AtomicU64,
+    pub(super) settled: AtomicU64,
     /// Deliveries owed for the acknowledged messages.
-    owed: AtomicU64,
+    pub(super) owed: AtomicU64,
     /// Deliveries seen (those the fault injection ignores included).
-    seen: AtomicU64,
-    senders_done: AtomicUsize,
+    pub(super) seen: AtomicU64,
+    pub(super) senders_done: AtomicUsize,
     /// When the last receipt and the last delivery arrived (ns since t0).
-    last_receipt_ns: AtomicU64,
-    last_delivery_ns: AtomicU64,
+    pub(super) last_receipt_ns: AtomicU64,
+    pub(super) last_delivery_ns: AtomicU64,
 }
 
 impl Progress {
-    fn now_ns(&self) -> u64 {
+    pub(super) fn new() -> Self {
+        Progress {
+            t0: Instant::now(),
+            issued: AtomicU64::new(0),
+            settled: AtomicU64::new(0),
+            owed: AtomicU64::new(0),
+            seen: AtomicU64::new(0),
+            senders_done: AtomicUsize::new(0),
+            last_receipt_ns: AtomicU64::new(0),
+            last_delivery_ns: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn now_ns(&self) -> u64 {
         self.t0.elapsed().as_nanos() as u64
     }
 
-    fn snapshot(&self) -> (u64, u64, u64, usize) {
+    pub(super) fn snapshot(&self) -> (u64, u64, u64, usize) {
         (
             self.issued.load(Ordering::SeqCst),
             self.settled.load(Ordering::SeqCst),
@@ -210,7 +226,7 @@ impl Progress {
     /// delivery that caused it is counted as seen, and a delivery is owed before its
     /// message counts as settled, so reading seen, then settled, then issued, then owed
     /// sees every send and delivery that the seen count depends on.
-    fn complete(&self, agents: usize) -> bool {
+    pub(super) fn complete(&self, agents: usize) -> bool {
         if self.senders_done.load(Ordering::SeqCst) < agents {
             return false;
         }
@@ -254,7 +270,7 @@ pub struct AgentOutcome {
 }
 
 impl AgentOutcome {
-    fn new(project: usize, agent: usize, w: &Workload) -> Self {
+    pub(super) fn new(project: usize, agent: usize, w: &Workload) -> Self {
         AgentOutcome {
             project,
             agent,
@@ -273,7 +289,7 @@ impl AgentOutcome {
         }
     }
 
-    fn anomaly(&mut self, what: impl FnOnce() -> String) {
+    pub(super) fn anomaly(&mut self, what: impl FnOnce() -> String) {
         self.anomalies += 1;
         if self.anomaly_examples.len() < EXAMPLES {
             let text = what();
@@ -447,16 +463,7 @@ pub async fn drive(
 
     let batches_before = brokerstats::read(&target.ws_base).await;
     let cpu_before = CpuSample::take(target.pid);
-    let progress = Arc::new(Progress {
-        t0: Instant::now(),
-        issued: AtomicU64::new(0),
-        settled: AtomicU64::new(0),
-        owed: AtomicU64::new(0),
-        seen: AtomicU64::new(0),
-        senders_done: AtomicUsize::new(0),
-        last_receipt_ns: AtomicU64::new(0),
-        last_delivery_ns: AtomicU64::new(0),
-    });
+    let progress = Arc::new(Progress::new());
     let content: Arc<str> = content(w.size).into();
     let w = Arc::new(w.clone());
     let total_agents = w.projects * w.agents;
@@ -487,29 +494,7 @@ pub async fn drive(
         senders.push(tokio::spawn(send(ctx)));
     }
 
-    // Wait until everything arrived, or nothing happened for the settle time.
-    let mut last = progress.snapshot();
-    let mut last_change = Instant::now();
-    let mut stalled = false;
-    let mut broker_died = false;
-    loop {
-        tokio::time::sleep(POLL).await;
-        if progress.complete(total_agents) {
-            break;
-        }
-        let now = progress.snapshot();
-        if !alive() {
-            broker_died = true;
-            break;
-        }
-        if now != last {
-            last = now;
-            last_change = Instant::now();
-        } else if last_change.elapsed() >= w.settle {
-            stalled = true;
-            break;
-        }
-    }
+    let (stalled, broker_died) = wait_until_done(&progress, total_agents, w.settle, alive).await;
     let wall = progress.t0.elapsed().as_secs_f64();
     let cpu_after = CpuSample::take(target.pid);
     let broker_memory = target.pid.and_then(super::procstat::memory_mib);
@@ -562,6 +547,34 @@ pub async fn drive(
         broker_memory,
         batch_sizes,
     })
+}
+
+/// Waits until everything arrived, or nothing happened for `settle`, or the broker died.
+/// Returns (stalled, broker died).
+pub(super) async fn wait_until_done(
+    progress: &Progress,
+    agents: usize,
+    settle: Duration,
+    alive: &mut (dyn FnMut() -> bool + Send),
+) -> (bool, bool) {
+    let mut last = progress.snapshot();
+    let mut last_change = Instant::now();
+    loop {
+        tokio::time::sleep(POLL).await;
+        if progress.complete(agents) {
+            return (false, false);
+        }
+        let now = progress.snapshot();
+        if !alive() {
+            return (false, true);
+        }
+        if now != last {
+            last = now;
+            last_change = Instant::now();
+        } else if last_change.elapsed() >= settle {
+            return (true, false);
+        }
+    }
 }
 
 /// What an agent's tasks share.
@@ -739,7 +752,7 @@ struct ReceiveState {
     own_id: String,
 }
 
-fn micros(ns: u64) -> u64 {
+pub(super) fn micros(ns: u64) -> u64 {
     (ns / 1_000).max(1)
 }
 

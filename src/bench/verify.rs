@@ -1,6 +1,7 @@
 //! Verification of every run: each expected delivery arrived exactly once, nothing went to
 //! its sender or to another project, and every acknowledged message is in PostgreSQL with
-//! the seq its receipt gave.
+//! the seq its receipt gave (in the JetStream run: in the run's stream, see
+//! [`jetstream`](super::jetstream)).
 
 use std::collections::HashMap;
 
@@ -19,9 +20,10 @@ const EXAMPLES: usize = 3;
 /// What the verifier found. The run passes when `failures` is empty.
 #[derive(Debug, Default, Serialize)]
 pub struct Verification {
-    /// Messages acknowledged with a `sent` receipt.
+    /// Messages acknowledged with a `sent` receipt (JetStream: a publish ack).
     pub acknowledged: u64,
-    /// Sends refused with an error frame.
+    /// Sends refused with an error frame (JetStream: publishes that failed or whose ack
+    /// timed out or was an error).
     pub refused: u64,
     /// Sends that got neither a receipt nor an error.
     pub unanswered: u64,
@@ -41,7 +43,8 @@ pub struct Verification {
     /// Messages the idle connections received.
     pub idle_received: u64,
     /// Rows of the run's projects in PostgreSQL, and acknowledged messages found there with
-    /// the right seq.
+    /// the right seq. JetStream: messages in the run's stream, and acknowledged messages
+    /// found there with the sequence, subject and number their ack and publish gave.
     pub db_rows: u64,
     pub db_matching: u64,
     pub failures: Vec<String>,
@@ -49,13 +52,13 @@ pub struct Verification {
 
 /// Examples of one kind of failure, counted in full.
 #[derive(Default)]
-struct Examples {
+pub(super) struct Examples {
     count: u64,
     examples: Vec<String>,
 }
 
 impl Examples {
-    fn add(&mut self, what: impl FnOnce() -> String) {
+    pub(super) fn add(&mut self, what: impl FnOnce() -> String) {
         self.count += 1;
         if self.examples.len() < EXAMPLES {
             self.examples.push(what());
@@ -69,6 +72,25 @@ impl Examples {
             format!(", e.g. {}", self.examples.join("; "))
         }
     }
+}
+
+/// What the deliveries the agents recorded showed, before the store is read.
+#[derive(Default)]
+pub(super) struct DeliveryFindings {
+    lost: Examples,
+    duplicated: Examples,
+    unacked: Examples,
+}
+
+/// What reading the acknowledged messages back from the store showed.
+#[derive(Default)]
+pub(super) struct StoreFindings {
+    /// Acknowledged but not stored.
+    pub(super) missing: Examples,
+    /// Stored differently from what the receipt said, or not densely numbered.
+    pub(super) wrong: Examples,
+    /// Stored but never acknowledged.
+    pub(super) extra: Examples,
 }
 
 /// An acknowledged message: who sent it (and to whom a reply goes), with its receipt.
@@ -85,26 +107,131 @@ pub async fn verify(
     run: &DriveResult,
 ) -> anyhow::Result<Verification> {
     let mut v = Verification::default();
+    let deliveries = check_deliveries(w, run, &mut v);
+    let mut conn = AsyncPgConnection::establish(database_url)
+        .await
+        .with_context(|| format!("connecting to {database_url} to verify"))?;
+    let mut store = StoreFindings::default();
+    for (p, &project_id) in run.project_ids.iter().enumerate() {
+        let agents: Vec<_> = run.agents.iter().filter(|a| a.project == p).collect();
+        // The database: every acknowledged message, with its seq; nothing else.
+        let mut acked: HashMap<Uuid, Acked> = HashMap::new();
+        for agent in &agents {
+            for (n, receipt) in agent.receipts.iter().enumerate() {
+                if let Some(receipt) = receipt {
+                    acked.insert(
+                        receipt.id,
+                        Acked {
+                            sender: agent.agent,
+                            client_msg_id: original_cmid(n),
+                            receipt: *receipt,
+                        },
+                    );
+                }
+            }
+            for reply in &agent.reply_receipts {
+                acked.insert(
+                    reply.receipt.id,
+                    Acked {
+                        sender: agent.agent,
+                        client_msg_id: reply_cmid(reply.requester, reply.n),
+                        receipt: reply.receipt,
+                    },
+                );
+            }
+        }
+        let rows = queries::all_messages(&mut conn, project_id)
+            .await
+            .context("reading the run's messages back from PostgreSQL")?;
+        v.db_rows += rows.len() as u64;
+        let mut found = 0;
+        for (index, row) in rows.iter().enumerate() {
+            if row.seq != index as i64 + 1 {
+                store.wrong.add(|| {
+                    format!(
+                        "project {p}: seqs are not dense: row {} has seq {}",
+                        index + 1,
+                        row.seq
+                    )
+                });
+            }
+            match acked.get(&row.id) {
+                Some(a) => {
+                    found += 1;
+                    let right = row.seq == a.receipt.seq
+                        && row.sender_agent_id == agent_id(a.sender)
+                        && row.client_msg_id.as_deref() == Some(a.client_msg_id.as_str());
+                    if right {
+                        v.db_matching += 1;
+                    } else {
+                        store.wrong.add(|| {
+                            format!(
+                                "project {p}: message {} was acknowledged as seq {} of {} ({}) but is stored as seq {} of {} ({:?})",
+                                row.id,
+                                a.receipt.seq,
+                                agent_id(a.sender),
+                                a.client_msg_id,
+                                row.seq,
+                                row.sender_agent_id,
+                                row.client_msg_id
+                            )
+                        });
+                    }
+                }
+                None => store.extra.add(|| {
+                    format!(
+                        "project {p}: seq {} ({} {:?}) is stored but was never acknowledged",
+                        row.seq, row.sender_agent_id, row.client_msg_id
+                    )
+                }),
+            }
+        }
+        if found < acked.len() {
+            let stored: std::collections::HashSet<Uuid> = rows.iter().map(|r| r.id).collect();
+            for (id, a) in &acked {
+                if !stored.contains(id) {
+                    store.missing.add(|| {
+                        format!(
+                            "project {p}: {}'s {} (id {id}, seq {}) was acknowledged but is not in PostgreSQL",
+                            agent_id(a.sender),
+                            a.client_msg_id,
+                            a.receipt.seq
+                        )
+                    });
+                }
+            }
+        }
+    }
+    finish(w, run, &mut v, deliveries, store, "PostgreSQL");
+    Ok(v)
+}
+
+/// The checks that need only what the agents recorded: every owed delivery arrived exactly
+/// once, nothing unacknowledged was delivered; counts the acknowledged, refused and
+/// unanswered sends and the anomalies. Shared by the broker runs and the JetStream run.
+pub(super) fn check_deliveries(
+    w: &Workload,
+    run: &DriveResult,
+    v: &mut Verification,
+) -> DeliveryFindings {
     let m = w.messages;
-    let mut lost = Examples::default();
-    let mut duplicated = Examples::default();
-    let mut unacked = Examples::default();
+    let mut found = DeliveryFindings::default();
+    let DeliveryFindings {
+        lost,
+        duplicated,
+        unacked,
+    } = &mut found;
 
     for agent in &run.agents {
         v.refused += agent.errors;
         v.anomalies += agent.anomalies;
+        v.acknowledged += agent.receipts.iter().flatten().count() as u64;
+        v.acknowledged += agent.reply_receipts.len() as u64;
     }
     v.unanswered = run.issued.saturating_sub(run.settled);
     v.idle_received = run.idle_received;
 
-    let mut conn = AsyncPgConnection::establish(database_url)
-        .await
-        .with_context(|| format!("connecting to {database_url} to verify"))?;
-    let mut db_missing = Examples::default();
-    let mut db_wrong = Examples::default();
-    let mut db_extra = Examples::default();
-
-    for (p, &project_id) in run.project_ids.iter().enumerate() {
+    for p in 0..w.projects {
         let agents: Vec<_> = run.agents.iter().filter(|a| a.project == p).collect();
         // Original messages: owed to every other agent (broadcast) or to their target.
         for sender in &agents {
@@ -200,97 +327,25 @@ pub async fn verify(
                 }
             }
         }
-
-        // The database: every acknowledged message, with its seq; nothing else.
-        let mut acked: HashMap<Uuid, Acked> = HashMap::new();
-        for agent in &agents {
-            for (n, receipt) in agent.receipts.iter().enumerate() {
-                if let Some(receipt) = receipt {
-                    acked.insert(
-                        receipt.id,
-                        Acked {
-                            sender: agent.agent,
-                            client_msg_id: original_cmid(n),
-                            receipt: *receipt,
-                        },
-                    );
-                }
-            }
-            for reply in &agent.reply_receipts {
-                acked.insert(
-                    reply.receipt.id,
-                    Acked {
-                        sender: agent.agent,
-                        client_msg_id: reply_cmid(reply.requester, reply.n),
-                        receipt: reply.receipt,
-                    },
-                );
-            }
-        }
-        v.acknowledged += acked.len() as u64;
-        let rows = queries::all_messages(&mut conn, project_id)
-            .await
-            .context("reading the run's messages back from PostgreSQL")?;
-        v.db_rows += rows.len() as u64;
-        let mut found = 0;
-        for (index, row) in rows.iter().enumerate() {
-            if row.seq != index as i64 + 1 {
-                db_wrong.add(|| {
-                    format!(
-                        "project {p}: seqs are not dense: row {} has seq {}",
-                        index + 1,
-                        row.seq
-                    )
-                });
-            }
-            match acked.get(&row.id) {
-                Some(a) => {
-                    found += 1;
-                    let right = row.seq == a.receipt.seq
-                        && row.sender_agent_id == agent_id(a.sender)
-                        && row.client_msg_id.as_deref() == Some(a.client_msg_id.as_str());
-                    if right {
-                        v.db_matching += 1;
-                    } else {
-                        db_wrong.add(|| {
-                            format!(
-                                "project {p}: message {} was acknowledged as seq {} of {} ({}) but is stored as seq {} of {} ({:?})",
-                                row.id,
-                                a.receipt.seq,
-                                agent_id(a.sender),
-                                a.client_msg_id,
-                                row.seq,
-                                row.sender_agent_id,
-                                row.client_msg_id
-                            )
-                        });
-                    }
-                }
-                None => db_extra.add(|| {
-                    format!(
-                        "project {p}: seq {} ({} {:?}) is stored but was never acknowledged",
-                        row.seq, row.sender_agent_id, row.client_msg_id
-                    )
-                }),
-            }
-        }
-        if found < acked.len() {
-            let stored: std::collections::HashSet<Uuid> = rows.iter().map(|r| r.id).collect();
-            for (id, a) in &acked {
-                if !stored.contains(id) {
-                    db_missing.add(|| {
-                        format!(
-                            "project {p}: {}'s {} (id {id}, seq {}) was acknowledged but is not in PostgreSQL",
-                            agent_id(a.sender),
-                            a.client_msg_id,
-                            a.receipt.seq
-                        )
-                    });
-                }
-            }
-        }
     }
+    found
+}
 
+/// Turns the findings into the run's failures, in a fixed order. `store` names where the
+/// acknowledged messages were looked for ("PostgreSQL", "the stream").
+pub(super) fn finish(
+    w: &Workload,
+    run: &DriveResult,
+    v: &mut Verification,
+    deliveries: DeliveryFindings,
+    store_found: StoreFindings,
+    store: &str,
+) {
+    let DeliveryFindings {
+        lost,
+        duplicated,
+        unacked,
+    } = deliveries;
     v.lost = lost.count;
     v.duplicated = duplicated.count;
     v.unacknowledged_deliveries = unacked.count;
@@ -376,28 +431,32 @@ pub async fn verify(
             run.idle_closed
         ));
     }
-    if db_missing.count > 0 {
+    let StoreFindings {
+        missing,
+        wrong,
+        extra,
+    } = store_found;
+    if missing.count > 0 {
         f.push(format!(
-            "{} acknowledged messages are missing from PostgreSQL{}",
-            db_missing.count,
-            db_missing.describe()
+            "{} acknowledged messages are missing from {store}{}",
+            missing.count,
+            missing.describe()
         ));
     }
-    if db_wrong.count > 0 {
+    if wrong.count > 0 {
         f.push(format!(
             "{} stored messages do not match their receipts{}",
-            db_wrong.count,
-            db_wrong.describe()
+            wrong.count,
+            wrong.describe()
         ));
     }
-    if db_extra.count > 0 {
+    if extra.count > 0 {
         f.push(format!(
             "{} messages are stored but were never acknowledged{}",
-            db_extra.count,
-            db_extra.describe()
+            extra.count,
+            extra.describe()
         ));
     }
-    Ok(v)
 }
 
 /// Checks the raw ceiling's rows: everything inserted is stored once, densely numbered.
