@@ -24,7 +24,11 @@ pub enum Mode {
 pub struct BenchArgs {
     /// A running broker to measure, e.g. ws://127.0.0.1:8080. Its database (--database-url)
     /// must be reachable: projects are created in it and every message is checked there.
-    #[arg(long, conflicts_with = "spawn", required_unless_present_any = ["spawn", "compare"])]
+    #[arg(
+        long,
+        conflicts_with = "spawn",
+        required_unless_present_any = ["spawn", "compare", "jetstream"]
+    )]
     pub target: Option<String>,
 
     /// The database of the --target broker.
@@ -49,6 +53,17 @@ pub struct BenchArgs {
     /// same rows through `commit_batch` in batches of 500, no broker). Implies --spawn.
     #[arg(long, conflicts_with = "target")]
     pub compare: bool,
+
+    /// Also run the same workload against NATS JetStream, as the last run, `jetstream`
+    /// (src/bench/jetstream.rs): one file-storage stream, each agent publishing with async
+    /// acks (at most --window outstanding) and consuming its project with an ordered push
+    /// consumer, verified like the broker runs. With --spawn, --target or --compare the report
+    /// adds agentbus/JetStream ratios; alone, only JetStream is measured. Without a URL it
+    /// starts its own `nats-server -js` (from PATH or /usr/sbin) on a free port with a fresh
+    /// store, killed and deleted afterwards; with one (nats://HOST:PORT) it uses that server
+    /// and deletes the run's stream afterwards. Broadcast mode only, no --connections.
+    #[arg(long, value_name = "URL", num_args = 0..=1)]
+    pub jetstream: Option<Option<String>>,
 
     /// `--batch-max-rows` of the spawned broker (run 1 of --compare); its own default if
     /// absent.
@@ -127,6 +142,15 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
+    /// The JetStream run's server, if --jetstream asks for one.
+    pub fn jetstream_target(&self) -> Option<super::jetstream::NatsTarget> {
+        use super::jetstream::NatsTarget;
+        self.jetstream.as_ref().map(|url| match url {
+            Some(url) if !url.is_empty() => NatsTarget::Url(url.clone()),
+            _ => NatsTarget::Spawn,
+        })
+    }
+
     /// Whether this invocation starts its own brokers.
     pub fn spawns(&self) -> bool {
         self.spawn || self.compare
@@ -152,6 +176,13 @@ impl BenchArgs {
                 self.agents >= 2,
                 "--mode {:?} needs at least 2 agents per project",
                 self.mode
+            );
+        }
+        if self.jetstream.is_some() {
+            anyhow::ensure!(
+                self.mode == Mode::Broadcast && self.connections == 0,
+                "--jetstream measures the broadcast workload only (--mode broadcast, no \
+                 --connections)"
             );
         }
         if let Some(rate) = self.rate {

@@ -7,6 +7,7 @@
 //! - [`verify`]: exactly-once delivery, routing, and every acknowledged message in
 //!   PostgreSQL with its seq.
 //! - [`raw`]: the raw PostgreSQL ceiling (`commit_batch` with no broker).
+//! - [`jetstream`]: the same workload against NATS JetStream (`--jetstream`), for comparison.
 //! - [`report`]: the table, JSON and CSV.
 //! - [`procstat`]: CPU and memory from /proc.
 //! - [`brokerstats`]: the broker's persistence batch sizes, when it exposes them.
@@ -17,6 +18,7 @@ pub mod broker;
 pub mod brokerstats;
 pub mod cli;
 pub mod driver;
+pub mod jetstream;
 pub mod procstat;
 pub mod raw;
 pub mod report;
@@ -76,7 +78,7 @@ fn workload(args: &BenchArgs) -> Workload {
 pub async fn measure(args: &BenchArgs) -> anyhow::Result<Report> {
     let w = workload(args);
     let mut runs = Vec::new();
-    let target = if args.spawns() {
+    let broker_target = if args.spawns() {
         let mut extra = args.broker_args.clone();
         if let Some(rows) = args.batch_max_rows {
             extra.extend(["--batch-max-rows".to_owned(), rows.to_string()]);
@@ -90,9 +92,8 @@ pub async fn measure(args: &BenchArgs) -> anyhow::Result<Report> {
             let raw = raw::run(&args.database_server, &w).await?;
             runs.push(RunReport::from_raw(raw));
         }
-        format!("spawned on {}", args.database_server)
-    } else {
-        let target = args.target.as_deref().unwrap_or_default();
+        Some(format!("spawned on {}", args.database_server))
+    } else if let Some(target) = args.target.as_deref() {
         let target = BrokerTarget {
             ws_base: normalise_target(target),
             more_nodes: Vec::new(),
@@ -103,7 +104,29 @@ pub async fn measure(args: &BenchArgs) -> anyhow::Result<Report> {
         let run = driver::drive(&target, &w, &label[..8], &mut || true).await?;
         let verification = verify::verify(&target.database_url, &w, &run).await?;
         runs.push(RunReport::from_drive("broker", None, &run, verification));
-        target.ws_base
+        Some(target.ws_base)
+    } else {
+        None
+    };
+    // Last, so that the runs before it keep their places in the report.
+    let jetstream_target = match args.jetstream_target() {
+        Some(nats) => {
+            log::info!(
+                "{}: the same workload against NATS JetStream",
+                jetstream::RUN_NAME
+            );
+            let (run, described) = jetstream::run(&nats, &w).await?;
+            runs.push(run);
+            Some(described)
+        }
+        None => None,
+    };
+    let target = match (broker_target, jetstream_target) {
+        (Some(broker), Some(nats)) => format!("{broker}; {nats}"),
+        (Some(only), None) | (None, Some(only)) => only,
+        (None, None) => {
+            anyhow::bail!("nothing to measure: give --target, --spawn, --compare or --jetstream")
+        }
     };
     Ok(Report::new(target, &w, runs, args.compare))
 }

@@ -58,12 +58,14 @@ pub struct Resources {
     pub broker_peak_rss_mib: Option<f64>,
 }
 
-/// One run: the broker as configured, the broker with group commit off, or the raw ceiling.
+/// One run: the broker as configured, the broker with group commit off, the raw ceiling, or
+/// NATS JetStream.
 #[derive(Debug, Serialize)]
 pub struct RunReport {
-    /// `broker`, `batch-1` or `raw-pg`.
+    /// `broker`, `batch-1`, `raw-pg` or `jetstream`.
     pub name: String,
-    /// `broker` (over WebSockets) or `raw` (commit_batch, no broker).
+    /// `broker` (over WebSockets), `raw` (commit_batch, no broker) or `jetstream` (the same
+    /// workload against NATS JetStream; its "broker" resources are nats-server's).
     pub kind: &'static str,
     /// The spawned broker's `--batch-max-rows` (null: its default or not spawned), or the
     /// raw ceiling's batch size.
@@ -80,6 +82,17 @@ pub struct RunReport {
     /// Rows per persistence batch, when the broker exposes its counters (null otherwise).
     pub batch_sizes: Option<BatchSizes>,
     pub verification: Verification,
+}
+
+/// The name of the JetStream run (see [`super::jetstream`]).
+const JETSTREAM: &str = super::jetstream::RUN_NAME;
+
+/// `a ÷ b`, when both are known and `b` is not zero.
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
 }
 
 fn rate(count: u64, seconds: f64) -> f64 {
@@ -192,7 +205,18 @@ impl WorkloadReport {
     }
 }
 
-/// Throughput ratios of a `--compare` invocation.
+/// agentbus (the `broker` run) ÷ JetStream (the `jetstream` run). Above 1 the broker
+/// moves more per second, or (latencies) takes longer.
+#[derive(Debug, Serialize)]
+pub struct JetStreamRatios {
+    pub messages_per_s: Option<f64>,
+    pub deliveries_per_s: Option<f64>,
+    /// Send → delivery p50 and p99.
+    pub delivery_p50: Option<f64>,
+    pub delivery_p99: Option<f64>,
+}
+
+/// Ratios of a `--compare` invocation, and of one with `--jetstream` and a broker run.
 #[derive(Debug, Serialize)]
 pub struct Ratios {
     /// messages/s of the broker as configured ÷ the broker with one commit per message.
@@ -201,6 +225,8 @@ pub struct Ratios {
     pub raw_vs_batch1: Option<f64>,
     /// The broker as configured ÷ the raw ceiling (the share of the ceiling it reaches).
     pub broker_vs_raw: Option<f64>,
+    /// The broker as configured ÷ NATS JetStream, when both ran (`--jetstream`).
+    pub broker_vs_jetstream: Option<JetStreamRatios>,
 }
 
 #[derive(Debug, Serialize)]
@@ -224,21 +250,27 @@ impl Report {
                     .map(move |f| format!("{}: {f}", r.name))
             })
             .collect();
-        let ratios = compare.then(|| {
-            let find = |name: &str| {
-                runs.iter()
-                    .find(|r| r.name == name)
-                    .map(|r| r.messages_per_s)
-            };
-            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-                _ => None,
-            };
+        let run = |name: &str| runs.iter().find(|r| r.name == name);
+        let jetstream = run(JETSTREAM);
+        let ratios = (compare || jetstream.is_some()).then(|| {
+            let find = |name: &str| run(name).map(|r| r.messages_per_s);
             let (broker, batch1, raw) = (find("broker"), find("batch-1"), find("raw-pg"));
+            let broker_vs_jetstream = run("broker").zip(jetstream).map(|(b, j)| {
+                let delivery = |r: &RunReport, q: fn(&Latency) -> u64| {
+                    r.latency.delivery_us.as_ref().map(|l| q(l) as f64)
+                };
+                JetStreamRatios {
+                    messages_per_s: ratio(Some(b.messages_per_s), Some(j.messages_per_s)),
+                    deliveries_per_s: ratio(b.deliveries_per_s, j.deliveries_per_s),
+                    delivery_p50: ratio(delivery(b, |l| l.p50), delivery(j, |l| l.p50)),
+                    delivery_p99: ratio(delivery(b, |l| l.p99), delivery(j, |l| l.p99)),
+                }
+            });
             Ratios {
                 broker_vs_batch1: ratio(broker, batch1),
                 raw_vs_batch1: ratio(raw, batch1),
                 broker_vs_raw: ratio(broker, raw),
+                broker_vs_jetstream,
             }
         });
         Report {
@@ -325,6 +357,7 @@ impl Report {
         row(
             "group commit (batch max rows)",
             &|r| match (r.kind, r.batch_max_rows) {
+                ("jetstream", _) => na(),
                 ("raw", Some(b)) => format!("{b} fixed"),
                 (_, Some(b)) => b.to_string(),
                 (_, None) => "default".to_owned(),
@@ -388,7 +421,9 @@ impl Report {
                 .unwrap_or_else(na)
         });
         row("verified", &|r| {
-            if r.ok {
+            if r.ok && r.kind == "jetstream" {
+                format!("OK ({} in stream)", r.verification.db_rows)
+            } else if r.ok {
                 format!("OK ({} rows in PG)", r.verification.db_rows)
             } else {
                 "FAILED".to_owned()
@@ -416,8 +451,12 @@ impl Report {
             }
             out.push('\n');
         }
-        if let Some(r) = &self.ratios {
-            let x = |v: Option<f64>| v.map(|v| format!("{v:.2}x")).unwrap_or_else(na);
+        let x = |v: Option<f64>| v.map(|v| format!("{v:.2}x")).unwrap_or_else(na);
+        let compared = self
+            .runs
+            .iter()
+            .any(|r| r.name == "batch-1" || r.name == "raw-pg");
+        if let Some(r) = self.ratios.as_ref().filter(|_| compared) {
             out.push_str(&format!(
                 "\nmessages/s against batch-1 (one commit per message): broker {}, raw ceiling {}; broker reaches {} of the raw ceiling\n",
                 x(r.broker_vs_batch1),
@@ -427,8 +466,26 @@ impl Report {
                     .unwrap_or_else(na)
             ));
         }
+        if let Some(j) = self
+            .ratios
+            .as_ref()
+            .and_then(|r| r.broker_vs_jetstream.as_ref())
+        {
+            out.push_str(&format!(
+                "\nbroker against JetStream (above 1x: the broker moves more per second, or takes longer): messages/s {}, deliveries/s {}, send -> delivery p50 {}, p99 {}\n",
+                x(j.messages_per_s),
+                x(j.deliveries_per_s),
+                x(j.delivery_p50),
+                x(j.delivery_p99)
+            ));
+        }
+        let in_store = if self.runs.iter().any(|r| r.kind == "jetstream") {
+            "in PostgreSQL (JetStream: in its stream)"
+        } else {
+            "in PostgreSQL"
+        };
         if self.failures.is_empty() {
-            out.push_str("\nverification: every expected delivery arrived exactly once, nothing was misrouted, every acknowledged message is in PostgreSQL with its seq\n");
+            out.push_str(&format!("\nverification: every expected delivery arrived exactly once, nothing was misrouted, every acknowledged message is {in_store} with its seq\n"));
         } else {
             out.push_str("\nVERIFICATION FAILED:\n");
             for f in &self.failures {
