@@ -153,3 +153,83 @@ fn compare_runs_the_broker_one_commit_per_message_and_the_raw_ceiling() {
     assert!(report["ratios"]["broker_vs_batch1"].as_f64().is_some());
     assert!(report["ratios"]["raw_vs_batch1"].as_f64().is_some());
 }
+
+/// The JetStream run needs a nats-server to start: missing, the test says so and fails
+/// (`.ci/run` installs Debian's `nats-server`), rather than passing without having run.
+fn require_nats_server() {
+    let found = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).any(|dir| dir.join("nats-server").is_file()))
+        .unwrap_or(false)
+        || std::path::Path::new("/usr/sbin/nats-server").is_file();
+    assert!(
+        found,
+        "nats-server is not installed (not on PATH, nor at /usr/sbin/nats-server): the \
+         JetStream comparison cannot run. Install it (Debian: apt-get install nats-server; \
+         .ci/run does)."
+    );
+}
+
+#[test]
+fn jetstream_runs_the_same_workload_verified_and_compared_with_the_broker() {
+    require_nats_server();
+    // --jetstream without a URL: the bench starts its own nats-server on a free port.
+    let (output, report) = bench(&[
+        "--spawn",
+        "--jetstream",
+        "--projects",
+        "2",
+        "--agents",
+        "3",
+        "--messages",
+        "20",
+        "--window",
+        "8",
+    ]);
+    assert!(
+        output.status.success(),
+        "bench failed:\n{}",
+        stderr(&output)
+    );
+    assert_eq!(report["ok"], true, "{report:#}");
+    let names: Vec<&str> = report["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .map(|r| r["name"].as_str().expect("name"))
+        .collect();
+    // The broker's run keeps its place: scripts read runs[0].
+    assert_eq!(names, ["broker", "jetstream"]);
+    let run = &report["runs"][1];
+    assert_eq!(run["kind"], "jetstream");
+    assert_eq!(run["ok"], true, "{run:#}");
+    // 2 projects x 3 agents x 20 messages, each to the 2 other agents of its project.
+    assert_eq!(run["messages_acked"], 120);
+    assert_eq!(run["deliveries"], 240);
+    let v = &run["verification"];
+    assert_eq!(v["expected_deliveries"], 240);
+    assert_eq!(v["lost"], 0);
+    assert_eq!(v["duplicated"], 0);
+    assert_eq!(v["anomalies"], 0);
+    // The stream read back: every acknowledged message, nothing else.
+    assert_eq!(v["db_rows"], 120);
+    assert_eq!(v["db_matching"], 120);
+    assert_eq!(run["latency"]["receipt_us"]["count"], 120);
+    assert_eq!(run["latency"]["delivery_us"]["count"], 240);
+    // The spawned nats-server's CPU and memory, from /proc.
+    assert!(
+        run["resources"]["broker_cpu_s"].as_f64().is_some(),
+        "{run:#}"
+    );
+    assert!(report["target"]
+        .as_str()
+        .is_some_and(|t| t.contains("JetStream")));
+    let ratios = &report["ratios"]["broker_vs_jetstream"];
+    for ratio in [
+        "messages_per_s",
+        "deliveries_per_s",
+        "delivery_p50",
+        "delivery_p99",
+    ] {
+        assert!(ratios[ratio].as_f64().is_some(), "{ratio}: {report:#}");
+    }
+}
