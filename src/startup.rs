@@ -239,6 +239,10 @@ impl Application {
                 .configure(http::routes)
         })
         .workers(workers)
+        // Frames are small and written as soon as they are ready: with Nagle's algorithm a
+        // receipt or delivery waits for the client's (delayed) ACK of the previous frame,
+        // which held light-load latency at 20-40 ms (docs/PERFORMANCE.md, third round).
+        .tcp_nodelay(true)
         // A client that closes its connection while its request is pending (typically a
         // `POST .../requests` waiting for a reply) ends the request: its handler is dropped
         // and the socket closed, instead of both waiting for the reply timeout.

@@ -327,8 +327,13 @@ fn dispatch(
         return;
     }
     match event {
-        ClusterEvent::Commits { project, last, .. } => {
-            index_soon.do_send(IndexSoon);
+        ClusterEvent::Commits {
+            project,
+            first,
+            last,
+            ..
+        } => {
+            index_soon.do_send(IndexSoon((last - first + 1).max(0) as usize));
             if let Some(channel) = registry.get(project) {
                 channel.do_send(RemoteCommits { upto: last });
             }

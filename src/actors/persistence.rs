@@ -165,7 +165,7 @@ impl PersistenceActor {
                     match result {
                         Ok(outcomes) => {
                             act.budget.release(held);
-                            act.search.do_send(IndexSoon);
+                            act.search.do_send(IndexSoon(batch.len()));
                             act.dispatch(batch, replies, outcomes, created_at)
                         }
                         Err(WriteError::Database(e)) if batch.len() > 1 && is_data_error(&e) => {

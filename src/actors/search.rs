@@ -2,24 +2,35 @@
 //! path (see `db::search`).
 //!
 //! Told by the persistence actor that something was committed ([`IndexSoon`]), it indexes
-//! what was committed since, at most every [`INDEX_EVERY`], in one statement of up to
-//! [`PER_PASS`] messages per project; while a pass comes back full it goes on at once. Under
-//! load that turns thousands of small index insertions per second into a few large ones; at
-//! rest it does nothing. It also runs once at start, for what was stored before.
+//! what was committed since in one statement of up to [`PER_PASS`] messages per project;
+//! while a pass comes back full it goes on at once. A pass starts once [`INDEX_ROWS`]
+//! messages wait (checked every [`INDEX_EVERY`]), or [`INDEX_WITHIN`] after the first of
+//! them was committed. Under load that turns thousands of small index insertions per second
+//! into a few large ones, every 50 ms as before; at light load it is one pass a second
+//! instead of one per message or two (each pass costs PostgreSQL about half a millisecond,
+//! mostly planning, whatever it indexes); at rest it does nothing. It also runs once at
+//! start, for what was stored before.
 //!
 //! With several brokers on one database, only the one holding the `search` duty indexes
 //! ([`Indexing`]); it is told of the other nodes' commits by their notifications.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
 use crate::db::search::{self, IndexPass};
 use crate::db::DbPool;
 
-/// How long a stored message may wait for its document. Searches do not depend on it (they
-/// read the unindexed tail directly), only how much tail there is to read.
+/// How often the indexer looks whether a pass is due. Searches do not depend on how soon a
+/// message gets its document (they read the unindexed tail directly), only how much tail
+/// there is to read.
 const INDEX_EVERY: Duration = Duration::from_millis(50);
+/// Messages waiting that make a pass due at the next look. Under load (hundreds of messages
+/// per 50 ms) passes stay 50 ms apart: longer passes stall the commits behind them more
+/// (docs/PERFORMANCE.md, second round).
+const INDEX_ROWS: usize = 200;
+/// The longest a committed message waits for its pass, however few wait with it.
+const INDEX_WITHIN: Duration = Duration::from_secs(1);
 /// Most messages per project in one pass (one transaction).
 const PER_PASS: i64 = 5_000;
 
@@ -27,9 +38,11 @@ pub struct SearchIndexActor {
     pool: DbPool,
     /// A pass is in flight; the next one starts when it is done.
     indexing: bool,
-    /// Something may be left to index: messages were committed since the last pass started,
-    /// or a pass failed.
-    pending: bool,
+    /// When the next pass is due, if something may be left to index: messages were
+    /// committed since the last pass started, or a pass failed.
+    due: Option<Instant>,
+    /// Messages committed since the last pass started (as told: a lower bound of what waits).
+    waiting: usize,
     /// This broker is the one that indexes (one per database).
     active: bool,
 }
@@ -39,17 +52,24 @@ impl SearchIndexActor {
         SearchIndexActor {
             pool,
             indexing: false,
-            pending: true,
+            due: Some(Instant::now()),
+            waiting: 0,
             active: false,
         }
     }
 
+    /// Makes a pass due by `at`, unless one is due sooner.
+    fn due_by(&mut self, at: Instant) {
+        self.due = Some(self.due.map_or(at, |due| due.min(at)));
+    }
+
     fn index(&mut self, ctx: &mut Context<Self>) {
-        if self.indexing || !self.pending || !self.active {
+        if self.indexing || !self.active || self.due.is_none_or(|due| due > Instant::now()) {
             return;
         }
         self.indexing = true;
-        self.pending = false;
+        self.due = None;
+        self.waiting = 0;
         let pool = self.pool.clone();
         let pass = async move {
             let mut conn = pool.get().await.map_err(|e| e.to_string())?;
@@ -61,7 +81,7 @@ impl SearchIndexActor {
             act.indexing = false;
             match result {
                 Ok(IndexPass { more: true, .. }) => {
-                    act.pending = true;
+                    act.due_by(Instant::now());
                     act.index(ctx)
                 }
                 Ok(IndexPass { documents, .. }) => {
@@ -71,7 +91,7 @@ impl SearchIndexActor {
                 }
                 // Nothing is lost: the next pass starts where this one would have.
                 Err(e) => {
-                    act.pending = true;
+                    act.due_by(Instant::now() + INDEX_WITHIN);
                     log::warn!("search indexing failed ({e}); retrying");
                 }
             }
@@ -87,16 +107,22 @@ impl Actor for SearchIndexActor {
     }
 }
 
-/// Messages were committed: index them soon.
+/// This many messages were committed: index them soon.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct IndexSoon;
+pub struct IndexSoon(pub usize);
 
 impl Handler<IndexSoon> for SearchIndexActor {
     type Result = ();
 
-    fn handle(&mut self, _: IndexSoon, _ctx: &mut Self::Context) {
-        self.pending = true;
+    fn handle(&mut self, IndexSoon(rows): IndexSoon, _ctx: &mut Self::Context) {
+        let now = Instant::now();
+        self.waiting = self.waiting.saturating_add(rows);
+        self.due_by(if self.waiting >= INDEX_ROWS {
+            now
+        } else {
+            now + INDEX_WITHIN
+        });
     }
 }
 
@@ -111,7 +137,7 @@ impl Handler<Indexing> for SearchIndexActor {
 
     fn handle(&mut self, Indexing(active): Indexing, ctx: &mut Self::Context) {
         if active && !self.active {
-            self.pending = true;
+            self.due_by(Instant::now());
         }
         self.active = active;
         self.index(ctx);

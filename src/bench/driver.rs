@@ -382,7 +382,9 @@ async fn create_projects(
 /// Opens a connection and reads its welcome.
 async fn connect(url: String) -> anyhow::Result<Ws> {
     let attempt = async {
-        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        // Nagle's algorithm off, as agents' libraries do (Node's `ws`, Python's asyncio):
+        // with it a small frame can wait for the broker's delayed ACK of the previous one.
+        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
             .await
             .with_context(|| format!("connecting to {url}"))?;
         loop {

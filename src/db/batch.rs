@@ -21,7 +21,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{
     Array, BigInt, Bool, Int2, Int4, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid,
 };
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use crate::db::prepared::PrepareOnce;
@@ -128,7 +128,7 @@ async fn store_batch(
     look_for_retries: bool,
     node: Option<&str>,
 ) -> QueryResult<Vec<Outcome>> {
-    conn.transaction(async move |conn| {
+    crate::db::generic_plan_transaction(conn, async move |conn| {
         let claimed = claim_timeouts(conn, batch, created_at).await?;
         // Linking is idempotent: run again on a rewritten batch, it finds the same requests.
         let links = link_replies(conn, batch, created_at, &claimed).await?;

@@ -70,6 +70,38 @@ async fn establish(url: String) -> diesel::ConnectionResult<AsyncPgConnection> {
     Ok(conn)
 }
 
+/// Runs `f` in a transaction whose prepared statements, and the foreign-key checks of its
+/// inserts, run on generic plans: planned once per connection, not at every execution as the
+/// connection's `force_custom_plan` would have them (see [`establish`]).
+///
+/// Only for statements whose best plan cannot depend on the parameters or on how large a
+/// table has grown: primary-key and unique-index probes, and inserts from `unnest` (the
+/// group commit). At one message per batch, planning was more than half of PostgreSQL's time
+/// on the commit path (docs/PERFORMANCE.md, third round). The setting ends with the
+/// transaction, and it is sent with `BEGIN` in one round trip.
+pub async fn generic_plan_transaction<T, E, F>(conn: &mut AsyncPgConnection, f: F) -> Result<T, E>
+where
+    F: AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, E>,
+    E: From<diesel::result::Error>,
+{
+    use diesel_async::{AnsiTransactionManager, TransactionManager};
+    AnsiTransactionManager::begin_transaction_sql(
+        &mut *conn,
+        "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan",
+    )
+    .await?;
+    match f(&mut *conn).await {
+        Ok(value) => {
+            AnsiTransactionManager::commit_transaction(&mut *conn).await?;
+            Ok(value)
+        }
+        Err(e) => {
+            AnsiTransactionManager::rollback_transaction(&mut *conn).await?;
+            Err(e)
+        }
+    }
+}
+
 /// Creates the database named in `database_url` if it does not exist, by connecting to the
 /// server's `postgres` database.
 pub async fn ensure_database_exists(database_url: &str) -> anyhow::Result<()> {
