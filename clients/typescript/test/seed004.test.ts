@@ -250,6 +250,9 @@ test('coordinator → codegen through two buses, as in two processes', async (t)
   const stats = globalMessageBus.getStats();
   assert.equal(stats.messageLogSize, 4);
   assert.equal(stats.registeredAgents, 0, 'the coordinator registered no handler');
+  // A handler that answers holds its message until the receipt of its reply arrives, and the
+  // coordinator may get the reply itself a moment before that.
+  await until('the codegen bus finished its handlers', () => codegenBus.getQueueSize('CodeGenAgent') === 0);
   assert.deepEqual(codegenBus.getStats().queueSizesByAgent, { CodeGenAgent: 0 });
   assert.equal(codegenBus.getQueueSize('CodeGenAgent'), 0);
 
