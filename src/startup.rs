@@ -90,24 +90,34 @@ impl Application {
                 SearchIndexActor::new(pool)
             })
         };
-        // The persistence actor and the deadline actor each send to the other: the deadline
-        // actor is started from the persistence actor's start-up, with its address, so both
-        // are built complete and neither waits to be wired.
-        let (deadlines_tx, deadlines_rx) = tokio::sync::oneshot::channel();
+        // The persistence actor sends to the deadline and coordination actors, and they send
+        // to it: both are started from the persistence actor's start-up, with its address, so
+        // all three are built complete and none waits to be wired.
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
         let persistence = {
             let (pool, registry, stats) = (pool.clone(), registry.clone(), stats.clone());
             let batch_max_rows = settings.batch_max_rows;
             let max_uncommitted_bytes = settings.max_uncommitted_bytes;
+            let db_timeout = settings.db_timeout();
             let (search, node_id) = (search.clone(), node_id.clone());
             let peers = Arc::clone(&link.peers);
             PersistenceActor::start_in_arbiter(&broker_arbiter.handle(), move |ctx| {
                 let deadlines = DeadlineActor::new(pool.clone(), ctx.address().recipient()).start();
-                let _ = deadlines_tx.send(deadlines.clone());
+                let coordination = crate::actors::coordination::CoordinationActor::new(
+                    pool.clone(),
+                    ctx.address().recipient(),
+                    db_timeout,
+                )
+                .start();
+                let _ = started_tx.send((deadlines.clone(), coordination.clone()));
                 PersistenceActor::new(
                     pool,
                     registry,
-                    deadlines.recipient(),
-                    search.recipient(),
+                    crate::actors::persistence::FollowUps {
+                        requests: deadlines.recipient(),
+                        search: search.recipient(),
+                        tasks: coordination.recipient(),
+                    },
                     stats,
                     batch_max_rows,
                     max_uncommitted_bytes,
@@ -115,34 +125,16 @@ impl Application {
                 .on_node(node_id, peers)
             })
         };
-        let deadlines = deadlines_rx
+        let (deadlines, coordination_actor) = started_rx
             .await
-            .context("the deadline actor did not start")?;
-        let (coordination, coordination_actor) = {
-            let (actor_pool, recipient) = (pool.clone(), persistence.clone().recipient());
-            let db_timeout = settings.db_timeout();
-            let actor = crate::actors::coordination::CoordinationActor::start_in_arbiter(
-                &broker_arbiter.handle(),
-                move |_| {
-                    crate::actors::coordination::CoordinationActor::new(
-                        actor_pool, recipient, db_timeout,
-                    )
-                },
-            );
-            persistence.do_send(crate::actors::persistence::AttachTaskDeadlines(
-                actor.clone().recipient(),
-            ));
-            (
-                crate::actors::coordination::Coordination::new(
-                    pool.clone(),
-                    persistence.clone().recipient(),
-                    actor.clone(),
-                    settings.claim_limits(),
-                    settings.db_timeout(),
-                ),
-                actor,
-            )
-        };
+            .context("the deadline and coordination actors did not start")?;
+        let coordination = crate::actors::coordination::Coordination::new(
+            pool.clone(),
+            persistence.clone().recipient(),
+            coordination_actor.clone(),
+            settings.claim_limits(),
+            settings.db_timeout(),
+        );
         let persistence = persistence.recipient();
         let cursors = {
             let pool = pool.clone();

@@ -13,8 +13,9 @@
 //! Actors know each other's messages, never each other's types: each actor's inbound
 //! messages are defined beside it, and an actor holds `Recipient<…>` of the messages it
 //! sends (a channel holds `Recipient<ToSession>` per session; the persistence actor holds
-//! `Recipient<TrackRequest>` and `Recipient<IndexSoon>`; the deadline actor is started by the
-//! persistence actor with its `Recipient<Persist>`). What became of a send is a raw
+//! `Recipient<TrackRequest>`, `Recipient<IndexSoon>` and `Recipient<coordination::Arm>`; the
+//! deadline and coordination actors are started by the persistence actor with its
+//! `Recipient<Persist>`). What became of a send is a raw
 //! [`settle::Settlement`]; each waiter (a session, a REST call) words its own answer.
 //! Committed messages reach channels through one seam, [`registry::ChannelRegistry::route`],
 //! which any other source of commits can feed the same way.

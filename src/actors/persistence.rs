@@ -62,31 +62,37 @@ pub struct PersistenceActor {
     /// Messages at the head of `queue` that must be written one per transaction: they were in
     /// a batch the database refused, and each must succeed or fail on its own.
     isolate: usize,
-    /// Where committed requests go to have their timeout armed.
-    deadlines: Recipient<TrackRequest>,
-    /// Told after each commit that there is something new to index for search.
-    search: Recipient<IndexSoon>,
+    /// Where what a commit sets in motion goes.
+    follow_ups: FollowUps,
     stats: Stats,
     /// This broker's node id, and whether other nodes share the database: while they do,
     /// each commit notifies them of its seqs.
     node: Option<(String, Arc<AtomicBool>)>,
-    /// Where committed tasks with a claim deadline go to have it armed (set once running).
-    task_deadlines: Option<Recipient<super::coordination::Arm>>,
+}
+
+/// Where the persistence actor hands what a commit sets in motion. The deadline and the
+/// coordination actors send to the persistence actor too: they are started from its
+/// start-up with its address (`startup.rs`), so all three are built complete.
+pub struct FollowUps {
+    /// Committed requests, to have their reply timeout armed.
+    pub requests: Recipient<TrackRequest>,
+    /// Told after each commit how many messages there are to index for search.
+    pub search: Recipient<IndexSoon>,
+    /// Committed tasks with a claim deadline, to have it armed.
+    pub tasks: Recipient<super::coordination::Arm>,
 }
 
 impl PersistenceActor {
     pub fn new(
         pool: DbPool,
         registry: ChannelRegistry,
-        deadlines: Recipient<TrackRequest>,
-        search: Recipient<IndexSoon>,
+        follow_ups: FollowUps,
         stats: Stats,
         batch_max_rows: usize,
         max_uncommitted_bytes: usize,
     ) -> Self {
         PersistenceActor {
-            deadlines,
-            search,
+            follow_ups,
             stats,
             pool,
             registry,
@@ -96,7 +102,6 @@ impl PersistenceActor {
             batch_max_rows: batch_max_rows.max(1),
             isolate: 0,
             node: None,
-            task_deadlines: None,
         }
     }
 
@@ -165,7 +170,7 @@ impl PersistenceActor {
                     match result {
                         Ok(outcomes) => {
                             act.budget.release(held);
-                            act.search.do_send(IndexSoon(batch.len()));
+                            act.follow_ups.search.do_send(IndexSoon(batch.len()));
                             act.dispatch(batch, replies, outcomes, created_at)
                         }
                         Err(WriteError::Database(e)) if batch.len() > 1 && is_data_error(&e) => {
@@ -210,7 +215,7 @@ impl PersistenceActor {
 
     fn track_request(&self, request: &StoredMessage) {
         if let Some(deadline) = request.reply_deadline {
-            self.deadlines.do_send(TrackRequest {
+            self.follow_ups.requests.do_send(TrackRequest {
                 request_id: request.id,
                 project_id: request.project_id,
                 deadline,
@@ -244,8 +249,8 @@ impl PersistenceActor {
                 Outcome::Stored { seq, no_recipient } => {
                     let claim_timeout = message.task.and_then(|t| t.claim_timeout_ms);
                     let stored = message.into_stored(seq, created_at);
-                    if let (Some(ms), Some(deadlines)) = (claim_timeout, &self.task_deadlines) {
-                        deadlines.do_send(super::coordination::Arm {
+                    if let Some(ms) = claim_timeout {
+                        self.follow_ups.tasks.do_send(super::coordination::Arm {
                             deadline: super::coordination::Deadline::TaskUnclaimed,
                             id: stored.id,
                             at: created_at + chrono::Duration::milliseconds(ms),
@@ -338,19 +343,6 @@ impl Handler<Persist> for PersistenceActor {
         }
         self.queue.push_back((persist, bytes));
         self.write_next_batch(ctx);
-    }
-}
-
-/// Wires the coordination actor in: it arms the claim deadlines of committed tasks.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct AttachTaskDeadlines(pub Recipient<super::coordination::Arm>);
-
-impl Handler<AttachTaskDeadlines> for PersistenceActor {
-    type Result = ();
-
-    fn handle(&mut self, attach: AttachTaskDeadlines, _ctx: &mut Self::Context) {
-        self.task_deadlines = Some(attach.0);
     }
 }
 
