@@ -321,6 +321,12 @@ fn is_plain(batch: &[NewMessage]) -> bool {
 /// refused value), and what the caller does with it is the same.
 ///
 /// At one message per batch (light load) this is three round trips fewer per message.
+///
+/// Unlike diesel-async's own transactions, this one is not tracked by the connection's
+/// transaction manager, so a future dropped half-way could return the connection to the
+/// pool inside it. Once a connection has prepared the five statements, the first poll sends
+/// all of them, `COMMIT` included, so only a connection's first plain batch has that window,
+/// and the persistence actor drops a write only when it stops with the process.
 async fn store_plain_batch(
     conn: &mut AsyncPgConnection,
     batch: &[NewMessage],
