@@ -188,7 +188,7 @@ async fn store_batch(
         if cols.id.is_empty() {
             return Ok(plan);
         }
-        cols.insert(conn, created_at).await?;
+        cols.insert(&*conn, INSERT_WITH_SEQS, created_at).await?;
         crate::db::tasks::open_committed(conn, batch, &plan, created_at).await?;
         cols.ensure_recipients(conn).await?;
         mark_answered(conn, &links.answered, created_at).await?;
@@ -356,7 +356,7 @@ async fn store_plain_batch(
         run_on(shared, "BEGIN"),
         run_on(shared, "SET LOCAL plan_cache_mode = force_generic_plan"),
         advance_heads(shared, &ids, &counts, node),
-        cols.insert_from_heads(shared, created_at),
+        cols.insert(shared, INSERT_FROM_HEADS, created_at),
         run_on(shared, "COMMIT"),
     );
     // The first failure is the one to report: a later statement only failed because the
@@ -721,6 +721,55 @@ async fn flag_unreachable(
     Ok(())
 }
 
+/// The columns [`Columns`] inserts, in the order of its bind parameters, `seq` third
+/// (`$3`), then `created_at` (`$24`, one value for the batch).
+macro_rules! message_columns {
+    () => {
+        "id, project_id, seq, sender_agent_id, sender_agent_type, sender_session_id, \
+         recipient_agent_id, message_type, content, metadata, priority, correlation_id, \
+         reply_to, client_msg_id, expires_at, recipient_agent_type, expects_reply, \
+         reply_deadline, in_reply_to_seq, success, error, duration_ms, late"
+    };
+}
+
+/// [`Columns`]' arrays as a relation `u` with the column names of [`message_columns`].
+macro_rules! message_rows {
+    () => {
+        concat!(
+            "unnest($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[], $6::uuid[], \
+             $7::text[], $8::text[], $9::text[], $10::jsonb[], $11::int2[], $12::text[], \
+             $13::uuid[], $14::text[], $15::timestamptz[], $16::text[], $17::bool[], \
+             $18::timestamptz[], $19::int8[], $20::bool[], $21::text[], $22::int8[], \
+             $23::bool[]) AS u(",
+            message_columns!(),
+            ")"
+        )
+    };
+}
+
+/// The rows with the seqs `Columns::seq` holds.
+const INSERT_WITH_SEQS: &str = concat!(
+    "INSERT INTO agent_messages (",
+    message_columns!(),
+    ", created_at) SELECT u.*, $24 FROM ",
+    message_rows!()
+);
+
+/// The rows of [`store_plain_batch`]: `Columns::seq` holds how many of its project's new rows
+/// come after each row, and its seq is the project's `head_seq`, as this transaction's head
+/// update left it, minus that.
+const INSERT_FROM_HEADS: &str = concat!(
+    "INSERT INTO agent_messages (",
+    message_columns!(),
+    ", created_at) SELECT u.id, u.project_id, p.head_seq - u.seq, u.sender_agent_id, \
+       u.sender_agent_type, u.sender_session_id, u.recipient_agent_id, u.message_type, \
+       u.content, u.metadata, u.priority, u.correlation_id, u.reply_to, u.client_msg_id, \
+       u.expires_at, u.recipient_agent_type, u.expects_reply, u.reply_deadline, \
+       u.in_reply_to_seq, u.success, u.error, u.duration_ms, u.late, $24 FROM ",
+    message_rows!(),
+    " JOIN projects p ON p.id = u.project_id"
+);
+
 /// The columns of the rows a batch inserts, one vector per column (borrowed from the batch).
 struct Columns<'a> {
     id: Vec<Uuid>,
@@ -813,64 +862,6 @@ impl<'a> Columns<'a> {
         self.late.push(msg.reply.as_ref().is_some_and(|r| r.late));
     }
 
-    /// [`Columns::insert`] for [`store_plain_batch`]: each row's seq is its project's
-    /// `head_seq`, as this transaction's head update left it, minus `self.seq` (how many of
-    /// the project's new rows come after it). On a shared connection, to be pipelined.
-    async fn insert_from_heads(
-        &self,
-        mut conn: &AsyncPgConnection,
-        created_at: DateTime<Utc>,
-    ) -> QueryResult<usize> {
-        diesel::sql_query(
-            "INSERT INTO agent_messages (id, project_id, seq, sender_agent_id, sender_agent_type, \
-               sender_session_id, recipient_agent_id, message_type, content, metadata, priority, \
-               correlation_id, reply_to, client_msg_id, expires_at, recipient_agent_type, \
-               expects_reply, reply_deadline, in_reply_to_seq, success, error, duration_ms, late, \
-               created_at) \
-             SELECT u.id, u.project_id, p.head_seq - u.after, u.sender_agent_id, \
-               u.sender_agent_type, u.sender_session_id, u.recipient_agent_id, u.message_type, \
-               u.content, u.metadata, u.priority, u.correlation_id, u.reply_to, u.client_msg_id, \
-               u.expires_at, u.recipient_agent_type, u.expects_reply, u.reply_deadline, \
-               u.in_reply_to_seq, u.success, u.error, u.duration_ms, u.late, $24 \
-             FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::text[], \
-               $5::text[], $6::uuid[], $7::text[], $8::text[], $9::text[], $10::jsonb[], \
-               $11::int2[], $12::text[], $13::uuid[], $14::text[], $15::timestamptz[], $16::text[], \
-               $17::bool[], $18::timestamptz[], $19::int8[], $20::bool[], $21::text[], $22::int8[], \
-               $23::bool[]) AS u(id, project_id, after, sender_agent_id, sender_agent_type, \
-               sender_session_id, recipient_agent_id, message_type, content, metadata, priority, \
-               correlation_id, reply_to, client_msg_id, expires_at, recipient_agent_type, \
-               expects_reply, reply_deadline, in_reply_to_seq, success, error, duration_ms, late) \
-             JOIN projects p ON p.id = u.project_id",
-        )
-        .bind::<Array<SqlUuid>, _>(&self.id)
-        .bind::<Array<SqlUuid>, _>(&self.project_id)
-        .bind::<Array<BigInt>, _>(&self.seq)
-        .bind::<Array<Text>, _>(&self.sender_agent_id)
-        .bind::<Array<Text>, _>(&self.sender_agent_type)
-        .bind::<Array<Nullable<SqlUuid>>, _>(&self.sender_session_id)
-        .bind::<Array<Nullable<Text>>, _>(&self.recipient_agent_id)
-        .bind::<Array<Text>, _>(&self.message_type)
-        .bind::<Array<Text>, _>(&self.content)
-        .bind::<Array<Jsonb>, _>(&self.metadata)
-        .bind::<Array<Int2>, _>(&self.priority)
-        .bind::<Array<Nullable<Text>>, _>(&self.correlation_id)
-        .bind::<Array<Nullable<SqlUuid>>, _>(&self.reply_to)
-        .bind::<Array<Nullable<Text>>, _>(&self.client_msg_id)
-        .bind::<Array<Nullable<Timestamptz>>, _>(&self.expires_at)
-        .bind::<Array<Nullable<Text>>, _>(&self.recipient_agent_type)
-        .bind::<Array<Bool>, _>(&self.expects_reply)
-        .bind::<Array<Nullable<Timestamptz>>, _>(&self.reply_deadline)
-        .bind::<Array<Nullable<BigInt>>, _>(&self.in_reply_to_seq)
-        .bind::<Array<Nullable<Bool>>, _>(&self.success)
-        .bind::<Array<Nullable<Text>>, _>(&self.error)
-        .bind::<Array<Nullable<BigInt>>, _>(&self.duration_ms)
-        .bind::<Array<Bool>, _>(&self.late)
-        .bind::<Timestamptz, _>(created_at)
-        .prepared()
-        .execute(&mut conn)
-        .await
-    }
-
     /// The recipients of this batch's direct messages become members, owed those messages.
     async fn ensure_recipients(&self, conn: &mut AsyncPgConnection) -> QueryResult<()> {
         let (mut projects, mut agents, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
@@ -889,50 +880,42 @@ impl<'a> Columns<'a> {
         crate::db::cursors::ensure_recipients(conn, &projects, &agents, &seqs).await
     }
 
+    /// Inserts the rows with `sql`, one of [`INSERT_WITH_SEQS`] and [`INSERT_FROM_HEADS`]
+    /// (they differ only in what `self.seq` holds). On a shared connection, so that the
+    /// pipelined path can send it with the rest of its transaction.
     async fn insert(
         &self,
-        conn: &mut AsyncPgConnection,
+        mut conn: &AsyncPgConnection,
+        sql: &'static str,
         created_at: DateTime<Utc>,
-    ) -> QueryResult<()> {
-        diesel::sql_query(
-            "INSERT INTO agent_messages (id, project_id, seq, sender_agent_id, sender_agent_type, \
-               sender_session_id, recipient_agent_id, message_type, content, metadata, priority, \
-               correlation_id, reply_to, client_msg_id, expires_at, recipient_agent_type, \
-               expects_reply, reply_deadline, in_reply_to_seq, success, error, duration_ms, late, \
-               created_at) \
-             SELECT u.*, $24 FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::text[], \
-               $5::text[], $6::uuid[], $7::text[], $8::text[], $9::text[], $10::jsonb[], \
-               $11::int2[], $12::text[], $13::uuid[], $14::text[], $15::timestamptz[], $16::text[], \
-               $17::bool[], $18::timestamptz[], $19::int8[], $20::bool[], $21::text[], $22::int8[], \
-               $23::bool[]) AS u",
-        )
-        .bind::<Array<SqlUuid>, _>(&self.id)
-        .bind::<Array<SqlUuid>, _>(&self.project_id)
-        .bind::<Array<BigInt>, _>(&self.seq)
-        .bind::<Array<Text>, _>(&self.sender_agent_id)
-        .bind::<Array<Text>, _>(&self.sender_agent_type)
-        .bind::<Array<Nullable<SqlUuid>>, _>(&self.sender_session_id)
-        .bind::<Array<Nullable<Text>>, _>(&self.recipient_agent_id)
-        .bind::<Array<Text>, _>(&self.message_type)
-        .bind::<Array<Text>, _>(&self.content)
-        .bind::<Array<Jsonb>, _>(&self.metadata)
-        .bind::<Array<Int2>, _>(&self.priority)
-        .bind::<Array<Nullable<Text>>, _>(&self.correlation_id)
-        .bind::<Array<Nullable<SqlUuid>>, _>(&self.reply_to)
-        .bind::<Array<Nullable<Text>>, _>(&self.client_msg_id)
-        .bind::<Array<Nullable<Timestamptz>>, _>(&self.expires_at)
-        .bind::<Array<Nullable<Text>>, _>(&self.recipient_agent_type)
-        .bind::<Array<Bool>, _>(&self.expects_reply)
-        .bind::<Array<Nullable<Timestamptz>>, _>(&self.reply_deadline)
-        .bind::<Array<Nullable<BigInt>>, _>(&self.in_reply_to_seq)
-        .bind::<Array<Nullable<Bool>>, _>(&self.success)
-        .bind::<Array<Nullable<Text>>, _>(&self.error)
-        .bind::<Array<Nullable<BigInt>>, _>(&self.duration_ms)
-        .bind::<Array<Bool>, _>(&self.late)
-        .bind::<Timestamptz, _>(created_at)
-        .prepared()
-        .execute(conn)
-        .await
-        .map(drop)
+    ) -> QueryResult<usize> {
+        diesel::sql_query(sql)
+            .bind::<Array<SqlUuid>, _>(&self.id)
+            .bind::<Array<SqlUuid>, _>(&self.project_id)
+            .bind::<Array<BigInt>, _>(&self.seq)
+            .bind::<Array<Text>, _>(&self.sender_agent_id)
+            .bind::<Array<Text>, _>(&self.sender_agent_type)
+            .bind::<Array<Nullable<SqlUuid>>, _>(&self.sender_session_id)
+            .bind::<Array<Nullable<Text>>, _>(&self.recipient_agent_id)
+            .bind::<Array<Text>, _>(&self.message_type)
+            .bind::<Array<Text>, _>(&self.content)
+            .bind::<Array<Jsonb>, _>(&self.metadata)
+            .bind::<Array<Int2>, _>(&self.priority)
+            .bind::<Array<Nullable<Text>>, _>(&self.correlation_id)
+            .bind::<Array<Nullable<SqlUuid>>, _>(&self.reply_to)
+            .bind::<Array<Nullable<Text>>, _>(&self.client_msg_id)
+            .bind::<Array<Nullable<Timestamptz>>, _>(&self.expires_at)
+            .bind::<Array<Nullable<Text>>, _>(&self.recipient_agent_type)
+            .bind::<Array<Bool>, _>(&self.expects_reply)
+            .bind::<Array<Nullable<Timestamptz>>, _>(&self.reply_deadline)
+            .bind::<Array<Nullable<BigInt>>, _>(&self.in_reply_to_seq)
+            .bind::<Array<Nullable<Bool>>, _>(&self.success)
+            .bind::<Array<Nullable<Text>>, _>(&self.error)
+            .bind::<Array<Nullable<BigInt>>, _>(&self.duration_ms)
+            .bind::<Array<Bool>, _>(&self.late)
+            .bind::<Timestamptz, _>(created_at)
+            .prepared()
+            .execute(&mut conn)
+            .await
     }
 }

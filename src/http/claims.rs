@@ -13,11 +13,12 @@ use crate::actors::coordination::Caller;
 use crate::db::claims::{ListFilter, Releaser};
 use crate::db::inbox::Interface;
 use crate::domain::claims::ClaimState;
+use crate::models::Project;
 use crate::protocol::coordination::{Answer, Refused};
 
-/// Claims listed when the request names no `limit`, and the most it may name.
-const DEFAULT_LIST: i64 = 100;
-const MAX_LIST: i64 = 1000;
+/// Entries of a list of claims or tasks when the request names no `limit`, and the most.
+pub const DEFAULT_LIST: i64 = 100;
+pub const MAX_LIST: i64 = 1000;
 
 /// The agent a call acts as: the body's (or the bound token's), validated, joined to the
 /// project as a member (like any REST call as an agent) and counted as its presence.
@@ -154,13 +155,7 @@ pub async fn list(
 ) -> Result<HttpResponse, ApiError> {
     let project = projects::load(&state, &path).await?;
     let params = params.into_inner();
-    let limit = params.limit.unwrap_or(DEFAULT_LIST);
-    if !(1..=MAX_LIST).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("`limit` must be between 1 and {MAX_LIST}"),
-        ));
-    }
+    let limit = super::messages::limit_within(params.limit, DEFAULT_LIST, MAX_LIST)?;
     let (active_only, wanted) = match params.state.as_deref() {
         None | Some("active") => (true, None),
         Some("all") => (false, None),
@@ -187,9 +182,16 @@ pub async fn list(
     Ok(HttpResponse::Ok().json(serde_json::json!({ "claims": claims })))
 }
 
-fn claim_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw)
-        .map_err(|_| ApiError::bad_request("invalid_field", "the claim id must be a UUID"))
+/// The project and the claim id of a `…/claims/{claim_id}` path: the project must exist and
+/// the id be a UUID.
+async fn claim_path(
+    state: &AppState,
+    (project_raw, claim_raw): (String, String),
+) -> Result<(Project, Uuid), ApiError> {
+    let project = projects::load(state, &project_raw).await?;
+    let id = Uuid::parse_str(&claim_raw)
+        .map_err(|_| ApiError::bad_request("invalid_field", "the claim id must be a UUID"))?;
+    Ok((project, id))
 }
 
 /// `GET …/claims/{claim_id}`: one claim, with its objections.
@@ -197,9 +199,7 @@ pub async fn show(
     state: web::Data<AppState>,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    let (project_raw, claim_raw) = path.into_inner();
-    let project = projects::load(&state, &project_raw).await?;
-    let id = claim_id(&claim_raw)?;
+    let (project, id) = claim_path(&state, path.into_inner()).await?;
     let (claim, objections) = state
         .coordination
         .get_claim(project.id, id)
@@ -223,9 +223,7 @@ pub async fn release(
     path: web::Path<(String, String)>,
     params: web::Query<ReleaseParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let (project_raw, claim_raw) = path.into_inner();
-    let project = projects::load(&state, &project_raw).await?;
-    let id = claim_id(&claim_raw)?;
+    let (project, id) = claim_path(&state, path.into_inner()).await?;
     let params = params.into_inner();
     let force = params.force.unwrap_or(false);
     let access = granted(&req)?;
@@ -262,9 +260,7 @@ pub async fn object(
     path: web::Path<(String, String)>,
     body: web::Json<ObjectionBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let (project_raw, claim_raw) = path.into_inner();
-    let project = projects::load(&state, &project_raw).await?;
-    let id = claim_id(&claim_raw)?;
+    let (project, id) = claim_path(&state, path.into_inner()).await?;
     let body = body.into_inner();
     let reason = body
         .reason
@@ -302,9 +298,7 @@ pub async fn renew(
     path: web::Path<(String, String)>,
     body: web::Json<RenewBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let (project_raw, claim_raw) = path.into_inner();
-    let project = projects::load(&state, &project_raw).await?;
-    let id = claim_id(&claim_raw)?;
+    let (project, id) = claim_path(&state, path.into_inner()).await?;
     let body = body.into_inner();
     let agent = acting_agent(&state, &req, project.id, body.agent_id, None).await?;
     let caller = Caller {

@@ -22,11 +22,17 @@ use crate::protocol::{self, SendFields};
 
 /// The `limit` of a paged request: the default when absent, a 400 when out of range.
 pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
-    let limit = limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
+    limit_within(limit, DEFAULT_PAGE, MAX_PAGE)
+}
+
+/// A `limit` query parameter: `default` when absent, a 400 `invalid_query` outside
+/// 1..=`max`.
+pub fn limit_within(limit: Option<i64>, default: i64, max: i64) -> Result<i64, ApiError> {
+    let limit = limit.unwrap_or(default);
+    if !(1..=max).contains(&limit) {
         return Err(ApiError::bad_request(
             "invalid_query",
-            format!("`limit` must be between 1 and {MAX_PAGE}"),
+            format!("`limit` must be between 1 and {max}"),
         ));
     }
     Ok(limit)

@@ -7,13 +7,10 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::claims::{acting_agent, respond};
+use super::claims::{acting_agent, respond, DEFAULT_LIST, MAX_LIST};
 use super::{projects, ApiError, AppState};
 use crate::actors::coordination::Caller;
 use crate::domain::tasks::TaskState;
-
-const DEFAULT_LIST: i64 = 100;
-const MAX_LIST: i64 = 1000;
 
 #[derive(Deserialize)]
 pub struct ListParams {
@@ -29,13 +26,7 @@ pub async fn list(
 ) -> Result<HttpResponse, ApiError> {
     let project = projects::load(&state, &path).await?;
     let params = params.into_inner();
-    let limit = params.limit.unwrap_or(DEFAULT_LIST);
-    if !(1..=MAX_LIST).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("`limit` must be between 1 and {MAX_LIST}"),
-        ));
-    }
+    let limit = super::messages::limit_within(params.limit, DEFAULT_LIST, MAX_LIST)?;
     let wanted = match params.state.as_deref() {
         None | Some("all") => None,
         Some(raw) => Some(TaskState::parse(raw).ok_or_else(|| {
