@@ -16,6 +16,7 @@
 //! | `agentbus_errors_total{code}` | counter | error frames sent to clients, and sends the store failed, by error code |
 //! | `agentbus_rate_limited_total` | counter | frames or requests refused by rate limiting |
 //! | `agentbus_inbox_waits` | gauge | inbox reads over HTTP (REST `wait_ms`, MCP `check_inbox`) waiting for mail |
+//! | `agentbus_message_wait_seconds{stage}` | histogram | how long a message waited at each stage of its way through the broker ([`Stage`]) |
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -35,6 +36,41 @@ pub const BATCH_SIZE_BUCKETS: [u64; 8] = [1, 2, 5, 10, 50, 100, 500, 1000];
 /// Upper bounds of the commit-latency histogram buckets (milliseconds).
 pub const COMMIT_MS_BUCKETS: [f64; 10] =
     [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 500.0, 1000.0];
+
+/// Upper bounds of the message-wait histogram buckets (milliseconds).
+pub const WAIT_MS_BUCKETS: [f64; 13] = [
+    0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 500.0, 1000.0,
+];
+
+/// The stages of a message's way through the broker, each timed per message (per delivery
+/// for [`Stage::Handed`]) in `agentbus_message_wait_seconds{stage}`. What they leave out is
+/// the client's side: the frame's way in (socket, parsing) and out (the session's outbox,
+/// the socket).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// From the send's hand-over to the group commit until its batch starts: the mailbox,
+    /// and the batch in flight before it.
+    Queued,
+    /// Its batch's write: a pool connection, the transaction, `COMMIT` and its flush.
+    Commit,
+    /// From the commit's return until its channel routes it: the channel's mailbox.
+    Routed,
+    /// From routing until the recipient's session takes the frame: the session's mailbox.
+    Handed,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 4] = [Stage::Queued, Stage::Commit, Stage::Routed, Stage::Handed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Queued => "queued",
+            Stage::Commit => "commit",
+            Stage::Routed => "routed",
+            Stage::Handed => "handed",
+        }
+    }
+}
 
 /// The media type of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -56,11 +92,22 @@ struct Inner {
     errors: Family<ErrorLabels, Counter>,
     rate_limited: Counter,
     inbox_waits: Gauge,
+    /// By [`Stage`], in [`Stage::ALL`]'s order: handles on the family's series.
+    waits: [Histogram; 4],
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabels {
+    stage: &'static str,
+}
+
+fn wait_histogram() -> Histogram {
+    Histogram::new(WAIT_MS_BUCKETS.iter().map(|&ms| ms / 1000.0))
 }
 
 impl Default for Metrics {
@@ -128,7 +175,23 @@ impl Default for Metrics {
             "Inbox reads over HTTP waiting for mail",
             inbox_waits.clone(),
         );
+        let wait_family: Family<StageLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(wait_histogram);
+        registry.register_with_unit(
+            "message_wait",
+            "How long messages waited at each stage of their way through the broker",
+            Unit::Seconds,
+            wait_family.clone(),
+        );
+        let waits = Stage::ALL.map(|stage| {
+            wait_family
+                .get_or_create(&StageLabels {
+                    stage: stage.as_str(),
+                })
+                .clone()
+        });
         Metrics(Arc::new(Inner {
+            waits,
             registry,
             connections,
             messages_in,
@@ -189,6 +252,14 @@ impl Metrics {
         self.0.rate_limited.inc();
     }
 
+    /// Messages that waited `took` at `stage`, one observation each.
+    pub fn waited(&self, stage: Stage, took: impl IntoIterator<Item = Duration>) {
+        let histogram = &self.0.waits[stage as usize];
+        for took in took {
+            histogram.observe(took.as_secs_f64());
+        }
+    }
+
     /// The gauge of waiting inbox reads, kept by whoever admits them.
     pub fn inbox_waits(&self) -> Gauge {
         self.0.inbox_waits.clone()
@@ -222,6 +293,11 @@ mod tests {
         metrics.batch(2, Duration::from_millis(3), false);
         metrics.errors(ErrorCode::InvalidJson, 1);
         metrics.errors(ErrorCode::Unavailable, 5);
+        metrics.waited(
+            Stage::Queued,
+            [Duration::from_micros(50), Duration::from_millis(4)],
+        );
+        metrics.waited(Stage::Handed, [Duration::from_millis(30)]);
         let text = metrics.encode();
         for line in [
             "agentbus_connections 1",
@@ -236,6 +312,12 @@ mod tests {
             "agentbus_errors_total{code=\"unavailable\"} 5",
             "agentbus_rate_limited_total 0",
             "agentbus_inbox_waits 0",
+            "agentbus_message_wait_seconds_count{stage=\"queued\"} 2",
+            "agentbus_message_wait_seconds_bucket{le=\"0.0001\",stage=\"queued\"} 1",
+            "agentbus_message_wait_seconds_bucket{le=\"0.005\",stage=\"queued\"} 2",
+            "agentbus_message_wait_seconds_count{stage=\"commit\"} 0",
+            "agentbus_message_wait_seconds_bucket{le=\"0.02\",stage=\"handed\"} 0",
+            "agentbus_message_wait_seconds_bucket{le=\"0.05\",stage=\"handed\"} 1",
             "# EOF",
         ] {
             assert!(

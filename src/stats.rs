@@ -199,6 +199,15 @@ impl Stats {
         self.metrics.session_closed();
     }
 
+    /// How long messages waited at one stage of their way (metrics only).
+    pub fn record_waits(
+        &self,
+        stage: crate::metrics::Stage,
+        took: impl IntoIterator<Item = Duration>,
+    ) {
+        self.metrics.waited(stage, took);
+    }
+
     /// The Prometheus metrics fed by these calls.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytestring::ByteString;
@@ -15,6 +15,7 @@ use uuid::Uuid;
 use super::inbox::{InboxWaiters, Wake};
 use super::settle::{Reply, Settlement};
 use crate::db::{cluster, DbPool};
+use crate::metrics::Stage;
 use crate::models::StoredMessage;
 use crate::protocol;
 use crate::stats::Stats;
@@ -274,11 +275,16 @@ impl ChannelActor {
             };
             let frame = protocol::message_frame(message);
             let bytes = frame.len();
-            member.session.do_send(ToSession::Deliver { frame, seq });
+            member.session.do_send(ToSession::Deliver {
+                frame,
+                seq,
+                routed: Instant::now(),
+            });
             return (1, bytes);
         }
         let mut frame = None;
         let mut count = 0;
+        let routed = Instant::now();
         for (agent_id, member) in &self.members {
             let addressed = match &message.recipient_agent_type {
                 Some(agent_type) => member.agent_type == *agent_type,
@@ -289,6 +295,7 @@ impl ChannelActor {
                 member.session.do_send(ToSession::Deliver {
                     frame: frame.clone(),
                     seq,
+                    routed,
                 });
                 count += 1;
             }
@@ -305,10 +312,12 @@ impl ChannelActor {
             return;
         }
         let frame = protocol::message_frame(message);
+        let routed = Instant::now();
         for observer in self.observers.values() {
             observer.session.do_send(ToSession::Deliver {
                 frame: frame.clone(),
                 seq: message.seq,
+                routed,
             });
         }
     }
@@ -352,6 +361,8 @@ pub enum ToSession {
         /// The message frame, serialised once for all its recipients.
         frame: ByteString,
         seq: i64,
+        /// When the channel routed it ([`Stage::Handed`] is the wait from then on).
+        routed: Instant,
     },
     /// Another connection of the same agent took over (close 4001).
     Replaced,
@@ -513,6 +524,8 @@ pub struct Committed {
     /// The seq just before the first new message of the items (`None`: only retries).
     pub head_before: Option<i64>,
     pub items: Vec<CommittedItem>,
+    /// When their commit returned ([`Stage::Routed`] is the wait from then on).
+    pub committed: Instant,
 }
 
 pub struct CommittedItem {
@@ -528,7 +541,14 @@ impl Handler<Committed> for ChannelActor {
     type Result = ();
 
     fn handle(&mut self, committed: Committed, ctx: &mut Self::Context) {
-        let Committed { head_before, items } = committed;
+        let Committed {
+            head_before,
+            items,
+            committed,
+        } = committed;
+        let routed = committed.elapsed();
+        self.stats
+            .record_waits(Stage::Routed, std::iter::repeat_n(routed, items.len()));
         let gap = head_before.is_some_and(|before| before > self.head_seq);
         let gap = gap && self.peers().is_some();
         if !gap && self.remote.held.is_empty() && !self.remote.fetching {

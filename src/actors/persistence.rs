@@ -23,6 +23,7 @@ use super::settle::{Reply, Settlement};
 use crate::db::batch::{self, Outcome};
 use crate::db::DbPool;
 use crate::limits::CommitBudget;
+use crate::metrics::Stage;
 use crate::models::{NewMessage, StoredMessage};
 use crate::protocol::{ErrorCode, Rejection};
 use crate::stats::Stats;
@@ -36,6 +37,9 @@ pub struct Persist {
     /// What the message holds while it waits ([`NewMessage::held_bytes`]), counted by the
     /// sender ([`Persist::new`]) rather than by the one actor that writes every project.
     pub held_bytes: usize,
+    /// When the sender handed it over, for the time it waits for its batch
+    /// ([`Stage::Queued`]).
+    pub arrived: Instant,
 }
 
 impl Persist {
@@ -44,6 +48,7 @@ impl Persist {
             held_bytes: message.held_bytes(),
             message,
             reply,
+            arrived: Instant::now(),
         }
     }
 }
@@ -126,11 +131,13 @@ impl PersistenceActor {
             self.queue.len().min(self.batch_max_rows)
         };
         let mut sizes = Vec::with_capacity(size);
+        let mut arrivals = Vec::with_capacity(size);
         let (mut batch, replies): (Vec<NewMessage>, Vec<Reply>) = self
             .queue
             .drain(..size)
             .map(|(p, bytes)| {
                 sizes.push(bytes);
+                arrivals.push(p.arrived);
                 (p.message, p.reply)
             })
             .unzip();
@@ -141,6 +148,12 @@ impl PersistenceActor {
             .filter(|(_, peers)| peers.load(Ordering::Relaxed))
             .map(|(id, _)| id.clone());
         let started = Instant::now();
+        self.stats.record_waits(
+            Stage::Queued,
+            arrivals
+                .iter()
+                .map(|arrived| started.saturating_duration_since(*arrived)),
+        );
         let write = async move {
             let created_at = commit_timestamp();
             let result = match pool.get().await {
@@ -169,6 +182,10 @@ impl PersistenceActor {
                     );
                     match result {
                         Ok(outcomes) => {
+                            act.stats.record_waits(
+                                Stage::Commit,
+                                std::iter::repeat_n(started.elapsed(), batch.len()),
+                            );
                             act.budget.release(held);
                             act.follow_ups.search.do_send(IndexSoon(batch.len()));
                             act.dispatch(batch, replies, outcomes, created_at)
@@ -182,14 +199,19 @@ impl PersistenceActor {
                             );
                             act.isolate += batch.len();
                             // Still waiting for their commit: they keep their bytes.
-                            for ((message, reply), bytes) in
-                                batch.into_iter().zip(replies).zip(sizes).rev()
+                            for (((message, reply), bytes), arrived) in batch
+                                .into_iter()
+                                .zip(replies)
+                                .zip(sizes)
+                                .zip(arrivals)
+                                .rev()
                             {
                                 act.queue.push_front((
                                     Persist {
                                         message,
                                         reply,
                                         held_bytes: bytes,
+                                        arrived,
                                     },
                                     bytes,
                                 ));
@@ -303,8 +325,10 @@ impl PersistenceActor {
                 reply,
             });
         }
+        let committed = Instant::now();
         for (project_id, (head_before, items)) in per_project {
-            self.registry.route(project_id, head_before, items);
+            self.registry
+                .route(project_id, head_before, items, committed);
         }
     }
 }

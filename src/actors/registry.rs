@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use actix::{Actor, Addr, ArbiterHandle};
 use uuid::Uuid;
@@ -73,8 +74,14 @@ impl ChannelRegistry {
     /// other source of commits (another broker's, read back from PostgreSQL) can call it the
     /// same way, with items settled by [`super::settle::Reply::Broker`]. `head_before`: the
     /// seq just before the first new message of the items, or `None` if they are all
-    /// retries of messages stored earlier.
-    pub fn route(&self, project_id: Uuid, head_before: Option<i64>, items: Vec<CommittedItem>) {
+    /// retries of messages stored earlier. `committed`: when their commit returned.
+    pub fn route(
+        &self,
+        project_id: Uuid,
+        head_before: Option<i64>,
+        items: Vec<CommittedItem>,
+        committed: Instant,
+    ) {
         if let Some(head_before) = head_before {
             // A channel started here starts before these messages, so that a session joining
             // it now receives them live rather than missing them.
@@ -82,11 +89,13 @@ impl ChannelRegistry {
                 .do_send(Committed {
                     head_before: Some(head_before),
                     items,
+                    committed,
                 });
         } else if let Some(channel) = self.get(project_id) {
             channel.do_send(Committed {
                 head_before: None,
                 items,
+                committed,
             });
         } else {
             // Only retries, and nobody connected to the project: settle them here.

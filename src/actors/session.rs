@@ -25,6 +25,7 @@ use crate::db::cursors::{self, MemberCursor, OwedQuery};
 use crate::db::{queries, DbPool};
 use crate::frames::{Oversize, Refusal};
 use crate::limits::{ConnectionPermit, ProjectLimits, SessionLimit};
+use crate::metrics::Stage;
 use crate::protocol::{self, AckMode, ClientOp, CloseCode, ErrorCode, Rejection, ServerFrame};
 
 /// How long a closing session waits for its close frame to be written before it stops anyway
@@ -635,7 +636,12 @@ impl Handler<ToSession> for SessionActor {
 
     fn handle(&mut self, event: ToSession, ctx: &mut Self::Context) {
         match event {
-            ToSession::Deliver { frame, seq } => self.delivery.live(frame, seq),
+            ToSession::Deliver { frame, seq, routed } => {
+                self.deps
+                    .stats
+                    .record_waits(Stage::Handed, [routed.elapsed()]);
+                self.delivery.live(frame, seq)
+            }
             ToSession::Replaced => self.delivery.close(
                 CloseCode::Replaced,
                 "replaced by a newer connection of this agent",

@@ -9,6 +9,7 @@
 //! and how long it took.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +26,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use uuid::Uuid;
 
 use super::broker::BrokerTarget;
-use super::brokerstats::{self, BatchSizes};
+use super::brokerstats::{self, BatchSizes, StageWait};
 use super::cli::Mode;
 use super::procstat::CpuSample;
 use crate::db::queries;
@@ -326,6 +327,8 @@ pub struct DriveResult {
     pub broker_memory: Option<(f64, f64)>,
     /// The broker's persistence batches during the run, if it exposes them.
     pub batch_sizes: Option<BatchSizes>,
+    /// How long the run's messages waited at each stage inside the broker, if it exposes it.
+    pub waits: Option<BTreeMap<String, StageWait>>,
 }
 
 /// The frames the driver reads. Only the fields it needs; the rest (content included) is
@@ -464,6 +467,7 @@ pub async fn drive(
     }
 
     let batches_before = brokerstats::read(&target.ws_base).await;
+    let waits_before = brokerstats::read_waits(&target.ws_base).await;
     let cpu_before = CpuSample::take(target.pid);
     let progress = Arc::new(Progress::new());
     let content: Arc<str> = content(w.size).into();
@@ -502,6 +506,10 @@ pub async fn drive(
     let broker_memory = target.pid.and_then(super::procstat::memory_mib);
     let batch_sizes = match (batches_before, brokerstats::read(&target.ws_base).await) {
         (Some(before), Some(after)) => BatchSizes::between(&before, &after),
+        _ => None,
+    };
+    let waits = match (waits_before, brokerstats::read_waits(&target.ws_base).await) {
+        (Some(before), Some(after)) => Some(brokerstats::waits_between(&before, &after)),
         _ => None,
     };
 
@@ -548,6 +556,7 @@ pub async fn drive(
         wall,
         broker_memory,
         batch_sizes,
+        waits,
     })
 }
 

@@ -471,6 +471,7 @@ async fn drive(
         wall,
         broker_memory,
         batch_sizes: None,
+        waits: None,
     })
 }
 

@@ -1,10 +1,12 @@
 //! What a benchmark reports: one [`RunReport`] per run, printed as a table, as JSON or as
 //! CSV.
 
+use std::collections::BTreeMap;
+
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use super::brokerstats::BatchSizes;
+use super::brokerstats::{BatchSizes, StageWait};
 use super::driver::{DriveResult, Workload};
 use super::raw::{RawResult, RAW_BATCH};
 use super::verify::Verification;
@@ -81,6 +83,9 @@ pub struct RunReport {
     pub resources: Resources,
     /// Rows per persistence batch, when the broker exposes its counters (null otherwise).
     pub batch_sizes: Option<BatchSizes>,
+    /// How long messages waited at each stage inside the broker (`queued`, `commit`,
+    /// `routed`, `handed`), from its `/metrics`; null for a broker without them.
+    pub broker_waits: Option<BTreeMap<String, StageWait>>,
     pub verification: Verification,
 }
 
@@ -148,6 +153,7 @@ impl RunReport {
                 broker_peak_rss_mib: run.broker_memory.map(|m| m.1),
             },
             batch_sizes: run.batch_sizes.clone(),
+            broker_waits: run.waits.clone(),
             verification,
         }
     }
@@ -181,6 +187,7 @@ impl RunReport {
                 rows: raw.rows,
                 mean_rows: raw.rows as f64 / raw.rows.div_ceil(RAW_BATCH as u64).max(1) as f64,
             }),
+            broker_waits: None,
             verification: raw.verification,
         }
     }
@@ -420,6 +427,23 @@ impl Report {
                 .map(|b| format!("{:.1} ({} batches)", b.mean_rows, b.batches))
                 .unwrap_or_else(na)
         });
+        row(
+            "broker waits ms, mean (p99 ≤)",
+            &|r| match &r.broker_waits {
+                Some(waits) if !waits.is_empty() => ["queued", "commit", "routed", "handed"]
+                    .iter()
+                    .filter_map(|stage| {
+                        let w = waits.get(*stage)?;
+                        let p99 = w
+                            .p99_ms_at_most
+                            .map_or_else(|| ">1000".to_owned(), |ms| format!("{ms}"));
+                        Some(format!("{stage} {:.2} ({p99})", w.mean_ms))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                _ => na(),
+            },
+        );
         row("verified", &|r| {
             if r.ok && r.kind == "jetstream" {
                 format!("OK ({} in stream)", r.verification.db_rows)

@@ -49,6 +49,18 @@ fn a_tiny_broadcast_run_is_verified_and_counted_exactly() {
     let run = &report["runs"][0];
     assert_eq!(run["name"], "broker");
     assert_small_broadcast_verified(run);
+    // The broker's own account of where each message waited: every send queued, committed
+    // and routed once, every delivery handed to its session once.
+    let waits = &run["broker_waits"];
+    for (stage, count) in [
+        ("queued", 120),
+        ("commit", 120),
+        ("routed", 120),
+        ("handed", 240),
+    ] {
+        assert_eq!(waits[stage]["count"], count, "{stage}: {waits:#}");
+        assert!(waits[stage]["mean_ms"].as_f64().is_some(), "{waits:#}");
+    }
 }
 
 /// A verified run of 2 projects x 3 agents x 20 broadcasts, each to the 2 other agents of its
