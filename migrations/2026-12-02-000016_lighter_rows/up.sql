@@ -10,9 +10,12 @@
 -- size does not grow. Applies to pages written from now on.
 ALTER TABLE agent_messages SET (fillfactor = 50);
 
--- Two indexes that no query of the broker reads, written for every stored message: a type
--- filter always comes with its project (served by (project_id, seq)), and within a project
--- seq order is commit order, so (project_id, seq) also serves "the latest messages of a
--- project", which (project_id, created_at DESC) was for.
+-- Indexes written for every stored message, each now named by the query that reads it.
+-- (project_id, created_at DESC) was read by none: within a project seq order is commit
+-- order, so (project_id, seq) serves "the latest messages of a project". (message_type) was
+-- read by the history's type filter, through a bitmap scan of every row of that type in all
+-- projects followed by a sort; (project_id, message_type, seq) is one entry a message too, and
+-- reads a project's rows of one type already in seq order, stopping at the page's end.
 DROP INDEX idx_agent_messages_project;
 DROP INDEX idx_agent_messages_type;
+CREATE INDEX idx_agent_messages_project_type ON agent_messages(project_id, message_type, seq);
