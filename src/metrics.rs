@@ -46,17 +46,19 @@ pub const WAIT_MS_BUCKETS: [f64; 13] = [
 /// for [`Stage::Handed`]) in `agentbus_message_wait_seconds{stage}`. What they leave out is
 /// the client's side: the frame's way in (socket, parsing) and out (the session's outbox,
 /// the socket).
+/// The discriminants index [`Stage::ALL`] (and the metric handles kept in that order).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
     /// From the send's hand-over to the group commit until its batch starts: the mailbox,
-    /// and the batch in flight before it.
-    Queued,
+    /// and the batch in flight before it. A send the database refused with others is
+    /// written again alone, and waits again.
+    Queued = 0,
     /// Its batch's write: a pool connection, the transaction, `COMMIT` and its flush.
-    Commit,
+    Commit = 1,
     /// From the commit's return until its channel routes it: the channel's mailbox.
-    Routed,
+    Routed = 2,
     /// From routing until the recipient's session takes the frame: the session's mailbox.
-    Handed,
+    Handed = 3,
 }
 
 impl Stage {
@@ -279,6 +281,13 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stages_index_their_own_series() {
+        for (index, stage) in Stage::ALL.into_iter().enumerate() {
+            assert_eq!(stage as usize, index, "{stage:?}");
+        }
+    }
 
     #[test]
     fn series_are_named_and_counted() {
