@@ -72,7 +72,7 @@ pub struct StageCounters {
 pub type WaitCounters = BTreeMap<String, StageCounters>;
 
 /// How long the run's messages waited at one stage inside the broker (see
-/// `agentbus_message_wait_seconds` in docs/PROTOCOL.md). The quantiles are the upper bounds
+/// `agentbus_message_wait_seconds` in docs/CONFIGURATION.md). The quantiles are the upper bounds
 /// of the histogram buckets they fall in (`null`: above the last bound).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct StageWait {
