@@ -55,7 +55,8 @@ pub enum Stage {
     Queued = 0,
     /// Its batch's write: a pool connection, the transaction, `COMMIT` and its flush.
     Commit = 1,
-    /// From the commit's return until its channel routes it: the channel's mailbox.
+    /// From the commit's return until its channel takes the batch up: the channel's mailbox.
+    /// (On a node of a cluster, a batch behind other nodes' seqs waits for them after that.)
     Routed = 2,
     /// From routing until the recipient's session takes the frame: the session's mailbox.
     Handed = 3,

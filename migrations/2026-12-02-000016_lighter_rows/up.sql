@@ -6,8 +6,10 @@
 -- had room for about a quarter of its rows' new versions: three updates in four went to
 -- another page with a new entry in every index (24 µs a row of PostgreSQL time, measured on
 -- 500-row deliveries). At 50 the page keeps room for each row's one update: every update is
--- HOT (8 µs a row). Once its rows are delivered a page is as full as before, so the table's
--- size does not grow. Applies to pages written from now on.
+-- HOT (8 µs a row). The price is disk: with autovacuum reclaiming the moved versions, a heap
+-- at 80 reuses the room they leave while a heap at 50 keeps half of each page free, about
+-- 2.4 times the heap for the same rows (docs/PERFORMANCE.md, third round, second sitting);
+-- the indexes are half the size. Applies to pages written from now on.
 ALTER TABLE agent_messages SET (fillfactor = 50);
 
 -- Indexes written for every stored message, each now named by the query that reads it.

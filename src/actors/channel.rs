@@ -546,9 +546,9 @@ impl Handler<Committed> for ChannelActor {
             items,
             committed,
         } = committed;
-        let routed = committed.elapsed();
+        let waited = committed.elapsed();
         self.stats
-            .record_waits(Stage::Routed, std::iter::repeat_n(routed, items.len()));
+            .record_waits(Stage::Routed, std::iter::repeat_n(waited, items.len()));
         let gap = head_before.is_some_and(|before| before > self.head_seq);
         let gap = gap && self.peers().is_some();
         if !gap && self.remote.held.is_empty() && !self.remote.fetching {

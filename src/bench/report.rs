@@ -10,6 +10,7 @@ use super::brokerstats::{BatchSizes, StageWait};
 use super::driver::{DriveResult, Workload};
 use super::raw::{RawResult, RAW_BATCH};
 use super::verify::Verification;
+use crate::metrics::{Stage, WAIT_MS_BUCKETS};
 
 /// Percentiles of one latency, in microseconds.
 #[derive(Debug, Clone, Serialize)]
@@ -430,14 +431,15 @@ impl Report {
         row(
             "broker waits ms, mean (p99 ≤)",
             &|r| match &r.broker_waits {
-                Some(waits) if !waits.is_empty() => ["queued", "commit", "routed", "handed"]
+                Some(waits) if !waits.is_empty() => Stage::ALL
                     .iter()
                     .filter_map(|stage| {
-                        let w = waits.get(*stage)?;
-                        let p99 = w
-                            .p99_ms_at_most
-                            .map_or_else(|| ">1000".to_owned(), |ms| format!("{ms}"));
-                        Some(format!("{stage} {:.2} ({p99})", w.mean_ms))
+                        let w = waits.get(stage.as_str())?;
+                        let p99 = w.p99_ms_at_most.map_or_else(
+                            || format!(">{}", WAIT_MS_BUCKETS[WAIT_MS_BUCKETS.len() - 1]),
+                            |ms| format!("{ms}"),
+                        );
+                        Some(format!("{} {:.2} ({p99})", stage.as_str(), w.mean_ms))
                     })
                     .collect::<Vec<_>>()
                     .join(", "),
