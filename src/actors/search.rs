@@ -2,7 +2,8 @@
 //! path (see `db::search`).
 //!
 //! Told by the persistence actor that something was committed ([`IndexSoon`]), it indexes
-//! what was committed since in one statement of up to [`PER_PASS`] messages per project;
+//! what was committed since in one pass (a transaction: read the content, find the words in
+//! the broker, write the documents) of up to [`PER_PASS`] messages per project;
 //! while a pass comes back full it goes on at once. A pass starts once [`INDEX_ROWS`]
 //! messages wait (checked every [`INDEX_EVERY`]), or [`INDEX_WITHIN`] after the first of
 //! them was committed. Under load that turns thousands of small index insertions per second
@@ -22,8 +23,8 @@ use crate::db::search::{self, IndexPass};
 use crate::db::DbPool;
 
 /// How often the indexer looks whether a pass is due. Searches do not depend on how soon a
-/// message gets its document (they read the unindexed tail directly), only how much tail
-/// there is to read.
+/// message gets its document (a search indexes its project's unindexed tail itself), only
+/// how much of it a search has to index.
 const INDEX_EVERY: Duration = Duration::from_millis(50);
 /// Messages waiting that make a pass due at the next look. Under load (hundreds of messages
 /// per 50 ms) passes stay 50 ms apart: longer passes stall the commits behind them more

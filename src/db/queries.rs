@@ -119,7 +119,7 @@ pub struct HistoryPage {
 fn history_selection<'a>(
     project_id: Uuid,
     q: &'a HistoryQuery,
-    indexed_seq: Option<i64>,
+    tsquery: Option<String>,
 ) -> agent_messages::BoxedQuery<'a, diesel::pg::Pg> {
     use crate::schema::agent_messages::dsl as m;
     let mut query = m::agent_messages
@@ -143,28 +143,19 @@ fn history_selection<'a>(
     if let Some(t) = q.thread {
         query = query.filter(m::id.eq(t).or(m::reply_to.eq(t)));
     }
-    if let (Some(words), Some(indexed_seq)) = (&q.q, indexed_seq) {
-        // The indexed documents (db::search), then the tail the indexer has not reached yet,
-        // tokenised here: every stored message is searched. The matches' seqs are gathered
-        // first (an InitPlan), so the rows are then fetched by (project_id, seq). The tail's
-        // start is read first and passed as a value: from a subquery, the planner cannot know
-        // the tail is short, and plans (and JIT-compiles) a scan of the whole project. Should
-        // the indexer move on meanwhile, a message is found twice, which `= ANY` absorbs.
-        use diesel::sql_types::{BigInt, Text, Uuid as SqlUuid};
+    if let Some(words) = tsquery {
+        // The indexed documents (db::search; the caller indexed the project's tail first).
+        // The matches' seqs are gathered first (an InitPlan), so the rows are then fetched by
+        // (project_id, seq).
+        use diesel::sql_types::{Text, Uuid as SqlUuid};
         query = query.filter(
             diesel::dsl::sql::<diesel::sql_types::Bool>(
                 "seq = ANY(ARRAY(SELECT s.seq FROM message_search s WHERE s.project_id = ",
             )
             .bind::<SqlUuid, _>(project_id)
-            .sql(" AND s.document @@ plainto_tsquery('simple', ")
-            .bind::<Text, _>(words.clone())
-            .sql(") UNION ALL SELECT t.seq FROM agent_messages t WHERE t.project_id = ")
-            .bind::<SqlUuid, _>(project_id)
-            .sql(" AND t.seq > ")
-            .bind::<BigInt, _>(indexed_seq)
-            .sql(" AND to_tsvector('simple', t.content) @@ plainto_tsquery('simple', ")
-            .bind::<Text, _>(words.clone())
-            .sql(")))"),
+            .sql(" AND s.document @@ ")
+            .bind::<Text, _>(words)
+            .sql("::tsquery))"),
         );
     }
     // With a text search, order by `seq + 0`: an expression no index provides, so the planner
@@ -179,6 +170,9 @@ fn history_selection<'a>(
     }
 }
 
+/// Most messages a search indexes per transaction when it catches its project up.
+const SEARCH_PASS: i64 = 5_000;
+
 /// A page of history, ascending by seq; with neither bound, the latest page. At most
 /// `q.limit` messages and, past the first, at most about `budget` bytes of them (see
 /// `db::paging`): the seqs and sizes of the page are read first (no content), then only the
@@ -190,12 +184,27 @@ pub async fn history(
     budget: usize,
 ) -> QueryResult<HistoryPage> {
     use crate::schema::agent_messages::dsl as m;
-    let indexed_seq = match q.q {
-        Some(_) => Some(crate::db::search::indexed_seq(conn, project_id).await?),
+    // A search finds every message stored before it began: what the search indexer has not
+    // reached yet in this project is indexed now, then the index alone is read.
+    let tsquery = match &q.q {
+        Some(text) => match crate::domain::words::query(text) {
+            Some(tsquery) => {
+                crate::db::search::index_project(conn, project_id, SEARCH_PASS).await?;
+                Some(tsquery)
+            }
+            // No word in it (only punctuation): nothing can match.
+            None => {
+                return Ok(HistoryPage {
+                    messages: Vec::new(),
+                    has_more: false,
+                    truncated: false,
+                })
+            }
+        },
         None => None,
     };
     // The stored size of the content and metadata, without reading (or decompressing) them.
-    let sized: Vec<(i64, i64)> = history_selection(project_id, q, indexed_seq)
+    let sized: Vec<(i64, i64)> = history_selection(project_id, q, tsquery)
         .select((
             m::seq,
             diesel::dsl::sql::<diesel::sql_types::BigInt>(

@@ -9,3 +9,4 @@ pub use identifier::{AgentType, InvalidIdentifier};
 pub mod claims;
 pub mod notice;
 pub mod tasks;
+pub mod words;
