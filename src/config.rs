@@ -48,6 +48,13 @@ pub struct Settings {
     #[arg(long, env = "AGENTBUS_BATCH_MAX_ROWS", default_value_t = 1_000)]
     pub batch_max_rows: usize,
 
+    /// Group-commit batches written at once, each for different projects (a project's
+    /// messages are written by one lane at a time, in seq order). With 2, one lane's commit
+    /// (its WAL flush) overlaps the next batch of other projects. Each lane holds a database
+    /// connection while it writes. 1 to 16; anything else is clamped.
+    #[arg(long, env = "AGENTBUS_COMMIT_LANES", default_value_t = 2)]
+    pub commit_lanes: usize,
+
     /// Largest WebSocket frame accepted, in bytes. A larger frame is answered with
     /// `frame_too_large` and the connection is closed (1009), because it cannot be skipped.
     #[arg(long, env = "AGENTBUS_MAX_FRAME_BYTES", default_value_t = 256 * 1024)]
@@ -264,6 +271,7 @@ impl Default for Settings {
             db_pool_size: 8,
             db_timeout_ms: 5_000,
             batch_max_rows: 1_000,
+            commit_lanes: 2,
             max_frame_bytes: 256 * 1024,
             max_content_bytes: 64 * 1024,
             max_metadata_bytes: 16 * 1024,

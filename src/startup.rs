@@ -97,6 +97,7 @@ impl Application {
         let persistence = {
             let (pool, registry, stats) = (pool.clone(), registry.clone(), stats.clone());
             let batch_max_rows = settings.batch_max_rows;
+            let commit_lanes = settings.commit_lanes.clamp(1, 16);
             let max_uncommitted_bytes = settings.max_uncommitted_bytes;
             let db_timeout = settings.db_timeout();
             let (search, node_id) = (search.clone(), node_id.clone());
@@ -121,6 +122,7 @@ impl Application {
                     stats,
                     batch_max_rows,
                     max_uncommitted_bytes,
+                    commit_lanes,
                 )
                 .on_node(node_id, peers)
             })

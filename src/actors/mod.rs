@@ -41,6 +41,7 @@ pub mod deadlines;
 pub mod delivery;
 pub mod feed;
 pub mod inbox;
+pub mod lanes;
 pub mod persistence;
 pub mod registry;
 pub mod search;

@@ -1,9 +1,13 @@
 //! `PersistenceActor`: writes messages to PostgreSQL with group commit.
 //!
-//! One batch is written at a time. While it is being written, new messages queue up; when the
-//! write finishes, everything queued (up to `batch_max_rows`) becomes the next batch. At light
-//! load a batch is a single message and is written at once; under load batches grow by
-//! themselves. No timer ever holds a message back.
+//! Messages are written in **lanes** (`commit_lanes`, [`CommitLanes`]), each writing one
+//! batch at a time on its own connection; a project's messages go to one lane while any of
+//! them is outstanding, so each project's batches commit, and are routed, in seq order. While
+//! a lane's batch is being written, new messages for it queue up; when the write finishes,
+//! everything queued (up to `batch_max_rows`) becomes its next batch. At light load a batch
+//! is a single message and is written at once; under load batches grow by themselves. No
+//! timer ever holds a message back. With several lanes, one lane's `COMMIT` (its WAL flush)
+//! and the next batch of other projects overlap instead of taking turns.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +21,7 @@ use uuid::Uuid;
 
 use super::channel::CommittedItem;
 use super::deadlines::TrackRequest;
+use super::lanes::{CommitLanes, SPREAD_MIN_ROWS};
 use super::registry::ChannelRegistry;
 use super::search::IndexSoon;
 use super::settle::{Reply, Settlement};
@@ -56,23 +61,34 @@ impl Persist {
 pub struct PersistenceActor {
     pool: DbPool,
     registry: ChannelRegistry,
-    /// Messages waiting for the next batch, in arrival order, with the bytes each holds.
-    queue: VecDeque<(Persist, usize)>,
-    /// The bytes held by the messages queued or being written, and the bound on them.
+    /// The lanes, each with its queue and at most one batch in flight.
+    lanes: Vec<Lane>,
+    /// Which lane each project with messages outstanding writes on.
+    assigned: CommitLanes,
+    /// The bytes held by the messages queued or being written, and the bound on them (one
+    /// budget for all lanes).
     budget: CommitBudget,
-    /// Whether a batch is being written (at most one at a time, so batches commit in order).
-    writing: bool,
     /// Most messages in one batch.
     batch_max_rows: usize,
-    /// Messages at the head of `queue` that must be written one per transaction: they were in
-    /// a batch the database refused, and each must succeed or fail on its own.
-    isolate: usize,
     /// Where what a commit sets in motion goes.
     follow_ups: FollowUps,
     stats: Stats,
     /// This broker's node id, and whether other nodes share the database: while they do,
     /// each commit notifies them of its seqs.
     node: Option<(String, Arc<AtomicBool>)>,
+}
+
+/// One commit lane.
+#[derive(Default)]
+struct Lane {
+    /// Messages waiting for the lane's next batch, in arrival order, with the bytes each holds.
+    queue: VecDeque<(Persist, usize)>,
+    /// Whether a batch is being written (at most one per lane, so a project's batches commit
+    /// in order).
+    writing: bool,
+    /// Messages at the head of `queue` that must be written one per transaction: they were in
+    /// a batch the database refused, and each must succeed or fail on its own.
+    isolate: usize,
 }
 
 /// Where the persistence actor hands what a commit sets in motion. The deadline and the
@@ -95,17 +111,18 @@ impl PersistenceActor {
         stats: Stats,
         batch_max_rows: usize,
         max_uncommitted_bytes: usize,
+        commit_lanes: usize,
     ) -> Self {
+        let assigned = CommitLanes::new(commit_lanes);
         PersistenceActor {
             follow_ups,
             stats,
             pool,
             registry,
-            queue: VecDeque::new(),
+            lanes: (0..assigned.lanes()).map(|_| Lane::default()).collect(),
+            assigned,
             budget: CommitBudget::new(max_uncommitted_bytes),
-            writing: false,
             batch_max_rows: batch_max_rows.max(1),
-            isolate: 0,
             node: None,
         }
     }
@@ -118,21 +135,62 @@ impl PersistenceActor {
         self
     }
 
-    /// Starts writing the next batch unless one is in flight.
-    fn write_next_batch(&mut self, ctx: &mut Context<Self>) {
-        if self.writing || self.queue.is_empty() {
+    /// A lane about to write a large batch while another lane is idle hands about half of
+    /// its projects, with their queued messages in order, to the idle lane; returns that lane.
+    /// None of the lane's messages is being written now, so none of its projects has a batch
+    /// in flight.
+    fn spread(&mut self, lane: usize) -> Option<usize> {
+        let this = self.lanes.get(lane)?;
+        if this.isolate > 0 || this.queue.len() < SPREAD_MIN_ROWS.min(self.batch_max_rows) {
+            return None;
+        }
+        let idle = (0..self.lanes.len())
+            .find(|&l| l != lane && !self.lanes[l].writing && self.lanes[l].queue.is_empty())?;
+        let mut queued: Vec<(Uuid, usize)> = Vec::new();
+        let mut index: HashMap<Uuid, usize> = HashMap::new();
+        for (persist, _) in &this.queue {
+            let project = persist.message.project_id;
+            let at = *index.entry(project).or_insert_with(|| {
+                queued.push((project, 0));
+                queued.len() - 1
+            });
+            queued[at].1 += 1;
+        }
+        let moving: HashSet<Uuid> = self.assigned.spread(&queued, idle).into_iter().collect();
+        if moving.is_empty() {
+            return None;
+        }
+        let (go, stay): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.lanes[lane].queue)
+            .into_iter()
+            .partition(|(persist, _)| moving.contains(&persist.message.project_id));
+        self.lanes[lane].queue = stay;
+        self.lanes[idle].queue = go;
+        Some(idle)
+    }
+
+    /// Starts writing the lane's next batch unless one is in flight.
+    fn write_next_batch(&mut self, lane: usize, ctx: &mut Context<Self>) {
+        if self.lanes.get(lane).is_some_and(|l| !l.writing) {
+            if let Some(other) = self.spread(lane) {
+                self.write_next_batch(other, ctx);
+            }
+        }
+        let Some(this) = self.lanes.get_mut(lane) else {
+            return;
+        };
+        if this.writing || this.queue.is_empty() {
             return;
         }
-        self.writing = true;
-        let size = if self.isolate > 0 {
-            self.isolate -= 1;
+        this.writing = true;
+        let size = if this.isolate > 0 {
+            this.isolate -= 1;
             1
         } else {
-            self.queue.len().min(self.batch_max_rows)
+            this.queue.len().min(self.batch_max_rows)
         };
         let mut sizes = Vec::with_capacity(size);
         let mut arrivals = Vec::with_capacity(size);
-        let (mut batch, replies): (Vec<NewMessage>, Vec<Reply>) = self
+        let (mut batch, replies): (Vec<NewMessage>, Vec<Reply>) = this
             .queue
             .drain(..size)
             .map(|(p, bytes)| {
@@ -170,7 +228,7 @@ impl PersistenceActor {
             write
                 .into_actor(self)
                 .map(move |(batch, created_at, result), act, ctx| {
-                    act.writing = false;
+                    act.lanes[lane].writing = false;
                     // Settled now, unless written again below: then they keep their bytes.
                     let held: usize = sizes.iter().sum();
                     act.stats
@@ -187,6 +245,7 @@ impl PersistenceActor {
                                 std::iter::repeat_n(started.elapsed(), batch.len()),
                             );
                             act.budget.release(held);
+                            act.settle(&batch);
                             act.follow_ups.search.do_send(IndexSoon(batch.len()));
                             act.dispatch(batch, replies, outcomes, created_at)
                         }
@@ -197,8 +256,8 @@ impl PersistenceActor {
                                 "a batch of {} was refused ({e}); retrying each message alone",
                                 batch.len()
                             );
-                            act.isolate += batch.len();
-                            // Still waiting for their commit: they keep their bytes.
+                            act.lanes[lane].isolate += batch.len();
+                            // Still waiting for their commit: they keep their bytes and lane.
                             for (((message, reply), bytes), arrived) in batch
                                 .into_iter()
                                 .zip(replies)
@@ -206,7 +265,7 @@ impl PersistenceActor {
                                 .zip(arrivals)
                                 .rev()
                             {
-                                act.queue.push_front((
+                                act.lanes[lane].queue.push_front((
                                     Persist {
                                         message,
                                         reply,
@@ -219,6 +278,7 @@ impl PersistenceActor {
                         }
                         Err(e) => {
                             act.budget.release(held);
+                            act.settle(&batch);
                             log::warn!("a batch of {} could not be stored: {e}", batch.len());
                             let rejection = e.rejection();
                             act.stats.record_errors(rejection.code, batch.len());
@@ -230,9 +290,28 @@ impl PersistenceActor {
                             }
                         }
                     }
-                    act.write_next_batch(ctx);
+                    act.write_next_batch(lane, ctx);
                 }),
         );
+    }
+
+    /// A batch's messages are no longer outstanding on their lane.
+    fn settle(&mut self, batch: &[NewMessage]) {
+        let mut run: Option<(Uuid, usize)> = None;
+        for message in batch {
+            match &mut run {
+                Some((project, n)) if *project == message.project_id => *n += 1,
+                _ => {
+                    if let Some((project, n)) = run.take() {
+                        self.assigned.settle(project, n);
+                    }
+                    run = Some((message.project_id, 1));
+                }
+            }
+        }
+        if let Some((project, n)) = run {
+            self.assigned.settle(project, n);
+        }
     }
 
     fn track_request(&self, request: &StoredMessage) {
@@ -365,8 +444,9 @@ impl Handler<Persist> for PersistenceActor {
             });
             return;
         }
-        self.queue.push_back((persist, bytes));
-        self.write_next_batch(ctx);
+        let lane = self.assigned.assign(persist.message.project_id);
+        self.lanes[lane].queue.push_back((persist, bytes));
+        self.write_next_batch(lane, ctx);
     }
 }
 

@@ -19,6 +19,7 @@ mod helpers;
 mod history;
 mod inbox_wait;
 mod joining;
+mod lanes;
 mod limits;
 mod mcp;
 #[cfg(feature = "sdk-tests")]
