@@ -48,9 +48,7 @@ pub fn document(text: &str) -> Vec<String> {
 /// The query a search for `text` makes, as a `tsquery` literal: every word must appear
 /// (`'a' & 'b'`). `None` when `text` has no word at all: such a search matches nothing.
 pub fn query(text: &str) -> Option<String> {
-    let mut all: Vec<String> = words(text).collect();
-    all.sort_unstable();
-    all.dedup();
+    let all = document(text);
     (!all.is_empty()).then(|| {
         all.iter()
             .map(|w| format!("'{w}'"))

@@ -168,6 +168,38 @@ struct Count {
     count: i64,
 }
 
+/// The seqs a history search for `q` (already URL-encoded) returns, up to 100.
+async fn search_seqs(app: &TestApp, project: uuid::Uuid, q: &str) -> Vec<i64> {
+    let (status, body) = app
+        .get_json(&format!("/api/projects/{project}/messages?q={q}&limit=100"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body["messages"]
+        .as_array()
+        .map(|m| m.iter().map(seq).collect())
+        .unwrap_or_default()
+}
+
+/// Until the broker's search indexer has indexed every stored message.
+async fn all_indexed(app: &TestApp) {
+    eventually("the search indexer to catch up", || async {
+        let mut conn = app.db().await;
+        (agentbus::db::search::index_lag(&mut conn).await.ok() == Some(0)).then_some(())
+    })
+    .await;
+}
+
+/// How many search documents the project has (one per stored message once indexed).
+async fn documents(conn: &mut diesel_async::AsyncPgConnection, project: uuid::Uuid) -> i64 {
+    let indexed: Count = diesel::sql_query(format!(
+        "SELECT count(*) AS count FROM message_search WHERE project_id = '{project}'"
+    ))
+    .get_result(conn)
+    .await
+    .expect("count documents");
+    indexed.count
+}
+
 #[tokio::test]
 async fn rest_send_and_wait_returns_the_reply_or_times_out() {
     let app = TestApp::spawn().await;
@@ -481,37 +513,18 @@ async fn the_search_indexer_catches_up_and_search_never_misses() {
     }
     a.send_ok(json!({"type": "discovery", "content": "the flaky test is a race"}))
         .await;
-    let found = |q: &'static str| {
-        let app = &app;
-        async move {
-            let (status, body) = app
-                .get_json(&format!("/api/projects/{project}/messages?q={q}&limit=100"))
-                .await;
-            assert_eq!(status, 200, "{body}");
-            body["messages"].as_array().map_or(0, Vec::len)
-        }
-    };
+    let app = &app;
+    let found = |q: &'static str| async move { search_seqs(app, project, q).await.len() };
     // Whatever the indexer has done so far, every message is found.
     assert_eq!(found("migration").await, 30);
     assert_eq!(found("flaky%20race").await, 1);
-    eventually("the search indexer to catch up", || async {
-        let mut conn = app.db().await;
-        (agentbus::db::search::index_lag(&mut conn).await.ok() == Some(0)).then_some(())
-    })
-    .await;
+    all_indexed(app).await;
     let mut conn = app.db().await;
-    #[derive(diesel::QueryableByName)]
-    struct Count {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        n: i64,
-    }
-    let indexed: Count = diesel::sql_query(format!(
-        "SELECT count(*) AS n FROM message_search WHERE project_id = '{project}'"
-    ))
-    .get_result(&mut conn)
-    .await
-    .expect("count documents");
-    assert_eq!(indexed.n, 31, "one document per stored message");
+    assert_eq!(
+        documents(&mut conn, project).await,
+        31,
+        "one document per stored message"
+    );
     assert_eq!(found("migration").await, 30);
     assert_eq!(found("flaky%20race").await, 1);
     assert_eq!(found("nowhere").await, 0);
@@ -528,19 +541,7 @@ async fn search_splits_words_at_punctuation_and_indexes_a_backlog_in_bounded_pas
     let mut a = app.connect(project, "a", "coder").await;
     a.send_ok(json!({"type": "coordination", "content": "About to modify src/config.yaml (retries_max=3)"}))
         .await;
-    let found = |q: &'static str| {
-        let app = &app;
-        async move {
-            let (status, body) = app
-                .get_json(&format!("/api/projects/{project}/messages?q={q}&limit=100"))
-                .await;
-            assert_eq!(status, 200, "{body}");
-            body["messages"]
-                .as_array()
-                .map(|m| m.iter().map(seq).collect::<Vec<_>>())
-                .unwrap_or_default()
-        }
-    };
+    let found = |q: &'static str| search_seqs(&app, project, q);
     for q in [
         "yaml",
         "config.yaml",
@@ -554,11 +555,7 @@ async fn search_splits_words_at_punctuation_and_indexes_a_backlog_in_bounded_pas
     for q in ["configyaml", "config.json", "...", "retries_min"] {
         assert!(found(q).await.is_empty(), "{q}");
     }
-    eventually("the search indexer to catch up", || async {
-        let mut conn = app.db().await;
-        (agentbus::db::search::index_lag(&mut conn).await.ok() == Some(0)).then_some(())
-    })
-    .await;
+    all_indexed(&app).await;
 
     // The document the broker wrote (in tsvector's binary form): its distinct words.
     let mut conn = app.db().await;
@@ -605,18 +602,11 @@ async fn search_splits_words_at_punctuation_and_indexes_a_backlog_in_bounded_pas
         agentbus::db::search::index_lag(&mut conn).await.ok(),
         Some(0)
     );
-    #[derive(diesel::QueryableByName)]
-    struct Count {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        n: i64,
-    }
-    let indexed: Count = diesel::sql_query(format!(
-        "SELECT count(DISTINCT seq) AS n FROM message_search WHERE project_id = '{project}'"
-    ))
-    .get_result(&mut conn)
-    .await
-    .expect("count documents");
-    assert_eq!(indexed.n, 1 + ROWS, "every stored message has its document");
+    assert_eq!(
+        documents(&mut conn, project).await,
+        1 + ROWS,
+        "every stored message has its document"
+    );
     assert_eq!(
         found("hay").await.len(),
         100,
