@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use actix::prelude::*;
-use diesel_async::AsyncConnection;
 use uuid::Uuid;
 
 use crate::db::cursors::{self, Progress};
@@ -121,7 +120,9 @@ async fn write_all(
     conn: &mut diesel_async::AsyncPgConnection,
     work: &Pending,
 ) -> diesel::QueryResult<()> {
-    conn.transaction(async |conn| {
+    // Generic index plans: planning these statements cost more than running them, at every
+    // cycle of every project (see the function's doc).
+    crate::db::indexed_plan_transaction(conn, async |conn| {
         for ((project_id, agent_id), seqs) in &work.attempts {
             cursors::record_attempts(conn, *project_id, agent_id, seqs).await?;
         }

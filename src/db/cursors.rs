@@ -411,47 +411,16 @@ struct DeliveredRange<'a> {
     upto: i64,
 }
 
-/// Moves the cursors of several members of one project (see [`apply_progress`]) in one
-/// statement: planning it costs more than running it, so a write cycle plans once per
-/// project rather than once per member. Returns the members' new cursors, by agent id;
-/// agents that are not members are left out. Each agent appears at most once in `reports`.
-async fn advance_cursors(
-    conn: &mut AsyncPgConnection,
-    project_id: Uuid,
-    reports: &[(&str, &Progress)],
-) -> QueryResult<Vec<(String, Advance)>> {
-    #[derive(QueryableByName)]
-    struct Row {
-        #[diesel(sql_type = Text)]
-        agent_id: String,
-        #[diesel(embed)]
-        advance: Advance,
-    }
-    if reports.is_empty() {
-        return Ok(Vec::new());
-    }
-    let agents: Vec<&str> = reports.iter().map(|(agent, _)| *agent).collect();
-    let up_tos: Vec<Option<i64>> = reports.iter().map(|(_, p)| p.up_to).collect();
-    let (mut done_agents, mut done_seqs, mut done_keys) = (Vec::new(), Vec::new(), Vec::new());
-    for (agent, progress) in reports {
-        for &seq in &progress.done {
-            done_agents.push(*agent);
-            done_seqs.push(seq);
-            // "seq:agent": the named seqs as one constant array, which PostgreSQL looks up in
-            // a hash table rather than reading it through for every message the floor
-            // passes. A named seq that was not recorded is not owed to that agent (or does
-            // not exist yet), so it changes nothing there.
-            done_keys.push(format!("{seq}:{agent}"));
-        }
-    }
-    let rows: Vec<Row> = diesel::sql_query(
-        // Members are locked in agent order, so two writers can never wait on each other.
-        // A named seq is recorded only if it is above the floor, not acknowledged yet, at or
-        // below the head, and the seq of a message visible to the member; one that is none of
-        // those nor done already is ignored. Neither the floor nor the seqs are ever
-        // incremented or decremented from what the client sent: `up_to` is capped by
-        // LEAST, so i64::MAX is the head like any larger-than-head value.
-        "WITH r AS (SELECT * FROM unnest($2::text[], $3::int8[]) AS r(agent_id, up_to)), \
+/// The statement of [`advance_cursors`]. Members are locked in agent order, so two writers
+/// can never wait on each other. A named seq is recorded only if it is above the floor, not
+/// acknowledged yet, at or below the head, and the seq of a message visible to the member;
+/// one that is none of those nor done already is ignored. Neither the floor nor the seqs are
+/// ever incremented or decremented from what the client sent: `up_to` is capped by LEAST, so
+/// i64::MAX is the head like any larger-than-head value. The named seqs are looked up in a
+/// hash table (`NOT IN` a subquery that does not depend on the row, a hashed subplan), not
+/// read through for every message the floor passes; one that was not recorded is not owed
+/// to that agent (or does not exist yet), so it changes nothing there.
+pub const ADVANCE_CURSORS: &str = "WITH r AS (SELECT * FROM unnest($2::text[], $3::int8[]) AS r(agent_id, up_to)), \
          d AS (SELECT DISTINCT * FROM unnest($4::text[], $5::int8[]) AS d(agent_id, seq)), \
          m AS ( \
            SELECT agent_id, ack_floor, acked_above, joined_seq, agent_type FROM members \
@@ -484,7 +453,7 @@ async fn advance_cursors(
                 AND agentbus_owed(a.recipient_agent_id, a.recipient_agent_type, a.sender_agent_id, \
                                   a.seq, a.expires_at, acked.agent_id, acked.agent_type, acked.joined) \
                 AND NOT (a.seq = ANY(acked.acked_above)) \
-                AND NOT (a.seq::text || ':' || acked.agent_id = ANY($7::text[]))) AS first_owed \
+                AND (a.seq, acked.agent_id) NOT IN (SELECT d.seq, d.agent_id FROM d)) AS first_owed \
            FROM acked) \
          UPDATE members SET \
            ack_floor = COALESCE(nxt.first_owed - 1, nxt.head_seq), \
@@ -494,20 +463,61 @@ async fn advance_cursors(
            last_seen_at = now() \
          FROM nxt WHERE members.project_id = $1 AND members.agent_id = nxt.agent_id \
          RETURNING members.agent_id, members.ack_floor, nxt.previous_floor, nxt.agent_type, \
-                   members.joined_seq, nxt.recorded, nxt.ignored",
-    )
-    .bind::<SqlUuid, _>(project_id)
-    .bind::<Array<Text>, _>(&agents)
-    .bind::<Array<Nullable<BigInt>>, _>(&up_tos)
-    .bind::<Array<Text>, _>(&done_agents)
-    .bind::<Array<BigInt>, _>(&done_seqs)
-    .bind::<BigInt, _>(MAX_ACKED_ABOVE)
-    .bind::<Array<Text>, _>(&done_keys)
-    .prepared()
-    .load(conn)
-    .await?;
+                   members.joined_seq, nxt.recorded, nxt.ignored";
+
+/// Moves the cursors of several members of one project (see [`apply_progress`]) in one
+/// statement: planning it costs more than running it, so a write cycle plans once per
+/// project rather than once per member. Returns the members' new cursors, by agent id;
+/// agents that are not members are left out. Each agent appears at most once in `reports`.
+async fn advance_cursors(
+    conn: &mut AsyncPgConnection,
+    project_id: Uuid,
+    reports: &[(&str, &Progress)],
+) -> QueryResult<Vec<(String, Advance)>> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        agent_id: String,
+        #[diesel(embed)]
+        advance: Advance,
+    }
+    if reports.is_empty() {
+        return Ok(Vec::new());
+    }
+    let agents: Vec<&str> = reports.iter().map(|(agent, _)| *agent).collect();
+    let up_tos: Vec<Option<i64>> = reports.iter().map(|(_, p)| p.up_to).collect();
+    let (mut done_agents, mut done_seqs) = (Vec::new(), Vec::new());
+    for (agent, progress) in reports {
+        for &seq in &progress.done {
+            done_agents.push(*agent);
+            done_seqs.push(seq);
+        }
+    }
+    let rows: Vec<Row> = diesel::sql_query(ADVANCE_CURSORS)
+        .bind::<SqlUuid, _>(project_id)
+        .bind::<Array<Text>, _>(&agents)
+        .bind::<Array<Nullable<BigInt>>, _>(&up_tos)
+        .bind::<Array<Text>, _>(&done_agents)
+        .bind::<Array<BigInt>, _>(&done_seqs)
+        .bind::<BigInt, _>(MAX_ACKED_ABOVE)
+        .prepared()
+        .load(conn)
+        .await?;
     Ok(rows.into_iter().map(|r| (r.agent_id, r.advance)).collect())
 }
+
+/// The statement of [`mark_delivered`].
+pub const MARK_DELIVERED: &str = "UPDATE agent_messages a SET delivered_at = now() \
+         FROM unnest($2::int8[], $3::int8[]) AS s(after, upto) \
+         WHERE a.project_id = $1 AND a.seq > s.after AND a.seq <= s.upto \
+           AND a.delivered_at IS NULL \
+           AND EXISTS (SELECT 1 \
+             FROM unnest($4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[]) \
+               AS r(agent, agent_type, after, upto, joined) \
+             WHERE a.seq > r.after AND a.seq <= r.upto \
+               AND (a.expires_at IS NULL OR a.expires_at > now()) \
+               AND agentbus_visible(a.recipient_agent_id, a.recipient_agent_type, \
+                                    a.sender_agent_id, a.seq, r.agent, r.agent_type, r.joined))";
 
 /// Sets `delivered_at` on the messages of one project that these ranges say were received
 /// (each by an agent it is visible to) and that had none. One statement for all the agents
@@ -537,32 +547,24 @@ async fn mark_delivered(
     let joined: Vec<Option<i64>> = ranges.iter().map(|r| r.joined_seq).collect();
     let afters: Vec<i64> = ranges.iter().map(|r| r.after).collect();
     let uptos: Vec<i64> = ranges.iter().map(|r| r.upto).collect();
-    diesel::sql_query(
-        "UPDATE agent_messages a SET delivered_at = now() \
-         FROM unnest($2::int8[], $3::int8[]) AS s(after, upto) \
-         WHERE a.project_id = $1 AND a.seq > s.after AND a.seq <= s.upto \
-           AND a.delivered_at IS NULL \
-           AND EXISTS (SELECT 1 \
-             FROM unnest($4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[]) \
-               AS r(agent, agent_type, after, upto, joined) \
-             WHERE a.seq > r.after AND a.seq <= r.upto \
-               AND (a.expires_at IS NULL OR a.expires_at > now()) \
-               AND agentbus_visible(a.recipient_agent_id, a.recipient_agent_type, \
-                                    a.sender_agent_id, a.seq, r.agent, r.agent_type, r.joined))",
-    )
-    .bind::<SqlUuid, _>(project_id)
-    .bind::<Array<BigInt>, _>(&span_after)
-    .bind::<Array<BigInt>, _>(&span_upto)
-    .bind::<Array<Text>, _>(&agents)
-    .bind::<Array<Text>, _>(&types)
-    .bind::<Array<BigInt>, _>(&afters)
-    .bind::<Array<BigInt>, _>(&uptos)
-    .bind::<Array<Nullable<BigInt>>, _>(&joined)
-    .prepared()
-    .execute(conn)
-    .await
-    .map(drop)
+    diesel::sql_query(MARK_DELIVERED)
+        .bind::<SqlUuid, _>(project_id)
+        .bind::<Array<BigInt>, _>(&span_after)
+        .bind::<Array<BigInt>, _>(&span_upto)
+        .bind::<Array<Text>, _>(&agents)
+        .bind::<Array<Text>, _>(&types)
+        .bind::<Array<BigInt>, _>(&afters)
+        .bind::<Array<BigInt>, _>(&uptos)
+        .bind::<Array<Nullable<BigInt>>, _>(&joined)
+        .prepared()
+        .execute(conn)
+        .await
+        .map(drop)
 }
+
+/// The statement of [`mark_named_delivered`].
+pub const MARK_NAMED_DELIVERED: &str = "UPDATE agent_messages SET delivered_at = now() \
+         WHERE project_id = $1 AND seq = ANY($2) AND delivered_at IS NULL";
 
 /// Sets `delivered_at` on these messages of one project, acknowledged one by one by an agent
 /// each is visible to (so delivered even if it has expired since), if they had none. A
@@ -575,17 +577,19 @@ async fn mark_named_delivered(
     if seqs.is_empty() {
         return Ok(());
     }
-    diesel::sql_query(
-        "UPDATE agent_messages SET delivered_at = now() \
-         WHERE project_id = $1 AND seq = ANY($2) AND delivered_at IS NULL",
-    )
-    .bind::<SqlUuid, _>(project_id)
-    .bind::<Array<BigInt>, _>(seqs)
-    .prepared()
-    .execute(conn)
-    .await
-    .map(drop)
+    diesel::sql_query(MARK_NAMED_DELIVERED)
+        .bind::<SqlUuid, _>(project_id)
+        .bind::<Array<BigInt>, _>(seqs)
+        .prepared()
+        .execute(conn)
+        .await
+        .map(drop)
 }
+
+/// The statement of [`settle_attempts`].
+pub const SETTLE_ATTEMPTS: &str =
+    "DELETE FROM delivery_attempts d USING unnest($2::text[], $3::int8[]) AS f(agent, floor) \
+         WHERE d.project_id = $1 AND d.agent_id = f.agent AND d.seq <= f.floor";
 
 /// Forgets delivery counts at or below each agent's floor: settled history. One statement per
 /// project.
@@ -599,18 +603,21 @@ async fn settle_attempts(
     }
     let (agents, floors): (Vec<&str>, Vec<i64>) =
         floors.iter().map(|(a, f)| (a.as_str(), *f)).unzip();
-    diesel::sql_query(
-        "DELETE FROM delivery_attempts d USING unnest($2::text[], $3::int8[]) AS f(agent, floor) \
-         WHERE d.project_id = $1 AND d.agent_id = f.agent AND d.seq <= f.floor",
-    )
-    .bind::<SqlUuid, _>(project_id)
-    .bind::<Array<Text>, _>(&agents)
-    .bind::<Array<BigInt>, _>(&floors)
-    .prepared()
-    .execute(conn)
-    .await
-    .map(drop)
+    diesel::sql_query(SETTLE_ATTEMPTS)
+        .bind::<SqlUuid, _>(project_id)
+        .bind::<Array<Text>, _>(&agents)
+        .bind::<Array<BigInt>, _>(&floors)
+        .prepared()
+        .execute(conn)
+        .await
+        .map(drop)
 }
+
+/// The statement of [`mark_read`].
+pub const MARK_READ: &str = "UPDATE agent_messages SET read_at = now() \
+         WHERE project_id = $1 AND id = ANY($3) AND read_at IS NULL \
+           AND agentbus_visible(recipient_agent_id, recipient_agent_type, sender_agent_id, seq, $2, \
+                 (SELECT agent_type FROM members WHERE project_id = $1 AND agent_id = $2), 0)";
 
 /// Records that `agent_id` read these messages: sets `read_at` of each one it may read (a
 /// direct message to it, or a broadcast by someone else, to its type if addressed to a type)
@@ -622,18 +629,13 @@ pub async fn mark_read(
     agent_id: &str,
     ids: &[Uuid],
 ) -> QueryResult<usize> {
-    diesel::sql_query(
-        "UPDATE agent_messages SET read_at = now() \
-         WHERE project_id = $1 AND id = ANY($3) AND read_at IS NULL \
-           AND agentbus_visible(recipient_agent_id, recipient_agent_type, sender_agent_id, seq, $2, \
-                 (SELECT agent_type FROM members WHERE project_id = $1 AND agent_id = $2), 0)",
-    )
-    .bind::<SqlUuid, _>(project_id)
-    .bind::<Text, _>(agent_id)
-    .bind::<Array<SqlUuid>, _>(ids)
-    .prepared()
-    .execute(conn)
-    .await
+    diesel::sql_query(MARK_READ)
+        .bind::<SqlUuid, _>(project_id)
+        .bind::<Text, _>(agent_id)
+        .bind::<Array<SqlUuid>, _>(ids)
+        .prepared()
+        .execute(conn)
+        .await
 }
 
 pub async fn mark_disconnected(
@@ -732,6 +734,13 @@ pub async fn delivery_attempts(
     Ok(rows.into_iter().map(|r| (r.seq, r.attempts)).collect())
 }
 
+/// The statement of [`record_attempts`].
+pub const RECORD_ATTEMPTS: &str =
+    "INSERT INTO delivery_attempts (project_id, agent_id, seq, attempts) \
+         SELECT $1, $2, s, count(*) FROM unnest($3::int8[]) AS s GROUP BY s \
+         ON CONFLICT (project_id, agent_id, seq) \
+         DO UPDATE SET attempts = delivery_attempts.attempts + EXCLUDED.attempts";
+
 /// Counts one more delivery of each of these messages to `agent_id`.
 pub async fn record_attempts(
     conn: &mut AsyncPgConnection,
@@ -739,20 +748,20 @@ pub async fn record_attempts(
     agent_id: &str,
     seqs: &[i64],
 ) -> QueryResult<()> {
-    diesel::sql_query(
-        "INSERT INTO delivery_attempts (project_id, agent_id, seq, attempts) \
-         SELECT $1, $2, s, count(*) FROM unnest($3::int8[]) AS s GROUP BY s \
-         ON CONFLICT (project_id, agent_id, seq) \
-         DO UPDATE SET attempts = delivery_attempts.attempts + EXCLUDED.attempts",
-    )
-    .bind::<SqlUuid, _>(project_id)
-    .bind::<Text, _>(agent_id)
-    .bind::<Array<BigInt>, _>(seqs)
-    .prepared()
-    .execute(conn)
-    .await
-    .map(drop)
+    diesel::sql_query(RECORD_ATTEMPTS)
+        .bind::<SqlUuid, _>(project_id)
+        .bind::<Text, _>(agent_id)
+        .bind::<Array<BigInt>, _>(seqs)
+        .prepared()
+        .execute(conn)
+        .await
+        .map(drop)
 }
+
+/// The statement of [`give_up`].
+pub const GIVE_UP: &str = "INSERT INTO dead_letters (message_id, project_id, reason) \
+         SELECT m, $1, 'max_deliveries' FROM unnest($2::uuid[]) AS m \
+         ON CONFLICT (message_id) DO NOTHING";
 
 /// Gives up on messages an agent was given the maximum number of times without
 /// acknowledging them: they go to the dead-letter list (reason `max_deliveries`) and stop
@@ -764,16 +773,12 @@ pub async fn give_up(
     messages: &[(Uuid, i64)],
 ) -> QueryResult<()> {
     let ids: Vec<Uuid> = messages.iter().map(|m| m.0).collect();
-    diesel::sql_query(
-        "INSERT INTO dead_letters (message_id, project_id, reason) \
-         SELECT m, $1, 'max_deliveries' FROM unnest($2::uuid[]) AS m \
-         ON CONFLICT (message_id) DO NOTHING",
-    )
-    .bind::<SqlUuid, _>(project_id)
-    .bind::<Array<SqlUuid>, _>(&ids)
-    .prepared()
-    .execute(conn)
-    .await?;
+    diesel::sql_query(GIVE_UP)
+        .bind::<SqlUuid, _>(project_id)
+        .bind::<Array<SqlUuid>, _>(&ids)
+        .prepared()
+        .execute(conn)
+        .await?;
     let progress = Progress {
         done: messages.iter().map(|m| m.1).collect(),
         up_to: None,

@@ -84,12 +84,46 @@ where
     F: AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, E>,
     E: From<diesel::result::Error>,
 {
+    transaction_begun_with(conn, GENERIC_PLANS, f).await
+}
+
+/// `BEGIN` for [`generic_plan_transaction`].
+pub const GENERIC_PLANS: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan";
+
+/// `BEGIN` for [`indexed_plan_transaction`].
+pub const INDEXED_GENERIC_PLANS: &str =
+    "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off";
+
+/// Runs `f` in a transaction whose prepared statements run on generic plans that read every
+/// table through an index wherever one applies (`enable_seqscan = off`).
+///
+/// For statements that reach a large table only through index conditions, but whose
+/// planning costs more than their execution: the delivery-progress statements
+/// (`db::cursors`), whose custom plans took 0.4–2 ms of PostgreSQL's CPU at every write
+/// cycle of every project (docs/PERFORMANCE.md). A generic plan is made once per connection,
+/// possibly while the tables are still small: on its own the planner would then choose
+/// sequential scans, and the connection would keep them after the tables have grown. With
+/// sequential scans priced out, the plan is the index plan whatever the table's size then;
+/// `tests/api/plans.rs` checks every such statement's plan on a new database.
+pub async fn indexed_plan_transaction<T, E, F>(conn: &mut AsyncPgConnection, f: F) -> Result<T, E>
+where
+    F: AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, E>,
+    E: From<diesel::result::Error>,
+{
+    transaction_begun_with(conn, INDEXED_GENERIC_PLANS, f).await
+}
+
+async fn transaction_begun_with<T, E, F>(
+    conn: &mut AsyncPgConnection,
+    begin: &str,
+    f: F,
+) -> Result<T, E>
+where
+    F: AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, E>,
+    E: From<diesel::result::Error>,
+{
     use diesel_async::{AnsiTransactionManager, TransactionManager};
-    AnsiTransactionManager::begin_transaction_sql(
-        &mut *conn,
-        "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan",
-    )
-    .await?;
+    AnsiTransactionManager::begin_transaction_sql(&mut *conn, begin).await?;
     match f(&mut *conn).await {
         Ok(value) => {
             AnsiTransactionManager::commit_transaction(&mut *conn).await?;

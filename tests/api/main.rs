@@ -29,6 +29,7 @@ mod observer;
 mod offline;
 mod ops;
 mod outage;
+mod plans;
 mod pg_cluster;
 mod requests;
 mod schema;
