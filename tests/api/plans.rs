@@ -27,9 +27,17 @@ const PROGRESS_STATEMENTS: &[(&str, &str, &str)] = &[
         cursors::MARK_NAMED_DELIVERED,
         "uuid, int8[]",
     ),
-    ("settle_attempts", cursors::SETTLE_ATTEMPTS, "uuid, text[], int8[]"),
+    (
+        "settle_attempts",
+        cursors::SETTLE_ATTEMPTS,
+        "uuid, text[], int8[]",
+    ),
     ("mark_read", cursors::MARK_READ, "uuid, text, uuid[]"),
-    ("record_attempts", cursors::RECORD_ATTEMPTS, "uuid, text, int8[]"),
+    (
+        "record_attempts",
+        cursors::RECORD_ATTEMPTS,
+        "uuid, text, int8[]",
+    ),
     ("give_up", cursors::GIVE_UP, "uuid, uuid[]"),
 ];
 
@@ -41,7 +49,10 @@ fn full_scans(node: &Value, found: &mut Vec<String>) {
         found.push(format!("Seq Scan on {}", node["Relation Name"]));
     }
     if node.get("Index Name").is_some() && node.get("Index Cond").is_none() {
-        found.push(format!("{kind} on {} without a condition", node["Index Name"]));
+        found.push(format!(
+            "{kind} on {} without a condition",
+            node["Index Name"]
+        ));
     }
     for child in node["Plans"].as_array().into_iter().flatten() {
         full_scans(child, found);
@@ -98,11 +109,17 @@ async fn progress_statements_plan_index_scans_on_a_new_database() {
     let mut wrong = Vec::new();
     let mut seq_scans_without_the_setting = 0;
     for (name, sql, types) in PROGRESS_STATEMENTS {
+        let plan = generic_plan(&mut conn, INDEXED_GENERIC_PLANS, sql, types).await;
         let mut found = Vec::new();
-        full_scans(
-            &generic_plan(&mut conn, INDEXED_GENERIC_PLANS, sql, types).await,
-            &mut found,
-        );
+        full_scans(&plan, &mut found);
+        if *name == "advance_cursors" {
+            // The seqs an agent named are looked up in a hash table for every message its
+            // floor passes, not read through one by one.
+            assert!(
+                plan.to_string().contains("NOT (hashed SubPlan"),
+                "advance_cursors: {plan:#}"
+            );
+        }
         wrong.extend(found.into_iter().map(|f| format!("{name}: {f}")));
         // The same statement on a plain generic plan: what the setting is there for.
         let mut plain = Vec::new();
