@@ -99,8 +99,10 @@ pub const INDEXED_GENERIC_PLANS: &str =
 ///
 /// For statements that reach a large table only through index conditions, but whose
 /// planning costs more than their execution: the delivery-progress statements
-/// (`db::cursors`), whose custom plans took 0.4–2 ms of PostgreSQL's CPU at every write
-/// cycle of every project (docs/PERFORMANCE.md). A generic plan is made once per connection,
+/// (`db::cursors`), whose custom plans took up to 2 ms of PostgreSQL's CPU at every write
+/// cycle of every project (docs/PERFORMANCE.md). A statement whose generic plan is slow on a
+/// large table still asks for a custom plan for itself (`delivered_at`, see
+/// `db::cursors::MARK_DELIVERED`). A generic plan is made once per connection,
 /// possibly while the tables are still small: on its own the planner would then choose
 /// sequential scans, and the connection would keep them after the tables have grown. With
 /// sequential scans priced out, the plan is the index plan whatever the table's size then;

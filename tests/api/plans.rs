@@ -9,18 +9,14 @@ use serde_json::Value;
 
 use crate::helpers::{status, TestApp};
 
-/// The delivery-progress statements (`db::cursors`), which the cursor writer runs in
-/// `db::indexed_plan_transaction`, with the types of their parameters.
+/// The delivery-progress statements (`db::cursors`) that the cursor writer runs on generic
+/// plans in `db::indexed_plan_transaction`, with the types of their parameters.
+/// (`MARK_DELIVERED` runs there too, but on custom plans: see `db::cursors`.)
 const PROGRESS_STATEMENTS: &[(&str, &str, &str)] = &[
     (
         "advance_cursors",
         cursors::ADVANCE_CURSORS,
         "uuid, text[], int8[], text[], int8[], int8",
-    ),
-    (
-        "mark_delivered",
-        cursors::MARK_DELIVERED,
-        "uuid, int8[], int8[], text[], text[], int8[], int8[], int8[]",
     ),
     (
         "mark_named_delivered",
