@@ -25,6 +25,7 @@ use super::settle::{Reply, Settlement};
 use crate::db::claims::{self as claim_db, ClaimDeadline, Decision, Releaser};
 use crate::db::outbox::{self, Pending};
 use crate::db::tasks::{self as task_db, TaskDeadline};
+use crate::db::timers;
 use crate::db::DbPool;
 use crate::domain::claims::{check_reason, check_ttl, Claim, ClaimLimits, ClaimSpec, ClaimState};
 use crate::domain::notice::COORDINATION_TYPE;
@@ -255,33 +256,38 @@ enum Fired {
     Settled,
 }
 
+/// What a deadline did, from what the database found; `next` is the deadline the changed
+/// row waits for now, if any.
+fn fired<T>(
+    due: diesel::QueryResult<timers::Due<T>>,
+    next: impl FnOnce(&T) -> Option<Arm>,
+) -> Result<Fired, String> {
+    Ok(match due.map_err(|e| e.to_string())? {
+        timers::Due::Done(row, pending) => Fired::Done {
+            next: next(&row),
+            pending,
+        },
+        timers::Due::Later(at) => Fired::Later(at),
+        timers::Due::Settled => Fired::Settled,
+    })
+}
+
 fn claim_due(
     due: diesel::QueryResult<claim_db::Due>,
     next: impl Into<Option<Deadline>>,
 ) -> Result<Fired, String> {
-    Ok(match due.map_err(|e| e.to_string())? {
-        claim_db::Due::Done(claim, pending) => Fired::Done {
-            next: next.into().zip(claim.expires_at).map(|(deadline, at)| Arm {
-                deadline,
-                id: claim.id,
-                at,
-            }),
-            pending,
-        },
-        claim_db::Due::Later(at) => Fired::Later(at),
-        claim_db::Due::Settled => Fired::Settled,
+    let next = next.into();
+    fired(due, |claim| {
+        next.zip(claim.expires_at).map(|(deadline, at)| Arm {
+            deadline,
+            id: claim.id,
+            at,
+        })
     })
 }
 
 fn task_due(due: diesel::QueryResult<task_db::Due>) -> Result<Fired, String> {
-    Ok(match due.map_err(|e| e.to_string())? {
-        task_db::Due::Done((task, pending)) => Fired::Done {
-            next: task_deadline(&task),
-            pending,
-        },
-        task_db::Due::Later(at) => Fired::Later(at),
-        task_db::Due::Settled => Fired::Settled,
-    })
+    fired(due, task_deadline)
 }
 
 /// The deadline a task waits for in its state, if any.

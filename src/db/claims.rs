@@ -9,13 +9,12 @@
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{
-    Array, BigInt, Bool, Integer, Nullable, Text, Timestamptz, Uuid as SqlUuid,
-};
+use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::outbox::{self, Pending};
+use super::timers;
 use crate::domain::claims::{
     conflict, stored_paths, Claim, ClaimEvent, ClaimShape, ClaimSpec, ClaimState, Conflict,
     Objection,
@@ -292,18 +291,8 @@ pub async fn find(
     Ok(row.map(Claim::from))
 }
 
-/// A deadline reached: a conditional change, or why there was none.
-// Made once per deadline and consumed at once: boxing would only add an allocation.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-pub enum Due {
-    /// Decided now, with its notice.
-    Done(Claim, Vec<Pending>),
-    /// Not due yet (renewed, or the timer fired early): due at this time.
-    Later(DateTime<Utc>),
-    /// Decided otherwise already (objected, released...): nothing to do.
-    Settled,
-}
+/// What a claim's deadline found: the claim granted or expired, or why not.
+pub type Due = timers::Due<Claim>;
 
 /// The objection window of a pending claim closed with no objection: it is granted, its TTL
 /// counted from now.
@@ -360,37 +349,14 @@ async fn later(
     claim_id: Uuid,
     state: ClaimState,
 ) -> QueryResult<Due> {
-    let at = deadline_while(
+    timers::later(
         conn,
         "SELECT CASE WHEN state = 'pending' THEN decide_at ELSE expires_at END AS at \
          FROM claims WHERE id = $1 AND state = $2",
         claim_id,
         state.as_str(),
     )
-    .await?;
-    Ok(at.map_or(Due::Settled, Due::Later))
-}
-
-/// The deadline `sql` selects (as `at`, for row `$1` while it is in state `$2`), or `None`
-/// if the row has left that state: what a timer that fired early finds for a claim or a task.
-pub(super) async fn deadline_while(
-    conn: &mut AsyncPgConnection,
-    sql: &'static str,
-    id: Uuid,
-    state: &str,
-) -> QueryResult<Option<DateTime<Utc>>> {
-    #[derive(QueryableByName)]
-    struct At {
-        #[diesel(sql_type = Nullable<Timestamptz>)]
-        at: Option<DateTime<Utc>>,
-    }
-    let at: Option<At> = diesel::sql_query(sql)
-        .bind::<SqlUuid, _>(id)
-        .bind::<Text, _>(state)
-        .get_result(conn)
-        .await
-        .optional()?;
-    Ok(at.and_then(|a| a.at))
+    .await
 }
 
 /// Why a change asked by an agent was not made.
@@ -625,30 +591,12 @@ pub enum ClaimDeadline {
 pub async fn deadlines(
     conn: &mut AsyncPgConnection,
 ) -> QueryResult<Vec<(Uuid, ClaimDeadline, DateTime<Utc>)>> {
-    #[derive(QueryableByName)]
-    struct Row {
-        #[diesel(sql_type = SqlUuid)]
-        id: Uuid,
-        #[diesel(sql_type = Integer)]
-        kind: i32,
-        #[diesel(sql_type = Timestamptz)]
-        at: DateTime<Utc>,
-    }
-    let rows: Vec<Row> = diesel::sql_query(
+    timers::load(
+        conn,
         "SELECT id, 0 AS kind, decide_at AS at FROM claims WHERE state = 'pending' \
          UNION ALL SELECT id, 1, expires_at FROM claims WHERE state = 'granted'",
+        ClaimDeadline::Window,
+        ClaimDeadline::Expiry,
     )
-    .load(conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            let kind = if r.kind == 0 {
-                ClaimDeadline::Window
-            } else {
-                ClaimDeadline::Expiry
-            };
-            (r.id, kind, r.at)
-        })
-        .collect())
+    .await
 }

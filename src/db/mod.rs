@@ -15,6 +15,7 @@ pub mod prepared;
 pub mod queries;
 pub mod search;
 pub mod tasks;
+pub mod timers;
 pub mod tokens;
 
 use std::time::Duration;

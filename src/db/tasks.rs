@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use super::batch::Outcome;
 use super::outbox::{self, Pending};
+use super::timers;
 use crate::domain::tasks::{Task, TaskEvent, TaskState, TaskTerms};
 use crate::models::NewMessage;
 
@@ -438,17 +439,8 @@ pub async fn cancel(
     .await
 }
 
-/// A task deadline reached: a conditional move, or why there was none.
-// Made once per deadline and consumed at once: boxing would only add an allocation.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-pub enum Due {
-    Done(Moved),
-    /// Not due yet (the timer fired early): due at this time.
-    Later(DateTime<Utc>),
-    /// Moved otherwise already (claimed, finished...): nothing to do.
-    Settled,
-}
+/// What a task's deadline found: the task moved, or why not.
+pub type Due = timers::Due<Task>;
 
 /// Nobody claimed an open task by its claim deadline: it becomes a dead letter `unclaimed`.
 pub async fn unclaimed_due(conn: &mut AsyncPgConnection, task_id: Uuid) -> QueryResult<Due> {
@@ -476,7 +468,7 @@ pub async fn unclaimed_due(conn: &mut AsyncPgConnection, task_id: Uuid) -> Query
                 .execute(conn)
                 .await?;
                 let pending = notify(conn, &task, &TaskEvent::Unclaimed).await?;
-                Ok(Due::Done((task, pending)))
+                Ok(Due::Done(task, pending))
             }
             None => later(conn, task_id, TaskState::Open).await,
         }
@@ -514,7 +506,7 @@ pub async fn work_due(conn: &mut AsyncPgConnection, task_id: Uuid) -> QueryResul
                     by: before.and_then(|b| b.holder).unwrap_or_default(),
                 };
                 let pending = notify(conn, &task, &event).await?;
-                Ok(Due::Done((task, pending)))
+                Ok(Due::Done(task, pending))
             }
             None => later(conn, task_id, TaskState::Claimed).await,
         }
@@ -522,16 +514,16 @@ pub async fn work_due(conn: &mut AsyncPgConnection, task_id: Uuid) -> QueryResul
     .await
 }
 
+/// Why a deadline changed nothing: still in `state` with a later deadline, or settled.
 async fn later(conn: &mut AsyncPgConnection, task_id: Uuid, state: TaskState) -> QueryResult<Due> {
-    let at = super::claims::deadline_while(
+    timers::later(
         conn,
         "SELECT CASE WHEN state = 'open' THEN claim_deadline ELSE work_deadline END AS at \
          FROM tasks WHERE message_id = $1 AND state = $2",
         task_id,
         state.as_str(),
     )
-    .await?;
-    Ok(at.map_or(Due::Settled, Due::Later))
+    .await
 }
 
 /// A deadline a task is waiting for.
@@ -547,32 +539,14 @@ pub enum TaskDeadline {
 pub async fn deadlines(
     conn: &mut AsyncPgConnection,
 ) -> QueryResult<Vec<(Uuid, TaskDeadline, DateTime<Utc>)>> {
-    #[derive(QueryableByName)]
-    struct Row {
-        #[diesel(sql_type = SqlUuid)]
-        id: Uuid,
-        #[diesel(sql_type = Integer)]
-        kind: i32,
-        #[diesel(sql_type = Timestamptz)]
-        at: DateTime<Utc>,
-    }
-    let rows: Vec<Row> = diesel::sql_query(
+    timers::load(
+        conn,
         "SELECT message_id AS id, 0 AS kind, claim_deadline AS at FROM tasks \
            WHERE state = 'open' AND claim_deadline IS NOT NULL \
          UNION ALL SELECT message_id, 1, work_deadline FROM tasks \
            WHERE state = 'claimed' AND work_deadline IS NOT NULL",
+        TaskDeadline::Unclaimed,
+        TaskDeadline::Work,
     )
-    .load(conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            let kind = if r.kind == 0 {
-                TaskDeadline::Unclaimed
-            } else {
-                TaskDeadline::Work
-            };
-            (r.id, kind, r.at)
-        })
-        .collect())
+    .await
 }
