@@ -761,7 +761,7 @@ async fn bad_claims_get_clear_errors_and_store_nothing() {
 }
 
 /// `serve` on this database and port (0: a free one).
-fn broker(database_url: &str, port: u16) -> BrokerProcess {
+pub fn broker(database_url: &str, port: u16) -> BrokerProcess {
     let mut command = Command::new(env!("CARGO_BIN_EXE_agentbus"));
     command
         .args([

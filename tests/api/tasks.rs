@@ -1,5 +1,5 @@
 //! Tasks: messages that exactly one agent takes. Racing claims, completion, the claim and
-//! work deadlines, cancelation, the command line, and bad input.
+//! work deadlines (also across a broker restart), cancelation, the command line, and bad input.
 
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -490,4 +490,144 @@ async fn the_task_commands() {
         .contains("migrated 12 tables"));
     let out = cli(&app, project, "w1", &["task", "claim", "nope"]).await;
     assert_eq!(out.code, 2, "{out:?}");
+}
+
+/// The coordination notices about a task, each as "event to recipient" (the agent, or
+/// the type), sorted.
+async fn task_events(http: &reqwest::Client, base: &str, task_id: &str) -> Option<Vec<String>> {
+    let body: Value = http
+        .get(format!("{base}/messages?type=coordination"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    Some(
+        body["messages"]
+            .as_array()?
+            .iter()
+            .filter(|m| m["metadata"]["task"]["id"] == task_id)
+            .map(|m| {
+                let to = match &m["to"] {
+                    Value::String(agent) => agent.clone(),
+                    _ => format!("type {}", m["to_type"].as_str().unwrap_or("-")),
+                };
+                format!("{} to {to}", m["metadata"]["event"].as_str().unwrap_or("-"))
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+    )
+}
+
+#[tokio::test]
+async fn task_deadlines_survive_a_broker_restart_and_fire_once() {
+    let app = TestApp::spawn().await;
+    let database_url = app.database_url.clone();
+    let project = app.create_project("task-restart").await;
+    app.stop();
+
+    let first = crate::claims::broker(&database_url, 0);
+    let port = first.port;
+    let ws = |agent: &str, kind: &str| {
+        format!(
+            "ws://127.0.0.1:{port}/ws/agent/messages/{project}?agent_id={agent}&agent_type={kind}"
+        )
+    };
+    let mut lead = Peer::from(crate::helpers::Agent::connect(&ws("lead", "lead")).await);
+    let mut fe = Peer::from(crate::helpers::Agent::connect(&ws("fe-1", "frontend")).await);
+    // One waits for its claim deadline, the other, taken, for its work deadline.
+    let unclaimed = send_task(
+        &mut lead,
+        json!({"to_type": "frontend", "content": "nobody takes this", "claim_timeout_ms": 4000}),
+    )
+    .await;
+    let worked = send_task(
+        &mut lead,
+        json!({"to_type": "frontend", "content": "fe-1 stops midway", "work_timeout_ms": 4000}),
+    )
+    .await;
+    let taken = task_op(&mut fe, "claim_task", &worked, json!({})).await;
+    assert_eq!(taken["ok"], true, "{taken}");
+    let base = format!("http://127.0.0.1:{port}/api/projects/{project}");
+    let state = |id: &str| {
+        let (http, url) = (app.http.clone(), format!("{base}/tasks/{id}"));
+        async move {
+            let body: Value = http.get(url).send().await.ok()?.json().await.ok()?;
+            Some(body["task"].clone())
+        }
+    };
+    let claim_deadline = state(&unclaimed).await.expect("task")["claim_deadline"]
+        .as_str()
+        .expect("claim_deadline")
+        .parse::<chrono::DateTime<chrono::Utc>>()
+        .expect("a time");
+    let work_deadline = taken["task"]["work_deadline"]
+        .as_str()
+        .expect("work_deadline")
+        .parse::<chrono::DateTime<chrono::Utc>>()
+        .expect("a time");
+    drop((lead, fe));
+    // Killed before either deadline: only the next broker can act on them.
+    let mut first = first;
+    first.child.kill().expect("SIGKILL");
+    first.child.wait().expect("reap");
+    assert!(
+        chrono::Utc::now() < claim_deadline.min(work_deadline),
+        "the broker was killed after a deadline"
+    );
+
+    let _second = crate::claims::broker(&database_url, port);
+    let after = eventually("both deadlines to fire after the restart", || {
+        let (a, b) = (state(&unclaimed), state(&worked));
+        async move {
+            let (a, b) = (a.await?, b.await?);
+            (a["state"] == "unclaimed" && b["state"] == "open").then_some((a, b))
+        }
+    })
+    .await;
+    assert_eq!(after.1["holder"], Value::Null, "{}", after.1);
+    assert_eq!(after.1["offers"], 2, "{}", after.1);
+    let dead: Value = app
+        .http
+        .get(format!("{base}/dead-letters"))
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("JSON");
+    let letters = dead["dead_letters"].as_array().expect("dead letters");
+    assert_eq!(letters.len(), 1, "{dead}");
+    assert_eq!(letters[0]["reason"], "unclaimed");
+    assert_eq!(letters[0]["message"]["id"], unclaimed.as_str());
+    // Each deadline fired once: one notice of each move.
+    let events = eventually("the notices of both moves", || {
+        let (http, base) = (app.http.clone(), base.clone());
+        let (unclaimed, worked) = (unclaimed.clone(), worked.clone());
+        async move {
+            let a = task_events(&http, &base, &unclaimed).await?;
+            let b = task_events(&http, &base, &worked).await?;
+            (a.iter().any(|e| e.starts_with("unclaimed"))
+                && b.iter().any(|e| e.starts_with("reopened")))
+            .then_some((a, b))
+        }
+    })
+    .await;
+    assert_eq!(
+        events.0,
+        ["unclaimed to lead", "unclaimed to type frontend"],
+        "{events:?}"
+    );
+    assert_eq!(
+        events.1,
+        [
+            "claimed to lead",
+            "claimed to type frontend",
+            "reopened to lead",
+            "reopened to type frontend"
+        ],
+        "{events:?}"
+    );
 }
