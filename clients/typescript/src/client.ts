@@ -5,7 +5,8 @@
 import { Emitter } from './emitter.js';
 import { AgentBusError, invalidArgument } from './errors.js';
 import { RestClient } from './rest.js';
-import { openSocket, resolveWebSocket } from './transport.js';
+import { Reconnector, openBrokerSocket } from './reconnect.js';
+import { resolveWebSocket } from './transport.js';
 import type { CloseInfo, ResolvedWebSocket, Socket, WebSocketConstructor } from './transport.js';
 import type {
   AckMode,
@@ -19,7 +20,6 @@ import type {
   Welcome,
 } from './types.js';
 import {
-  backoffDelay,
   baseUrls,
   checkAgentId,
   checkIdentifier,
@@ -185,9 +185,7 @@ export class AgentBusClient {
   private readonly capabilities: string[] | undefined;
   private readonly since: number | undefined;
   private readonly givenWebSocket: WebSocketConstructor | undefined;
-  private readonly reconnectEnabled: boolean;
-  private readonly backoff: { initialDelayMs: number; maxDelayMs: number };
-  private readonly maxAttempts: number;
+  private readonly reconnector: Reconnector;
   private readonly connectTimeoutMs: number;
   private readonly sendTimeoutMs: number;
   private readonly requestTimeoutMs: number;
@@ -202,8 +200,6 @@ export class AgentBusClient {
   private lastWelcome: Welcome | undefined;
   private started = false;
   private closing = false;
-  private attempt = 0;
-  private reconnectTimer: Timer | undefined;
   private idleTimer: Timer | undefined;
   private frameTooLarge = false;
   private closedWaiters: Array<() => void> = [];
@@ -258,17 +254,7 @@ export class AgentBusClient {
     if (options.since !== undefined) checkPositiveInt('since', options.since, 0);
     this.since = options.since;
     this.givenWebSocket = options.WebSocket;
-    const reconnect = options.reconnect ?? true;
-    if (typeof reconnect !== 'boolean' && (reconnect === null || typeof reconnect !== 'object')) {
-      throw invalidArgument(`\`reconnect\` must be a boolean or an object, not ${describe(reconnect)}`);
-    }
-    this.reconnectEnabled = reconnect !== false;
-    const r: ReconnectOptions = typeof reconnect === 'object' ? reconnect : {};
-    this.backoff = {
-      initialDelayMs: r.initialDelayMs === undefined ? 250 : checkPositiveInt('reconnect.initialDelayMs', r.initialDelayMs),
-      maxDelayMs: r.maxDelayMs === undefined ? 10_000 : checkPositiveInt('reconnect.maxDelayMs', r.maxDelayMs),
-    };
-    this.maxAttempts = r.maxAttempts === undefined ? Infinity : checkPositiveInt('reconnect.maxAttempts', r.maxAttempts);
+    this.reconnector = new Reconnector(options.reconnect);
     this.connectTimeoutMs = opt('connectTimeoutMs', options.connectTimeoutMs, 30_000);
     this.sendTimeoutMs = opt('sendTimeoutMs', options.sendTimeoutMs, 60_000);
     this.requestTimeoutMs = opt('requestTimeoutMs', options.requestTimeoutMs, 30_000);
@@ -498,16 +484,11 @@ export class AgentBusClient {
     if (this.capabilities && this.capabilities.length > 0) params.set('capabilities', this.capabilities.join(','));
     if (this.since !== undefined && this.lastWelcome === undefined) params.set('since', String(this.since));
     const url = `${this.wsUrl}/ws/agent/messages/${this.projectId}?${params.toString()}`;
-    this.socket = openSocket(
-      this.resolved,
-      url,
-      { ...(this.token === undefined ? {} : { token: this.token }), handshakeTimeoutMs: 10_000 },
-      {
-        onText: (text) => this.onText(text),
-        onActivity: () => this.touch(),
-        onClose: (info) => this.onSocketClose(info),
-      },
-    );
+    this.socket = openBrokerSocket(this.resolved, url, this.token, {
+      onText: (text) => this.onText(text),
+      onActivity: () => this.touch(),
+      onClose: (info) => this.onSocketClose(info),
+    });
   }
 
   private touch(): void {
@@ -552,26 +533,20 @@ export class AgentBusClient {
     }
     if (info.code === 1009 || this.frameTooLarge) this.rejectLargestSend();
 
-    if (!fatal && !this.reconnectEnabled) {
-      fatal = new AgentBusError('closed', `the connection closed (${info.code}) and reconnection is off`);
-    }
-    if (!fatal && this.attempt >= this.maxAttempts) {
-      fatal = new AgentBusError('closed', `gave up after ${this.attempt} failed connection attempts`);
-    }
+    fatal ??= this.reconnector.giveUp(info.code);
     if (fatal) {
       this.events.emit('close', { code: info.code, reason: info.reason, willReconnect: false, error: fatal });
       void this.stop(fatal);
       return;
     }
     this.events.emit('close', { code: info.code, reason: info.reason, willReconnect: true });
-    const delayMs = backoffDelay(this.attempt, this.backoff);
-    this.attempt++;
-    this.setState(this.lastWelcome === undefined ? 'connecting' : 'reconnecting');
-    this.events.emit('reconnecting', { attempt: this.attempt, delayMs });
-    this.reconnectTimer = setTimeout(() => {
-      this.reconnectTimer = undefined;
-      this.openConnection();
-    }, delayMs);
+    this.reconnector.retry(
+      (attempt, delayMs) => {
+        this.setState(this.lastWelcome === undefined ? 'connecting' : 'reconnecting');
+        this.events.emit('reconnecting', { attempt, delayMs });
+      },
+      () => this.openConnection(),
+    );
   }
 
   /** Stops for good: after `close()` (no error) or a fatal condition. */
@@ -582,7 +557,7 @@ export class AgentBusClient {
 
   private async doStop(error: AgentBusError | undefined): Promise<void> {
     this.closing = true;
-    clearTimeout(this.reconnectTimer);
+    this.reconnector.cancel();
     clearTimeout(this.idleTimer);
     const socket = this.socket;
     if (socket) {
@@ -641,7 +616,7 @@ export class AgentBusClient {
 
   private onWelcome(welcome: Welcome): void {
     this.lastWelcome = welcome;
-    this.attempt = 0;
+    this.reconnector.reset();
     this.frameTooLarge = false;
     // Messages at or below the floor are done and never come again (without `since`).
     for (const [seq, st] of this.seen) if (seq <= welcome.ack_floor && st === 'done') this.seen.delete(seq);

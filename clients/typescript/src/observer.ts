@@ -6,10 +6,11 @@
  */
 import { Emitter } from './emitter.js';
 import { AgentBusError, invalidArgument } from './errors.js';
-import { openSocket, resolveWebSocket } from './transport.js';
+import { Reconnector, openBrokerSocket } from './reconnect.js';
+import { resolveWebSocket } from './transport.js';
 import type { CloseInfo, ResolvedWebSocket, Socket, WebSocketConstructor } from './transport.js';
 import type { ErrorFrame, Message, ObserverWelcome } from './types.js';
-import { backoffDelay, baseUrls, checkPositiveInt, checkUuid, describe } from './util.js';
+import { baseUrls, checkPositiveInt, checkUuid } from './util.js';
 import type { ReconnectOptions } from './util.js';
 import type { Timer } from './timer.js';
 import type { CloseEvent, ConnectionState } from './client.js';
@@ -67,9 +68,7 @@ export class Observer {
   private readonly wsUrl: string;
   private readonly token: string | undefined;
   private readonly givenWebSocket: WebSocketConstructor | undefined;
-  private readonly reconnectEnabled: boolean;
-  private readonly backoff: { initialDelayMs: number; maxDelayMs: number };
-  private readonly maxAttempts: number;
+  private readonly reconnector: Reconnector;
   private readonly connectTimeoutMs: number;
   private readonly idleTimeoutMs: number;
   private resolved: ResolvedWebSocket | undefined;
@@ -78,12 +77,10 @@ export class Observer {
   private lastWelcome: ObserverWelcome | undefined;
   /** The highest seq delivered (or the starting point): the next connection resumes after it. */
   private cursor: number | undefined;
-  private attempt = 0;
   private started = false;
   private closing = false;
   private stopping: Promise<void> | undefined;
   private closedWaiters: Array<() => void> = [];
-  private reconnectTimer: Timer | undefined;
   private idleTimer: Timer | undefined;
   private firstWelcome: { resolve(): void; reject(error: AgentBusError): void } | undefined;
 
@@ -98,17 +95,7 @@ export class Observer {
     }
     this.token = options.token;
     this.givenWebSocket = options.WebSocket;
-    const reconnect = options.reconnect ?? true;
-    if (typeof reconnect !== 'boolean' && (reconnect === null || typeof reconnect !== 'object')) {
-      throw invalidArgument(`\`reconnect\` must be a boolean or an object, not ${describe(reconnect)}`);
-    }
-    this.reconnectEnabled = reconnect !== false;
-    const r: ReconnectOptions = typeof reconnect === 'object' ? reconnect : {};
-    this.backoff = {
-      initialDelayMs: r.initialDelayMs === undefined ? 250 : checkPositiveInt('reconnect.initialDelayMs', r.initialDelayMs),
-      maxDelayMs: r.maxDelayMs === undefined ? 10_000 : checkPositiveInt('reconnect.maxDelayMs', r.maxDelayMs),
-    };
-    this.maxAttempts = r.maxAttempts === undefined ? Infinity : checkPositiveInt('reconnect.maxAttempts', r.maxAttempts);
+    this.reconnector = new Reconnector(options.reconnect);
     this.connectTimeoutMs =
       options.connectTimeoutMs === undefined ? 30_000 : checkPositiveInt('connectTimeoutMs', options.connectTimeoutMs);
     this.idleTimeoutMs =
@@ -168,16 +155,11 @@ export class Observer {
   private openConnection(): void {
     if (!this.resolved || this.closing) return;
     const query = this.cursor === undefined ? '' : `?since=${this.cursor}`;
-    this.socket = openSocket(
-      this.resolved,
-      `${this.wsUrl}/ws/agent/messages/${this.projectId}${query}`,
-      { ...(this.token === undefined ? {} : { token: this.token }), handshakeTimeoutMs: 10_000 },
-      {
-        onText: (text) => this.onText(text),
-        onActivity: () => this.touch(),
-        onClose: (info) => this.onSocketClose(info),
-      },
-    );
+    this.socket = openBrokerSocket(this.resolved, `${this.wsUrl}/ws/agent/messages/${this.projectId}${query}`, this.token, {
+      onText: (text) => this.onText(text),
+      onActivity: () => this.touch(),
+      onClose: (info) => this.onSocketClose(info),
+    });
   }
 
   private touch(): void {
@@ -206,7 +188,7 @@ export class Observer {
     if (frame.op === 'welcome') {
       const welcome = frame as unknown as ObserverWelcome;
       this.lastWelcome = welcome;
-      this.attempt = 0;
+      this.reconnector.reset();
       // Without `since`, the stream starts after the head: resume from there next time.
       this.cursor ??= welcome.head_seq;
       this.setState('open');
@@ -250,10 +232,8 @@ export class Observer {
       fatal = new AgentBusError(info.refusal.code, info.refusal.error, { status: info.refusal.status });
     } else if (info.code === 4003) {
       fatal = new AgentBusError('token_revoked', 'the token of this observer was revoked (4003): get a new token');
-    } else if (!this.reconnectEnabled) {
-      fatal = new AgentBusError('closed', `the connection closed (${info.code}) and reconnection is off`);
-    } else if (this.attempt >= this.maxAttempts) {
-      fatal = new AgentBusError('closed', `gave up after ${this.attempt} failed connection attempts`);
+    } else {
+      fatal = this.reconnector.giveUp(info.code);
     }
     if (fatal) {
       this.events.emit('close', { code: info.code, reason: info.reason, willReconnect: false, error: fatal });
@@ -261,20 +241,19 @@ export class Observer {
       return;
     }
     this.events.emit('close', { code: info.code, reason: info.reason, willReconnect: true });
-    const delayMs = backoffDelay(this.attempt, this.backoff);
-    this.attempt++;
-    this.setState(this.lastWelcome === undefined ? 'connecting' : 'reconnecting');
-    this.events.emit('reconnecting', { attempt: this.attempt, delayMs });
-    this.reconnectTimer = setTimeout(() => {
-      this.reconnectTimer = undefined;
-      this.openConnection();
-    }, delayMs);
+    this.reconnector.retry(
+      (attempt, delayMs) => {
+        this.setState(this.lastWelcome === undefined ? 'connecting' : 'reconnecting');
+        this.events.emit('reconnecting', { attempt, delayMs });
+      },
+      () => this.openConnection(),
+    );
   }
 
   private stop(error: AgentBusError | undefined): Promise<void> {
     this.stopping ??= (async () => {
       this.closing = true;
-      clearTimeout(this.reconnectTimer);
+      this.reconnector.cancel();
       clearTimeout(this.idleTimer);
       const socket = this.socket;
       if (socket) {

@@ -7,7 +7,6 @@ import inspect
 import json
 import logging
 import math
-import random
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from ._errors import (
     TokenRevoked,
 )
 from ._models import ConnectionState, Message, Reply, SentReceipt, Welcome
+from ._reconnect import Backoff, backoff, is_terminal, read_welcome, refusal
 from ._rest import RestClient
 from ._urls import auth_headers, check_agent_id, check_base_url, check_project_id, ws_url
 from ._ws import Connection, open_connection
@@ -58,8 +58,6 @@ H = TypeVar("H", bound=Handler)
 # Sends refused for a passing reason: the same frame is sent again, with the
 # same client_msg_id, after the broker's retry_after_ms or a short backoff.
 _RETRYABLE = frozenset({"unavailable", "rate_limited", "overloaded"})
-# Upgrade refusals that do not change by retrying.
-_TERMINAL_STATUSES = frozenset({400, 401, 403, 404})
 _CLOSED = object()
 # A connection that lived this long resets the reconnect backoff.
 _STABLE_AFTER_S = 5.0
@@ -93,12 +91,6 @@ class _PendingRequest:
     correlation_id: str
     client_msg_id: str
     request_id: str | None = None
-
-
-def _backoff(attempt: int, initial: float, maximum: float) -> float:
-    """Exponential backoff with "equal jitter": half fixed, half random."""
-    ceiling = min(maximum, initial * 2.0 ** min(attempt, 30))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
 def _reply_from(value: Any) -> Reply:
@@ -729,7 +721,7 @@ class AgentBus:
         if error.retry_after_ms is not None:
             delay = error.retry_after_ms / 1000
         else:
-            delay = _backoff(entry.retries, 0.1, 5.0)
+            delay = backoff(entry.retries, 0.1, 5.0)
         entry.retries += 1
         entry.conn = None
         log.debug("agentbus: send %s refused (%s), retrying in %.2fs", entry.client_msg_id, error.code, delay)
@@ -763,7 +755,7 @@ class AgentBus:
         loop = asyncio.get_running_loop()
         assert self._close_event is not None and self._first_welcome is not None
         started = loop.time()
-        attempt = 0
+        delays = Backoff(self._backoff_initial, self._backoff_max)
         ever_connected = False
         last_error: AgentBusError | None = None
         try:
@@ -782,7 +774,7 @@ class AgentBus:
                 if connected:
                     ever_connected = True
                     if loop.time() - opened_at >= _STABLE_AFTER_S:
-                        attempt = 0
+                        delays.reset()
                 if not self._reconnect and ever_connected:
                     self._end(AgentBusError("connection_lost", "the connection was lost"))
                     return
@@ -800,10 +792,8 @@ class AgentBus:
                 self._set_state(
                     ConnectionState.RECONNECTING if ever_connected else ConnectionState.CONNECTING
                 )
-                delay = _backoff(attempt, self._backoff_initial, self._backoff_max)
-                attempt += 1
                 try:
-                    await asyncio.wait_for(self._close_event.wait(), delay)
+                    await asyncio.wait_for(self._close_event.wait(), delays.next())
                 except TimeoutError:
                     pass
         except asyncio.CancelledError:
@@ -822,9 +812,9 @@ class AgentBus:
         try:
             ws = await open_connection(self._url(), self._headers, self._open_timeout)
         except InvalidStatus as exc:
-            error = _refusal(exc)
+            error = refusal(exc)
             log.info("agentbus: connection refused: %s", error)
-            if error.status in _TERMINAL_STATUSES:
+            if is_terminal(error):
                 raise error from None
             return False, error
         except (OSError, TimeoutError, InvalidHandshake) as exc:
@@ -832,11 +822,7 @@ class AgentBus:
             return False, AgentBusError("unreachable", repr(exc))
         try:
             try:
-                first = await asyncio.wait_for(ws.recv(), self._open_timeout)
-                data = json.loads(first)
-                if not isinstance(data, dict) or data.get("op") != "welcome":
-                    raise ValueError(f"expected a welcome frame, got {first!r:.200}")
-                welcome = Welcome.from_json(data)
+                welcome = await read_welcome(ws, self._open_timeout)
             except (TimeoutError, ValueError, KeyError, TypeError) as exc:
                 log.warning("agentbus: bad start of connection: %r", exc)
                 return False, AgentBusError("bad_welcome", repr(exc))
@@ -1266,20 +1252,6 @@ class AgentBus:
             self._inbox.put_nowait(_CLOSED)
         if self._rest is not None:
             await self._rest.aclose()
-
-
-def _refusal(exc: InvalidStatus) -> ConnectionRefused:
-    status = exc.response.status_code
-    try:
-        body = json.loads(exc.response.body or b"")
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and isinstance(body.get("code"), str):
-        error = AgentBusError.from_body(body, status=status)
-        return ConnectionRefused(
-            error.code, error.message, field=error.field, status=status, body=body
-        )
-    return ConnectionRefused("http_error", f"the upgrade was refused with HTTP {status}", status=status)
 
 
 class _Connecting:

@@ -7,6 +7,7 @@ of their own, listed on each class.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:
@@ -69,6 +70,21 @@ class AgentBusError(Exception):
             client_msg_id=cmid if isinstance(cmid, str) else None,
             body=body,
         )
+
+
+def error_body(content: bytes | bytearray) -> dict[str, Any] | None:
+    """The broker's JSON error body in an HTTP answer, or ``None`` for anything else.
+
+    REST calls and refused WebSocket upgrades carry the same body; a proxy in
+    between may answer with something that is not one.
+    """
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return None
+    if isinstance(body, dict) and isinstance(body.get("code"), str):
+        return body
+    return None
 
 
 class ConnectionRefused(AgentBusError):

@@ -10,9 +10,9 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from ._client import _TERMINAL_STATUSES, _backoff, _refusal
 from ._errors import AgentBusError, ClientClosed, TokenRevoked
 from ._models import ConnectionState, Message, Welcome
+from ._reconnect import Backoff, is_terminal, read_welcome, refusal
 from ._urls import auth_headers, check_base_url, check_project_id, ws_url
 from ._ws import Connection, open_connection
 
@@ -50,12 +50,10 @@ class Observer:
         self._since = since
         self._headers = auth_headers(token)
         self._reconnect = reconnect
-        self._backoff_initial = backoff_initial
-        self._backoff_max = backoff_max
+        self._backoff = Backoff(backoff_initial, backoff_max)
         self._open_timeout = open_timeout
         self._ws: Connection | None = None
         self._closed = False
-        self._attempt = 0
         self.state = ConnectionState.CONNECTING
         self.welcome: Welcome | None = None
         """The welcome of the current (or last) connection."""
@@ -99,8 +97,8 @@ class Observer:
         try:
             ws = await open_connection(url, self._headers, self._open_timeout)
         except InvalidStatus as exc:
-            error = _refusal(exc)
-            if error.status in _TERMINAL_STATUSES or not self._reconnect:
+            error = refusal(exc)
+            if is_terminal(error) or not self._reconnect:
                 await self.aclose()
                 raise error from None
             await self._pause(error)
@@ -112,11 +110,7 @@ class Observer:
             await self._pause(AgentBusError("unreachable", repr(exc)))
             return None
         try:
-            first = await asyncio.wait_for(ws.recv(), self._open_timeout)
-            data = json.loads(first)
-            if not isinstance(data, dict) or data.get("op") != "welcome":
-                raise ValueError(f"expected a welcome frame, got {first!r:.200}")
-            welcome = Welcome.from_json(data)
+            welcome = await read_welcome(ws, self._open_timeout)
         except (ConnectionClosed, TimeoutError, ValueError, KeyError) as exc:
             await ws.close()
             await self._pause(AgentBusError("connection_lost", repr(exc)))
@@ -144,8 +138,7 @@ class Observer:
             await self.aclose()
             raise error
         self.state = ConnectionState.RECONNECTING
-        delay = _backoff(self._attempt, self._backoff_initial, self._backoff_max)
-        self._attempt += 1
+        delay = self._backoff.next()
         log.info("agentbus: observer connection failed (%s), again in %.2fs", error, delay)
         await asyncio.sleep(delay)
 
@@ -176,7 +169,7 @@ class Observer:
                     await self.aclose()
                     raise AgentBusError("connection_lost", f"connection closed with {code}") from None
                 self.state = ConnectionState.RECONNECTING
-                self._attempt = 0
+                self._backoff.reset()
                 continue
             message = self._parse(text)
             if message is None:
@@ -184,7 +177,7 @@ class Observer:
             if self.last_seq is not None and message.seq <= self.last_seq:
                 continue  # already handed out before a reconnect
             self.last_seq = message.seq
-            self._attempt = 0
+            self._backoff.reset()
             return message
 
     def _parse(self, text: Any) -> Message | None:

@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 import httpx
 
-from ._errors import AgentBusError, NoRecipient, RequestTimeout
+from ._errors import AgentBusError, NoRecipient, RequestTimeout, error_body
 from ._models import (
     AckResult,
     Agent,
@@ -39,11 +39,8 @@ def _clean(params: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _error(response: httpx.Response) -> AgentBusError:
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and isinstance(body.get("code"), str):
+    body = error_body(response.content)
+    if body is not None:
         return AgentBusError.from_body(body, status=response.status_code)
     text = response.text.strip()[:200] or response.reason_phrase
     return AgentBusError("http_error", f"HTTP {response.status_code}: {text}", status=response.status_code)
