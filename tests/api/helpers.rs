@@ -313,6 +313,27 @@ impl Agent {
         }
     }
 
+    /// Sends `count` status messages pipelined (every frame before the first receipt is
+    /// read), with contents `"{tag}/{n}"` and client_msg_ids `"{tag}-{n}"`, and returns the
+    /// seqs of their receipts in the order they came, passing over deliveries of others'
+    /// messages (failing on anything else).
+    pub async fn send_pipelined(&mut self, tag: &str, count: usize) -> Vec<i64> {
+        for n in 0..count {
+            self.send(json!({"type": "status", "content": format!("{tag}/{n}"), "client_msg_id": format!("{tag}-{n}")}))
+                .await;
+        }
+        let mut seqs = Vec::with_capacity(count);
+        while seqs.len() < count {
+            let frame = self.next_json().await;
+            match frame["op"].as_str() {
+                Some("sent") => seqs.push(frame["seq"].as_i64().expect("seq")),
+                Some("message") => {}
+                _ => panic!("unexpected frame {frame}"),
+            }
+        }
+        seqs
+    }
+
     /// The next text frame, as JSON (pings and pongs are skipped).
     pub async fn next_json(&mut self) -> Value {
         self.next_json_until(deadline()).await

@@ -3,8 +3,6 @@
 //! each sender's messages keep the order they were sent in, however the projects' messages
 //! are spread over the lanes.
 
-use serde_json::json;
-
 use crate::helpers::TestApp;
 
 #[tokio::test]
@@ -40,20 +38,7 @@ async fn lanes_write_several_projects_at_once_and_keep_each_projects_order() {
         // messages of every project and the lanes write at once.
         for (s, mut sender) in senders.into_iter().enumerate() {
             tasks.push(tokio::spawn(async move {
-                for n in 0..PER_SENDER {
-                    sender
-                        .send(json!({"type": "status", "content": format!("{s}/{n}"), "client_msg_id": format!("{s}-{n}")}))
-                        .await;
-                }
-                let mut seqs = Vec::new();
-                while seqs.len() < PER_SENDER {
-                    let frame = sender.next_json().await;
-                    match frame["op"].as_str() {
-                        Some("sent") => seqs.push(frame["seq"].as_i64().expect("seq")),
-                        Some("message") => {}
-                        _ => panic!("unexpected frame {frame}"),
-                    }
-                }
+                let seqs = sender.send_pipelined(&s.to_string(), PER_SENDER).await;
                 assert!(
                     seqs.windows(2).all(|w| w[0] < w[1]),
                     "project {p}, sender {s}: receipts in seq order: {seqs:?}"

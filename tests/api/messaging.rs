@@ -155,22 +155,7 @@ async fn concurrent_senders_get_dense_gap_free_seqs() {
     for i in 0..AGENTS {
         let mut agent = app.connect(project, &format!("agent-{i}"), "coder").await;
         tasks.push(tokio::spawn(async move {
-            // Pipelined: every frame is sent before the first receipt is read.
-            for n in 0..PER_AGENT {
-                agent
-                    .send(json!({"type": "status", "content": format!("{i}/{n}"), "client_msg_id": format!("{i}-{n}")}))
-                    .await;
-            }
-            let mut seqs = Vec::new();
-            while seqs.len() < PER_AGENT {
-                let frame = agent.next_json().await;
-                match frame["op"].as_str() {
-                    Some("sent") => seqs.push(frame["seq"].as_i64().expect("seq")),
-                    Some("message") => {}
-                    _ => panic!("unexpected frame {frame}"),
-                }
-            }
-            seqs
+            agent.send_pipelined(&i.to_string(), PER_AGENT).await
         }));
     }
     let mut all = HashSet::new();
