@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::crash::BrokerProcess;
-use crate::helpers::{deadline, eventually, Agent, TestApp, PATIENCE};
+use crate::helpers::{deadline, eventually, fetch_json, Agent, TestApp, PATIENCE};
 
 /// A connected agent that keeps the messages it passed over while waiting for an answer:
 /// the broker's notices of a decision can arrive before the answer to the request.
@@ -95,7 +95,7 @@ fn id(v: &Value) -> String {
     v["claim"]["id"].as_str().expect("claim id").to_owned()
 }
 
-fn time(v: &Value) -> DateTime<Utc> {
+pub fn time(v: &Value) -> DateTime<Utc> {
     v.as_str()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("a timestamp: {v}"))
@@ -760,22 +760,6 @@ async fn bad_claims_get_clear_errors_and_store_nothing() {
     );
 }
 
-/// `serve` on this database and port (0: a free one).
-pub fn broker(database_url: &str, port: u16) -> BrokerProcess {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_agentbus"));
-    command
-        .args([
-            "serve",
-            "--bind",
-            &format!("127.0.0.1:{port}"),
-            "--workers",
-            "2",
-        ])
-        .env("DATABASE_URL", database_url)
-        .env("RUST_LOG", "info");
-    BrokerProcess::spawn(command)
-}
-
 #[tokio::test]
 async fn an_objection_window_survives_a_broker_restart_and_is_decided_once() {
     let app = TestApp::spawn().await;
@@ -783,7 +767,7 @@ async fn an_objection_window_survives_a_broker_restart_and_is_decided_once() {
     let project = app.create_project("restart").await;
     app.stop();
 
-    let first = broker(&database_url, 0);
+    let first = BrokerProcess::start(&database_url);
     let port = first.port;
     let ws =
         format!("ws://127.0.0.1:{port}/ws/agent/messages/{project}?agent_id=a&agent_type=coder");
@@ -796,28 +780,19 @@ async fn an_objection_window_survives_a_broker_restart_and_is_decided_once() {
     let claim_id = id(&pending);
     drop(a);
     // Killed inside the window: nothing could decide it yet.
-    let mut first = first;
-    first.child.kill().expect("SIGKILL");
-    first.child.wait().expect("reap");
+    first.kill();
     assert!(
         Utc::now() < decide_at,
         "the broker was killed after the window"
     );
 
-    let _second = broker(&database_url, port);
+    let _second = BrokerProcess::start_on(&database_url, port);
     let http = app.http.clone();
     let base = format!("http://127.0.0.1:{port}/api/projects/{project}");
     let notices = eventually("the claim to be granted after the restart", || {
         let (http, base) = (http.clone(), base.clone());
         async move {
-            let body: Value = http
-                .get(format!("{base}/messages?type=coordination"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let body = fetch_json(&http, &format!("{base}/messages?type=coordination")).await?;
             let notices = body["messages"].as_array()?.clone();
             notices
                 .iter()

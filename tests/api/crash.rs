@@ -18,9 +18,21 @@ pub struct BrokerProcess {
 impl BrokerProcess {
     /// `serve` on a free port against this database.
     pub fn start(database_url: &str) -> BrokerProcess {
+        BrokerProcess::start_on(database_url, 0)
+    }
+
+    /// `serve` on this port (0: a free one) against this database: a broker that restarts
+    /// where its clients were.
+    pub fn start_on(database_url: &str, port: u16) -> BrokerProcess {
         let mut command = Command::new(env!("CARGO_BIN_EXE_agentbus"));
         command
-            .args(["serve", "--bind", "127.0.0.1:0", "--workers", "2"])
+            .args([
+                "serve",
+                "--bind",
+                &format!("127.0.0.1:{port}"),
+                "--workers",
+                "2",
+            ])
             .env("DATABASE_URL", database_url)
             .env("RUST_LOG", "info");
         BrokerProcess::spawn(command)
@@ -70,7 +82,8 @@ impl BrokerProcess {
         }
     }
 
-    fn kill(mut self) {
+    /// SIGKILL, and waits for the process to be gone.
+    pub fn kill(mut self) {
         self.child.kill().expect("SIGKILL");
         self.child.wait().expect("reap");
     }

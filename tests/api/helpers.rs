@@ -422,6 +422,12 @@ pub fn status(content: &str) -> Value {
     json!({"agent_type": "coder", "type": "status", "content": content, "metadata": {}})
 }
 
+/// The JSON body of a GET of `url`, or `None` if the request or its body failed: for
+/// polling, with [`eventually`], a broker that may not be up yet.
+pub async fn fetch_json(http: &reqwest::Client, url: &str) -> Option<Value> {
+    http.get(url).send().await.ok()?.json().await.ok()
+}
+
 /// Polls `check` until it returns `Some`, failing after `PATIENCE`.
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where

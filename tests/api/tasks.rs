@@ -1,12 +1,14 @@
 //! Tasks: messages that exactly one agent takes. Racing claims, completion, the claim and
 //! work deadlines (also across a broker restart), cancelation, the command line, and bad input.
 
+use chrono::Utc;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::claims::Peer;
+use crate::claims::{time, Peer};
 use crate::cli::cli;
-use crate::helpers::{eventually, TestApp};
+use crate::crash::BrokerProcess;
+use crate::helpers::{eventually, fetch_json, Agent, TestApp};
 
 /// Sends a task and returns its id (its message's id), from the receipt.
 async fn send_task(sender: &mut Peer, frame: Value) -> String {
@@ -493,32 +495,23 @@ async fn the_task_commands() {
 }
 
 /// The coordination notices about a task, each as "event to recipient" (the agent, or
-/// the type), sorted.
+/// the type), sorted; a notice stored twice is there twice.
 async fn task_events(http: &reqwest::Client, base: &str, task_id: &str) -> Option<Vec<String>> {
-    let body: Value = http
-        .get(format!("{base}/messages?type=coordination"))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
-    Some(
-        body["messages"]
-            .as_array()?
-            .iter()
-            .filter(|m| m["metadata"]["task"]["id"] == task_id)
-            .map(|m| {
-                let to = match &m["to"] {
-                    Value::String(agent) => agent.clone(),
-                    _ => format!("type {}", m["to_type"].as_str().unwrap_or("-")),
-                };
-                format!("{} to {to}", m["metadata"]["event"].as_str().unwrap_or("-"))
-            })
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect(),
-    )
+    let body = fetch_json(http, &format!("{base}/messages?type=coordination")).await?;
+    let mut events: Vec<String> = body["messages"]
+        .as_array()?
+        .iter()
+        .filter(|m| m["metadata"]["task"]["id"] == task_id)
+        .map(|m| {
+            let to = match &m["to"] {
+                Value::String(agent) => agent.clone(),
+                _ => format!("type {}", m["to_type"].as_str().unwrap_or("-")),
+            };
+            format!("{} to {to}", m["metadata"]["event"].as_str().unwrap_or("-"))
+        })
+        .collect();
+    events.sort();
+    Some(events)
 }
 
 #[tokio::test]
@@ -528,15 +521,15 @@ async fn task_deadlines_survive_a_broker_restart_and_fire_once() {
     let project = app.create_project("task-restart").await;
     app.stop();
 
-    let first = crate::claims::broker(&database_url, 0);
+    let first = BrokerProcess::start(&database_url);
     let port = first.port;
     let ws = |agent: &str, kind: &str| {
         format!(
             "ws://127.0.0.1:{port}/ws/agent/messages/{project}?agent_id={agent}&agent_type={kind}"
         )
     };
-    let mut lead = Peer::from(crate::helpers::Agent::connect(&ws("lead", "lead")).await);
-    let mut fe = Peer::from(crate::helpers::Agent::connect(&ws("fe-1", "frontend")).await);
+    let mut lead = Peer::from(Agent::connect(&ws("lead", "lead")).await);
+    let mut fe = Peer::from(Agent::connect(&ws("fe-1", "frontend")).await);
     // One waits for its claim deadline, the other, taken, for its work deadline.
     let unclaimed = send_task(
         &mut lead,
@@ -553,32 +546,19 @@ async fn task_deadlines_survive_a_broker_restart_and_fire_once() {
     let base = format!("http://127.0.0.1:{port}/api/projects/{project}");
     let state = |id: &str| {
         let (http, url) = (app.http.clone(), format!("{base}/tasks/{id}"));
-        async move {
-            let body: Value = http.get(url).send().await.ok()?.json().await.ok()?;
-            Some(body["task"].clone())
-        }
+        async move { Some(fetch_json(&http, &url).await?["task"].clone()) }
     };
-    let claim_deadline = state(&unclaimed).await.expect("task")["claim_deadline"]
-        .as_str()
-        .expect("claim_deadline")
-        .parse::<chrono::DateTime<chrono::Utc>>()
-        .expect("a time");
-    let work_deadline = taken["task"]["work_deadline"]
-        .as_str()
-        .expect("work_deadline")
-        .parse::<chrono::DateTime<chrono::Utc>>()
-        .expect("a time");
+    let claim_deadline = time(&state(&unclaimed).await.expect("task")["claim_deadline"]);
+    let work_deadline = time(&taken["task"]["work_deadline"]);
     drop((lead, fe));
     // Killed before either deadline: only the next broker can act on them.
-    let mut first = first;
-    first.child.kill().expect("SIGKILL");
-    first.child.wait().expect("reap");
+    first.kill();
     assert!(
-        chrono::Utc::now() < claim_deadline.min(work_deadline),
+        Utc::now() < claim_deadline.min(work_deadline),
         "the broker was killed after a deadline"
     );
 
-    let _second = crate::claims::broker(&database_url, port);
+    let _second = BrokerProcess::start_on(&database_url, port);
     let after = eventually("both deadlines to fire after the restart", || {
         let (a, b) = (state(&unclaimed), state(&worked));
         async move {
@@ -589,29 +569,25 @@ async fn task_deadlines_survive_a_broker_restart_and_fire_once() {
     .await;
     assert_eq!(after.1["holder"], Value::Null, "{}", after.1);
     assert_eq!(after.1["offers"], 2, "{}", after.1);
-    let dead: Value = app
-        .http
-        .get(format!("{base}/dead-letters"))
-        .send()
+    let dead = fetch_json(&app.http, &format!("{base}/dead-letters"))
         .await
-        .expect("GET")
-        .json()
-        .await
-        .expect("JSON");
+        .expect("dead letters");
     let letters = dead["dead_letters"].as_array().expect("dead letters");
     assert_eq!(letters.len(), 1, "{dead}");
     assert_eq!(letters[0]["reason"], "unclaimed");
     assert_eq!(letters[0]["message"]["id"], unclaimed.as_str());
-    // Each deadline fired once: one notice of each move.
+    // Each deadline fired once: one notice of each move to each party.
     let events = eventually("the notices of both moves", || {
         let (http, base) = (app.http.clone(), base.clone());
         let (unclaimed, worked) = (unclaimed.clone(), worked.clone());
         async move {
             let a = task_events(&http, &base, &unclaimed).await?;
             let b = task_events(&http, &base, &worked).await?;
-            (a.iter().any(|e| e.starts_with("unclaimed"))
-                && b.iter().any(|e| e.starts_with("reopened")))
-            .then_some((a, b))
+            // Each move is told to the sender and to the type.
+            let told = |events: &[String], event: &str| {
+                events.iter().filter(|e| e.starts_with(event)).count() >= 2
+            };
+            (told(&a, "unclaimed") && told(&b, "reopened")).then_some((a, b))
         }
     })
     .await;
